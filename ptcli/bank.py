@@ -1,0 +1,124 @@
+"""The prompt bank: one self-describing safetensors file per tag.
+
+`bank/TAG.safetensors` holds the tensor `prompt` (P, H), float32, and in its header
+metadata a JSON record (settings, metrics, init, timestamps, base fingerprint, and a
+sha256 of the tensor bytes). Headers are read without torch, so listing is cheap; files
+are never unpickled; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ptcli.errors import CompatibilityError, ProjectError
+from ptcli.project import Project
+from ptcli.storage import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+ENTRY_SCHEMA = 1
+SUFFIX = ".safetensors"
+
+
+@dataclass
+class Entry:
+    tag: str
+    meta: dict[str, Any]
+    path: Path
+
+
+def path_of(project: Project, tag: str) -> Path:
+    return project.bank_dir / f"{tag}{SUFFIX}"
+
+
+def tags(project: Project) -> list[str]:
+    if not project.bank_dir.is_dir():
+        return []
+    return sorted(p.name[: -len(SUFFIX)] for p in project.bank_dir.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+
+
+def _split(path: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """Parse a safetensors file into (header, data section), refusing anything malformed."""
+    if len(blob) < 8:
+        raise CompatibilityError(f"prompt file {path} is truncated ({len(blob)} bytes)")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise CompatibilityError(f"prompt file {path} is truncated or not a safetensors file")
+    try:
+        header = json.loads(blob[8 : 8 + n])
+        meta = json.loads(header["__metadata__"]["ptcli"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CompatibilityError(f"prompt file {path} is not a ptcli prompt ({e})") from e
+    header["__metadata__"]["ptcli"] = meta
+    return header, blob[8 + n :]
+
+
+def read_meta(project: Project, tag: str) -> Entry:
+    """Read only the header: cheap, no torch."""
+    path = path_of(project, tag)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        blob = head + f.read(min(n, 10_000_000))
+    header, _ = _split(path, blob)
+    return Entry(tag, header["__metadata__"]["ptcli"], path)
+
+
+def check_compatible(project: Project, meta: dict[str, Any], source: str) -> None:
+    """Refuse a prompt made for another base model or prompt length, naming both."""
+    base = project.base
+    if meta.get("base_fingerprint") != base.fingerprint or meta.get("hidden_size") != base.hidden_size:
+        raise CompatibilityError(
+            f"{source} was tuned on base {meta.get('base_ref')!r} (fingerprint {str(meta.get('base_fingerprint'))[:12]}, "
+            f"hidden size {meta.get('hidden_size')}); this project's base is {base.ref!r} "
+            f"(fingerprint {base.fingerprint[:12]}, hidden size {base.hidden_size})",
+            hint="a soft prompt only works with the base model it was tuned on",
+        )
+    if meta.get("num_prompt_tokens") != project.num_prompt_tokens:
+        raise CompatibilityError(
+            f"{source} has {meta.get('num_prompt_tokens')} prompt tokens; this project uses {project.num_prompt_tokens}"
+        )
+
+
+def get(project: Project, tag: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load a prompt (P, H) after verifying its checksum and its base model."""
+    from safetensors.torch import load as st_load
+
+    path = path_of(project, tag)
+    if not path.is_file():
+        known = ", ".join(tags(project)) or "none yet"
+        raise ProjectError(f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`")
+    blob = path.read_bytes()
+    header, data = _split(path, blob)
+    meta = header["__metadata__"]["ptcli"]
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise CompatibilityError(f"prompt file {path} is corrupted: its checksum does not match", hint="retune the tag")
+    check_compatible(project, meta, f"prompt {tag!r}")
+    return st_load(blob)["prompt"].float(), meta
+
+
+def put(project: Project, tag: str, prompt: torch.Tensor, meta: dict[str, Any]) -> Path:
+    """Atomically write a prompt (P, H) with its record; the checksum covers the tensor bytes."""
+    from safetensors.torch import save as st_save
+
+    tensors = {"prompt": prompt.detach().float().cpu().contiguous()}
+    record = {
+        **meta,
+        "schema_version": ENTRY_SCHEMA,
+        "tag": tag,
+        "num_prompt_tokens": int(prompt.shape[0]),
+        "hidden_size": int(prompt.shape[1]),
+        "base_ref": project.base.ref,
+        "base_fingerprint": project.base.fingerprint,
+    }
+    _, data = _split(Path(tag), st_save(tensors, metadata={"ptcli": json.dumps({**record, "sha256": ""})}))
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    path = path_of(project, tag)
+    atomic_write(path, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
+    return path

@@ -1,0 +1,86 @@
+"""Resumable tuning state: the prompt, the best prompt so far, AdamW's moments and the step.
+
+Stored as `runs/TAG/checkpoint.safetensors` (tensors) with a JSON record in its header;
+written atomically at every validation. The data order is a function of (seed, step) and
+the frozen base has no dropout in eval mode, so these are all a resumed run needs to end
+with the same prompt as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptcli.config import TaskConfig
+from ptcli.errors import ProjectError
+from ptcli.project import Project
+from ptcli.storage import atomic_write
+
+
+@dataclass
+class State:
+    config: dict[str, Any]
+    started: str
+    step: int = 0
+    best_step: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+    initial: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    best_prompt: torch.Tensor | None = field(default=None, repr=False)
+
+
+def path(project: Project, tag: str) -> Path:
+    return project.run_dir(tag) / "checkpoint.safetensors"
+
+
+def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, state: State) -> None:
+    from safetensors.torch import save as st_save
+
+    adam = opt.state.get(prompt.weight, {})
+    tensors = {"prompt": prompt.weight.detach().cpu().contiguous(), "best_prompt": state.best_prompt.cpu().contiguous()}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in adam:
+            tensors[key] = adam[key].detach().cpu().contiguous()
+    record = {k: v for k, v in asdict(state).items() if k != "best_prompt"}
+    record["adam_step"] = float(adam["step"]) if "step" in adam else 0.0
+    atomic_write(target, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
+
+
+def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TaskConfig) -> State:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            record = json.loads(f.metadata()["ptcli"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ProjectError(f"checkpoint {source} is unreadable ({e})", hint="retune with --overwrite") from e
+    if record["config"] != cfg.to_dict():
+        changed = sorted(k for k in cfg.to_dict() if record["config"].get(k) != cfg.to_dict()[k])
+        raise ProjectError(
+            f"the interrupted run used other settings ({', '.join(changed)})",
+            hint="resume with the same flags, or start over with --overwrite",
+        )
+    device = prompt.weight.device
+    with torch.no_grad():
+        prompt.weight.copy_(tensors["prompt"].to(device))
+    if "exp_avg" in tensors:
+        opt.state[prompt.weight] = {
+            "step": torch.tensor(record.pop("adam_step")),
+            "exp_avg": tensors["exp_avg"].to(device),
+            "exp_avg_sq": tensors["exp_avg_sq"].to(device),
+        }
+    record.pop("adam_step", None)
+    return State(**record, best_prompt=tensors["best_prompt"].to(device))
+
+
+def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:
+    """The run's metrics, one JSON object per line (training steps and validations)."""
+    target = project.run_dir(tag) / "metrics.jsonl"
+    atomic_write(target, "".join(json.dumps(h) + "\n" for h in history).encode())
+    return target

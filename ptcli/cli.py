@@ -1,0 +1,283 @@
+"""The command line: parse flags, call one core function, render. Errors become exit codes here.
+
+Heavy libraries (torch, transformers) are imported inside the commands that need them, so
+`ptcli --help`, `list-tags` and shell completion stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ptcli import __version__
+from ptcli.config import TaskConfig, check_prompt_length, check_tag, merge_task
+from ptcli.errors import PtcliError, UsageError
+
+app = typer.Typer(
+    name="ptcli",
+    help="Prompt tuning for decoder-only language models: one frozen base, one soft prompt per task tag.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+_FIELD_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(TaskConfig)}
+
+
+def _opt(name: str, *flags: str, **kw: Any) -> Any:
+    return typer.Option(*flags, help=_FIELD_HELP[name], show_default=False, **kw)
+
+
+ProjectOpt = Annotated[Optional[Path], typer.Option("--project", "-p", help="Project directory (default: the nearest one at or above the cwd).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Write the result to stdout as JSON.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code to run.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Precision of the frozen base: float32, bfloat16 or float16.")]
+Train = Annotated[Optional[str], _opt("train", "--train")]
+Valid = Annotated[Optional[str], _opt("valid", "--valid")]
+Init = Annotated[Optional[str], _opt("init", "--init")]
+InitText = Annotated[Optional[str], _opt("init_text", "--init-text")]
+AnswerOnly = Annotated[Optional[bool], _opt("answer_only", "--answer-only/--full-text-loss")]
+BatchSize = Annotated[Optional[int], _opt("batch_size", "--batch-size")]
+Lr = Annotated[Optional[float], _opt("lr", "--lr")]
+MinLr = Annotated[Optional[float], _opt("min_lr", "--min-lr")]
+Warmup = Annotated[Optional[int], _opt("warmup_steps", "--warmup-steps")]
+Constant = Annotated[Optional[int], _opt("constant_steps", "--constant-steps")]
+MaxSteps = Annotated[Optional[int], _opt("max_steps", "--max-steps")]
+ValEvery = Annotated[Optional[int], _opt("val_check_interval", "--val-check-interval")]
+MaxSeq = Annotated[Optional[int], _opt("max_seq_length", "--max-seq-length")]
+Seed = Annotated[Optional[int], _opt("seed", "--seed")]
+
+
+def handled(fn):
+    """Turn ptcli's errors into a message on stderr and an exit code (1 failure, 2 bad usage or input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PtcliError as e:
+            from ptcli.console import show_error
+
+            show_error(e.message, getattr(e, "problems", []), e.hint)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ptcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Prompt tuning for decoder-only language models."""
+
+
+@app.command()
+@handled
+def init(
+    directory: Annotated[Path, typer.Argument(help="Project directory to create.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model: a local Hugging Face folder, a .gguf file, or a hub id. Default: SmolLM2-135M-Instruct.")] = None,
+    num_prompt_tokens: Annotated[int, typer.Option("--num-prompt-tokens", help="Soft prompt length, shared by every task in the project.")] = 20,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Create a project: a manifest naming the base model and the prompt length, and an empty prompt bank."""
+    from ptcli import project as proj
+    from ptcli.console import emit_json, say
+
+    check_prompt_length(num_prompt_tokens)
+    p = proj.init(directory, base, num_prompt_tokens, trust_remote_code, status=lambda m: say(m, quiet))
+    if as_json:
+        emit_json({"project": str(p.root), "base": vars(p.base), "num_prompt_tokens": p.num_prompt_tokens})
+    say(f"created project {p.root} (base {p.base.ref}, {p.num_prompt_tokens} prompt tokens)", quiet)
+
+
+def _given(**kw: Any) -> dict[str, Any]:
+    return kw
+
+
+@app.command("add-task")
+@handled
+def add_task(
+    tag: Annotated[str, typer.Argument(help="Task tag, as in the data's prompt_tag field.")],
+    train: Train = None,
+    valid: Valid = None,
+    init: Init = None,
+    init_text: InitText = None,
+    answer_only: AnswerOnly = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    min_lr: MinLr = None,
+    warmup_steps: Warmup = None,
+    constant_steps: Constant = None,
+    max_steps: MaxSteps = None,
+    val_check_interval: ValEvery = None,
+    max_seq_length: MaxSeq = None,
+    seed: Seed = None,
+    project: ProjectOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Record a task and its settings, so that `ptcli tune --tag TAG` needs no more flags."""
+    from ptcli import project as proj
+    from ptcli.console import emit_json, say
+    from ptcli.data import read_jsonl
+    from ptcli.storage import project_lock
+
+    check_tag(tag)
+    p = proj.load(project)
+    given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
+                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed)
+    cfg = merge_task(p.tasks.get(tag), given)
+    read_jsonl(cfg.train, training=True, tag=tag)
+    read_jsonl(cfg.valid, training=True, tag=tag)
+    with project_lock(p.root, f"ptcli add-task {tag}"):
+        p = proj.load(p.root)
+        p.record_task(tag, cfg)
+    if as_json:
+        emit_json({"tag": tag, "config": cfg.to_dict()})
+    say(f"recorded task {tag!r}; tune it with `ptcli tune --tag {tag}`", quiet)
+
+
+@app.command()
+@handled
+def tune(
+    tag: Annotated[str, typer.Option("--tag", help="Task tag to tune (new, or recorded by add-task).")],
+    train: Train = None,
+    valid: Valid = None,
+    init: Init = None,
+    init_text: InitText = None,
+    answer_only: AnswerOnly = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    min_lr: MinLr = None,
+    warmup_steps: Warmup = None,
+    constant_steps: Constant = None,
+    max_steps: MaxSteps = None,
+    val_check_interval: ValEvery = None,
+    max_seq_length: MaxSeq = None,
+    seed: Seed = None,
+    num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    project: ProjectOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tune one soft prompt with the base model and every other prompt frozen; keep the best by validation."""
+    from ptcli import project as proj
+    from ptcli.console import TuneReporter, emit_json, say
+    from ptcli.storage import is_main_process, project_lock
+
+    check_tag(tag)
+    _check_dtype(dtype)
+    p = proj.load(project)
+    if num_prompt_tokens is not None and num_prompt_tokens != p.num_prompt_tokens:
+        raise UsageError(
+            f"--num-prompt-tokens {num_prompt_tokens} differs from the project's {p.num_prompt_tokens}; one length serves every task",
+            hint="drop the flag, or init a new project with the length you want",
+        )
+    given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
+                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed)
+    cfg = merge_task(p.tasks.get(tag), given)
+    reporter = TuneReporter(tag, quiet or not is_main_process())
+    from ptcli.train import tune as run_tune
+
+    if is_main_process():
+        with project_lock(p.root, f"ptcli tune --tag {tag}"):
+            result = run_tune(p, tag, cfg, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        result = run_tune(p, tag, cfg, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not is_main_process():
+        return
+    if as_json:
+        emit_json({k: v for k, v in dataclasses.asdict(result).items() if k != "history"})
+    m, m0 = result.metrics, result.initial_metrics
+    say(
+        f"tuned {tag!r}: val_acc {m0.get('val_acc', float('nan')):.3f} -> {m['val_acc']:.3f} (best at step {result.best_step} of {result.steps}), "
+        f"{result.seconds:.0f} s; saved {result.path}",
+        quiet,
+    )
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+
+@app.command()
+@handled
+def infer(
+    file: Annotated[str, typer.Argument(help="jsonl with prompt_tag and text per line (tags may mix); '-' reads stdin.")],
+    tokens_to_generate: Annotated[int, typer.Option("--tokens-to-generate", help="Most tokens generated per line (stops at end of sequence).")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")] = 16,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    project: ProjectOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Predict an answer for every line; stdout gets each input line with `prediction` added, in input order."""
+    from ptcli import project as proj
+    from ptcli.console import emit_json, emit_jsonl, err, say
+    from ptcli.infer import infer as run_infer
+
+    if tokens_to_generate < 1:
+        raise UsageError(f"--tokens-to-generate must be at least 1, got {tokens_to_generate}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    _check_dtype(dtype)
+    p = proj.load(project)
+    result = run_infer(p, file, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
+                       trust_remote_code=trust_remote_code, status=lambda m: say(m, quiet))
+    if as_json:
+        emit_json({"predictions": result.rows, "accuracy": result.accuracy})
+    else:
+        emit_jsonl(result.rows)
+    if result.accuracy and not quiet:
+        from rich.table import Table
+
+        table = Table("tag", "correct", "total", "accuracy", title="accuracy (exact match)")
+        for tag, s in sorted(result.accuracy.items()):
+            table.add_row(tag, str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}")
+        err.print(table)
+
+
+@app.command("list-tags")
+@handled
+def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
+    """The prompts in the bank: length, steps, best validation metric, init, created."""
+    from ptcli import bank
+    from ptcli import project as proj
+    from ptcli.console import emit_json, err
+
+    p = proj.load(project)
+    entries = [bank.read_meta(p, t) for t in bank.tags(p)]
+    if as_json:
+        emit_json([{"tag": e.tag, **{k: e.meta.get(k) for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")}} for e in entries])
+        return
+    from rich.table import Table
+
+    table = Table("tag", "tokens", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}")
+    for e in entries:
+        m = e.meta.get("metrics") or {}
+        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), str(e.meta.get("steps")), f"{m.get('val_acc', float('nan')):.3f}",
+                      f"{m.get('val_loss', float('nan')):.4f}", str(e.meta.get("init")), str(e.meta.get("created")))
+    err.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,105 @@
+"""Typed settings for tuning and inference. Each field names the CLI flag that sets it,
+so a bad value raises an error the user can act on. No torch import here: light commands use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptcli.errors import UsageError
+
+INIT_METHODS = ("text", "random", "vocab")
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def _flag(flag: str, help: str) -> dict[str, str]:
+    return {"flag": flag, "help": help}
+
+
+@dataclass
+class TaskConfig:
+    """How one tag's prompt is tuned. Recorded in the project by `add-task` (or `tune`)."""
+
+    train: str = field(default="", metadata=_flag("--train", "Training set, jsonl ({prompt_tag, text, answer})."))
+    valid: str = field(default="", metadata=_flag("--valid", "Validation set, jsonl."))
+    init: str = field(default="text", metadata=_flag("--init", "Prompt init: text, random, or vocab (sampled vocabulary)."))
+    init_text: str | None = field(
+        default=None,
+        metadata=_flag("--init-text", "Init text: tokenized, tiled or clipped to the prompt length. Default: the task's answers."),
+    )
+    answer_only: bool = field(default=True, metadata=_flag("--answer-only", "Loss on the answer only (else on text and answer)."))
+    batch_size: int = field(default=16, metadata=_flag("--batch-size", "Global batch size."))
+    lr: float = field(default=3e-2, metadata=_flag("--lr", "Peak learning rate."))
+    min_lr: float = field(default=3e-4, metadata=_flag("--min-lr", "Learning rate reached at --max-steps (cosine decay)."))
+    warmup_steps: int = field(default=10, metadata=_flag("--warmup-steps", "Linear warmup steps from 0 to --lr."))
+    constant_steps: int = field(default=0, metadata=_flag("--constant-steps", "Steps held at --lr after warmup, before decay."))
+    max_steps: int = field(default=200, metadata=_flag("--max-steps", "Optimizer steps in total (0 stores the initial prompt)."))
+    val_check_interval: int = field(default=50, metadata=_flag("--val-check-interval", "Validate (and checkpoint) every N steps."))
+    max_seq_length: int = field(default=512, metadata=_flag("--max-seq-length", "Max tokens per example, soft prompt included."))
+    seed: int = field(default=1234, metadata=_flag("--seed", "Random seed (init and data order)."))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.init not in INIT_METHODS:
+            problems.append(f"--init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
+        if self.init == "text" and self.init_text is not None and not self.init_text.strip():
+            problems.append("--init-text must not be empty")
+        for name in ("batch_size", "max_seq_length", "val_check_interval"):
+            if getattr(self, name) < 1:
+                problems.append(f"{flag_of(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "constant_steps", "max_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{flag_of(name)} must be 0 or more, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            problems.append(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.warmup_steps + self.constant_steps > self.max_steps > 0:
+            problems.append(
+                f"--warmup-steps + --constant-steps ({self.warmup_steps + self.constant_steps}) "
+                f"exceed --max-steps ({self.max_steps})"
+            )
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown task settings: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def flag_of(name: str) -> str:
+    """The CLI flag that sets a TaskConfig field."""
+    return next(f.metadata["flag"] for f in dataclasses.fields(TaskConfig) if f.name == name)
+
+
+def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskConfig:
+    """Flags given on the command line override what `add-task` recorded; None means not given."""
+    merged = dict(recorded or {})
+    merged.update({k: v for k, v in given.items() if v is not None})
+    for name in ("train", "valid"):
+        if not merged.get(name):
+            raise UsageError(f"{flag_of(name)} is required (no recorded task gives it)", hint="pass it, or run `ptcli add-task`")
+    return TaskConfig.from_dict(merged)
+
+
+def check_tag(tag: str) -> str:
+    if not TAG_PATTERN.match(tag):
+        raise UsageError(
+            f"--tag {tag!r} is not a valid tag: use letters, digits, '_', '.', '-' (up to 64, starting with a letter or digit)"
+        )
+    return tag
+
+
+def check_prompt_length(n: int) -> int:
+    if not 1 <= n <= 4096:
+        raise UsageError(f"--num-prompt-tokens must be between 1 and 4096, got {n}")
+    return n

@@ -1,0 +1,151 @@
+"""Read and validate JSON Lines data; tokenize; order batches.
+
+Rules (documented in the README):
+- UTF-8, one JSON object per line; a byte-order mark and blank lines are skipped.
+- Training and validation rows have exactly `prompt_tag`, `text`, `answer`, all non-empty
+  strings, and the tag being tuned. Inference rows need `prompt_tag` and `text`; `answer`
+  is optional and any other field is passed through to the output.
+- Every problem in a file is collected and reported together as `file:line: message`.
+- The model sees text tokens, then the answer tokenized separately with a leading space
+  (ANSWER_PREFIX), then end-of-sequence. Tokenizing them apart makes the answer mask exact.
+- Too long: the text is cut from the left so that prompt + text + answer + eos fit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptcli.errors import InputError
+
+ANSWER_PREFIX = " "
+MAX_REPORTED = 20
+TRAIN_FIELDS = ("prompt_tag", "text", "answer")
+
+
+@dataclass
+class Record:
+    line: int
+    tag: str
+    text: str
+    answer: str | None
+    row: dict[str, Any] = field(repr=False)
+
+
+def _read_lines(path: str) -> tuple[str, list[bytes]]:
+    if path == "-":
+        return "<stdin>", sys.stdin.buffer.read().split(b"\n")
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"data file {path} does not exist", hint="check the path")
+    return path, p.read_bytes().split(b"\n")
+
+
+def read_jsonl(path: str, *, training: bool, tag: str | None = None) -> list[Record]:
+    """All rows of a file, or InputError listing every problem (the first 20, then a count)."""
+    name, lines = _read_lines(path)
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]
+    records: list[Record] = []
+    problems: list[str] = []
+    for no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problems.append(f"{name}:{no}: not UTF-8 (byte {e.start})")
+            continue
+        except ValueError as e:
+            problems.append(f"{name}:{no}: invalid JSON ({e})")
+            continue
+        row_problems = _check_row(row, training, tag)
+        problems.extend(f"{name}:{no}: {p}" for p in row_problems)
+        if not row_problems:
+            records.append(Record(no, row["prompt_tag"], row["text"], row.get("answer"), row))
+    if not records and not problems:
+        problems.append(f"{name}: no data rows")
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        if len(problems) > MAX_REPORTED:
+            shown.append(f"... and {len(problems) - MAX_REPORTED} more problems")
+        raise InputError(f"{name} has {len(problems)} problem(s)", shown)
+    return records
+
+
+def _check_row(row: Any, training: bool, tag: str | None) -> list[str]:
+    if not isinstance(row, dict):
+        return [f"expected a JSON object, got {type(row).__name__}"]
+    problems = []
+    required = TRAIN_FIELDS if training else ("prompt_tag", "text")
+    for key in TRAIN_FIELDS:
+        if key not in row:
+            if key in required:
+                problems.append(f"missing field {key!r}")
+        elif not isinstance(row[key], str):
+            problems.append(f"field {key!r} must be a string, got {type(row[key]).__name__}")
+        elif not row[key].strip():
+            problems.append(f"field {key!r} is empty")
+    if training:
+        extra = sorted(set(row) - set(TRAIN_FIELDS))
+        if extra:
+            problems.append(f"unexpected field(s) {', '.join(map(repr, extra))}; rows have prompt_tag, text, answer")
+        if tag is not None and isinstance(row.get("prompt_tag"), str) and row["prompt_tag"] != tag:
+            problems.append(f"prompt_tag {row['prompt_tag']!r} does not match the tag being tuned ({tag!r})")
+    return problems
+
+
+@dataclass
+class Encoded:
+    ids: list[list[int]]  # text + answer + eos, per example
+    labels: list[list[int]]  # aligned with ids; -100 where no loss is taken
+    prompts: list[list[int]]  # text tokens only (what generation starts from)
+    answers: list[str]
+    truncated: int
+
+
+def encode(tok, records: list[Record], num_prompt_tokens: int, max_seq_length: int, answer_only: bool) -> Encoded:
+    """Tokenize text and answer separately (batched), cutting long texts from the left."""
+    texts = tok([r.text for r in records], add_special_tokens=False).input_ids
+    answers = tok([ANSWER_PREFIX + (r.answer or "") for r in records], add_special_tokens=False).input_ids
+    out = Encoded([], [], [], [r.answer or "" for r in records], 0)
+    for rec, t, a in zip(records, texts, answers):
+        a = a + [tok.eos_token_id]
+        budget = max_seq_length - num_prompt_tokens - len(a)
+        if budget < 1:
+            raise InputError(
+                f"line {rec.line}: the answer alone ({len(a)} tokens) plus the prompt ({num_prompt_tokens}) "
+                f"exceed --max-seq-length {max_seq_length}"
+            )
+        if len(t) > budget:
+            t, out.truncated = t[-budget:], out.truncated + 1
+        out.ids.append(t + a)
+        out.labels.append(([-100] * len(t) if answer_only else t) + a)
+        out.prompts.append(t)
+    return out
+
+
+class BatchOrder:
+    """Which examples form global batch `step`: a fresh seeded shuffle each epoch.
+
+    Stateless in the step, so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            perm = list(range(self.n))
+            random.Random(self.seed * 100_003 + epoch).shuffle(perm)
+            self._perms = {epoch: perm}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]

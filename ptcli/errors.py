@@ -1,0 +1,45 @@
+"""One error family for ptcli. The CLI turns these into exit codes; nothing else does.
+
+Exit codes: 0 ok, 1 failure (runtime, compatibility, project state), 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+
+class PtcliError(Exception):
+    """Base of every error ptcli raises on purpose. `hint` says what to run next."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(PtcliError):
+    """A flag or setting has a bad value; the message names the flag."""
+
+    exit_code = 2
+
+
+class InputError(PtcliError):
+    """A data file is missing or malformed; `problems` holds `file:line: message` lines."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, problems: list[str] | None = None, hint: str | None = None):
+        super().__init__(message, hint)
+        self.problems = problems or []
+
+
+class ProjectError(PtcliError):
+    """The project directory is missing, locked, or in a state that forbids the command."""
+
+
+class CompatibilityError(PtcliError):
+    """A prompt or project was made for another base model, or a file failed its checksum."""
+
+
+class ModelError(PtcliError):
+    """The base model cannot be found or loaded."""

@@ -1,0 +1,80 @@
+"""Durable file operations: atomic writes and the project lock.
+
+Every file ptcli owns is written to a temporary file in the same directory, flushed,
+fsynced, and renamed into place, so a crash or kill leaves either the old or the new file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ptcli.errors import ProjectError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def project_lock(root: Path, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on the project. The OS drops it when the process dies, even on SIGKILL."""
+    lock_path = root / ".ptcli.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ProjectError(f"cannot open lock file {lock_path}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise ProjectError(
+                f"project {root} is locked by {holder}",
+                hint="wait for that command to finish; two commands may not write one project at once",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_main_process() -> bool:
+    """True unless launched as a non-zero rank by accelerate/torchrun (checked without importing torch)."""
+    return os.environ.get("RANK", "0") == "0"

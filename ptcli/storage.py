@@ -6,6 +6,7 @@ fsynced, and renamed into place, so a crash or kill leaves either the old or the
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -20,18 +21,31 @@ from ptcli.errors import ProjectError
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
     _fsync_dir(path.parent)
+
+
+def _write_error(path: Path, e: OSError) -> ProjectError:
+    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+    reason = reasons.get(e.errno or 0, e.strerror or str(e))
+    return ProjectError(f"cannot write {path}: {reason}; nothing was changed", hint="free space or fix permissions, then run the command again")
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -128,6 +128,7 @@ def tune(
         reporter.evaluated(0, state.initial)
         state.best, state.best_prompt = state.initial, prompt.weight.detach().clone()
 
+    prior_seconds = state.seconds  # time spent by the interrupted run, when resuming
     order = BatchOrder(len(tr.ids), cfg.batch_size, cfg.seed)
     reporter.start(cfg.max_steps, state.step)
     for step in range(state.step, cfg.max_steps):
@@ -153,6 +154,7 @@ def tune(
             if better(metrics, state.best):
                 state.best, state.best_step, state.best_prompt = metrics, state.step, prompt.weight.detach().clone()
             if main:
+                state.seconds = prior_seconds + time.perf_counter() - started
                 checkpoint.save(ckpt_path, prompt, opt, state)
 
     result = TuneResult(
@@ -161,7 +163,7 @@ def tune(
         best_step=state.best_step,
         metrics=state.best,
         initial_metrics=state.initial,
-        seconds=state.seconds + time.perf_counter() - started,
+        seconds=prior_seconds + time.perf_counter() - started,
         truncated=tr.truncated + va.truncated,
         path=str(bank.path_of(project, tag)),
         history=state.history,
@@ -176,6 +178,7 @@ def tune(
             "metrics": result.metrics,
             "initial_metrics": result.initial_metrics,
             "train_seconds": round(result.seconds, 2),
+            "world_size": acc.num_processes,
             "created": state.started,
             "updated": now(),
         }

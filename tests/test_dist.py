@@ -1,0 +1,103 @@
+"""Data-parallel tuning through accelerate, on CPU with gloo (there is no GPU here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ptcli.cli import app
+
+pytestmark = pytest.mark.multiproc
+TUNE = ["--tag", "sent", "--max-steps", "6", "--val-check-interval", "3", "--batch-size", "8", "--seed", "3", "--lr", "0.1", "--quiet"]
+
+
+@pytest.fixture
+def project(tiny_llama, tiny_data, tmp_path) -> Path:
+    root = tmp_path / "proj"
+    result = CliRunner().invoke(app, ["init", str(root), "--base", str(tiny_llama), "--num-prompt-tokens", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["add-task", "sent", "-p", str(root), "--train", str(tiny_data.train), "--valid", str(tiny_data.valid), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def _launch(root: Path, *extra: str, processes: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ptcli", "tune", "-p", str(root), *TUNE, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_two_processes_reach_the_one_process_prompt(project, tmp_path):
+    single = tmp_path / "single"
+    shutil.copytree(project, single)
+    result = CliRunner().invoke(app, ["tune", "-p", str(single), *TUNE])
+    assert result.exit_code == 0, result.output
+
+    proc = _launch(project, "--json")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count('"tag": "sent"') == 1  # only the main process reports (and writes)
+    a = load_file(single / "bank" / "sent.safetensors")["prompt"]
+    b = load_file(project / "bank" / "sent.safetensors")["prompt"]
+    assert not torch.equal(a, torch.zeros_like(a))
+    assert (a - b).abs().max().item() < 1e-5
+    assert sorted(p.name for p in (project / "bank").iterdir()) == ["sent.safetensors"]  # no stray temp files
+
+
+def test_devices_flag_launches_accelerate(project):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "-m", "ptcli", "tune", "-p", str(project), *TUNE, "--devices", "2", "--json"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 6
+    meta = json.loads(_header(project / "bank" / "sent.safetensors"))
+    assert meta["world_size"] == 2
+
+
+def _header(path: Path) -> str:
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + n])["__metadata__"]["ptcli"]
+
+
+def _rank_pids(session: int, rank: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) != session:
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + rank.encode() in env:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_killing_one_process_fails_cleanly(project):
+    bank_before = sorted((project / "bank").iterdir())
+    proc = _launch(project, "--max-steps", "100000", "--val-check-interval", "100000")
+    deadline = time.time() + 120
+    victims: list[int] = []
+    while time.time() < deadline and not victims:
+        time.sleep(0.5)
+        victims = _rank_pids(proc.pid, "1")
+    assert victims, "rank 1 never started"
+    time.sleep(3)  # let it get into the training loop
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert sorted((project / "bank").iterdir()) == bank_before  # nothing written

@@ -91,7 +91,7 @@ def tune(
 ) -> TuneResult:
     from accelerate import Accelerator
 
-    acc = Accelerator()
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
     main = acc.is_main_process
     exists = bank.path_of(project, tag).exists()
     ckpt_path = checkpoint.path(project, tag)

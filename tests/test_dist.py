@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,11 @@ def project(tiny_llama, tiny_data, tmp_path) -> Path:
     return root
 
 
-def _launch(root: Path, *extra: str, processes: int = 2) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ptcli", "tune", "-p", str(root), *TUNE, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _launch(root: Path, *extra: str, processes: int = 2, mark: str = "") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "ptcli", "tune", "-p", str(root), *TUNE, *extra]
+    env = {**os.environ, "PTCLI_TEST_MARK": mark}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_two_processes_reach_the_one_process_prompt(project, tmp_path):
@@ -53,6 +55,7 @@ def test_two_processes_reach_the_one_process_prompt(project, tmp_path):
     assert not torch.equal(a, torch.zeros_like(a))
     assert (a - b).abs().max().item() < 1e-5
     assert sorted(p.name for p in (project / "bank").iterdir()) == ["sent.safetensors"]  # no stray temp files
+    assert json.loads(_header(project / "bank" / "sent.safetensors"))["world_size"] == 2
 
 
 def test_devices_flag_launches_accelerate(project):
@@ -71,30 +74,30 @@ def _header(path: Path) -> str:
     return json.loads(blob[8 : 8 + n])["__metadata__"]["ptcli"]
 
 
-def _rank_pids(session: int, rank: str) -> list[int]:
+def _rank_pids(mark: str, rank: str) -> list[int]:
+    """Worker processes of one launch (found by an env mark: torchrun gives workers their own session)."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            if os.getsid(int(d.name)) != session:
-                continue
-            env = (d / "environ").read_bytes().split(b"\0")
-        except (OSError, ProcessLookupError):
+            env = set((d / "environ").read_bytes().split(b"\0"))
+        except OSError:
             continue
-        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + rank.encode() in env:
+        if f"PTCLI_TEST_MARK={mark}".encode() in env and f"RANK={rank}".encode() in env:
             pids.append(int(d.name))
     return pids
 
 
 def test_killing_one_process_fails_cleanly(project):
     bank_before = sorted((project / "bank").iterdir())
-    proc = _launch(project, "--max-steps", "100000", "--val-check-interval", "100000")
+    mark = uuid.uuid4().hex
+    proc = _launch(project, "--max-steps", "100000", "--val-check-interval", "100000", mark=mark)
     deadline = time.time() + 120
     victims: list[int] = []
     while time.time() < deadline and not victims:
         time.sleep(0.5)
-        victims = _rank_pids(proc.pid, "1")
+        victims = _rank_pids(mark, "1")
     assert victims, "rank 1 never started"
     time.sleep(3)  # let it get into the training loop
     os.kill(victims[0], signal.SIGKILL)

@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich's boxed help cuts long flag names at 80 columns
 )
 
 _FIELD_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(TaskConfig)}

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
 from ptcli.errors import UsageError
 
 INIT_METHODS = ("text", "random", "vocab")
-TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 def _flag(flag: str, help: str) -> dict[str, str]:
@@ -80,6 +81,9 @@ def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskCo
     """Flags given on the command line override what `add-task` recorded; None means not given."""
     merged = dict(recorded or {})
     merged.update({k: v for k, v in given.items() if v is not None})
+    for name in ("train", "valid"):  # recorded paths must still work from another directory
+        if given.get(name) and given[name] != "-":
+            merged[name] = str(Path(given[name]).expanduser().resolve())
     for name in ("train", "valid"):
         if not merged.get(name):
             raise UsageError(f"{flag_of(name)} is required (no recorded task gives it)", hint="pass it, or run `ptcli add-task`")
@@ -87,7 +91,7 @@ def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskCo
 
 
 def check_tag(tag: str) -> str:
-    if not TAG_PATTERN.match(tag):
+    if not TAG_PATTERN.fullmatch(tag):
         raise UsageError(
             f"--tag {tag!r} is not a valid tag: use letters, digits, '_', '.', '-' (up to 64, starting with a letter or digit)"
         )

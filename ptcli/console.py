@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 err = Console(stderr=True, highlight=False)
@@ -25,17 +26,18 @@ def emit_jsonl(rows: list[dict[str, Any]]) -> None:
     out.flush()
 
 
-def say(message: str, quiet: bool = False) -> None:
+def say(message: str, quiet: bool = False, style: str | None = None) -> None:
+    """A message for people; never parsed as markup (paths may hold brackets)."""
     if not quiet:
-        err.print(message)
+        err.print(message, markup=False, style=style, soft_wrap=True)
 
 
 def show_error(message: str, problems: list[str], hint: str | None) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     for p in problems:
         err.print(f"  {p}", markup=False, soft_wrap=True)
     if hint:
-        err.print(f"[dim]hint:[/] {hint}", soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(hint)}", soft_wrap=True)
 
 
 class TuneReporter:
@@ -51,7 +53,7 @@ class TuneReporter:
         self.last_eval = ""
 
     def status(self, message: str) -> None:
-        say(f"[dim]{message}[/]", self.quiet)
+        say(message, self.quiet, style="dim")
 
     def start(self, total: int, done: int) -> None:
         self.t0 = time.perf_counter()
@@ -82,6 +84,6 @@ class TuneReporter:
         self.last_eval = f"val_acc {metrics['val_acc']:.3f}"
         line = f"step {step}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.3f}"
         if self.progress is not None:
-            self.progress.console.print(line)
+            self.progress.console.print(line, markup=False)
         else:
             say(line, self.quiet)

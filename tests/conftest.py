@@ -186,3 +186,47 @@ def tiny_data(tmp_path: Path) -> TinyData:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: uses the real default base model (needs it cached locally)")
     config.addinivalue_line("markers", "multiproc: launches several processes (accelerate / torchrun)")
+
+
+def _lively_copy(src: Path, dest: Path) -> Path:
+    """The model at ``src`` re-drawn with weights at std 0.2 instead of 0.02, tokenizer alongside."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(src)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def lively_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_llama`` with larger random weights.
+
+    At the default init (std 0.02) a tiny model just echoes the last input token, whatever
+    the soft prompt is; at std 0.2 its greedy output depends on the prompt and the whole
+    context, so tests can tell one prompt's predictions from another's.
+    """
+    return _lively_copy(tiny_llama, tmp_path_factory.mktemp("lively_llama"))
+
+
+@pytest.fixture(scope="session")
+def lively_gpt2(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_gpt2`` with larger random weights (see ``lively_llama``)."""
+    return _lively_copy(tiny_gpt2, tmp_path_factory.mktemp("lively_gpt2"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's torch work on one thread (use: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Tiny models gain nothing from intra-op threads, and on a busy machine the thread pool's
+    hand-offs cost milliseconds per matmul: one thread makes the tiny-model tests ~50x faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,417 @@
+"""The command line end to end, in process: help, exit codes, messages, files written, stdout data.
+
+One project is initialised per module and tuned once; tests that change a project copy it first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ptcli import bank
+from ptcli import project as proj
+from ptcli.cli import app
+from ptcli.model import fingerprint, load_base
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+P = 4
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that help never abbreviates a flag
+FAST = ["--warmup-steps", "1", "--max-steps", "2", "--val-check-interval", "2", "--batch-size", "4", "--max-seq-length", "64"]
+
+SENT = [
+    ("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"),
+    ("i dislike the food", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative"),
+]
+TOPIC = [
+    ("the team won the game on saturday night", "sports"), ("a new restaurant opened downtown", "food"),
+    ("researchers discovered a new planet", "science"), ("sports news : the team won", "sports"),
+    ("fresh bread", "food"), ("science news : this week", "science"),
+]
+
+
+def cli(*args, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def ok(result) -> None:
+    assert result.exit_code == 0, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
+
+
+def failed(result, code: int) -> str:
+    """The exit code is `code`, reached through ptcli's error handling (not a crash); returns stderr."""
+    assert result.exit_code == code, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.stderr.startswith("error: ")
+    return result.stderr
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    d = tmp_path_factory.mktemp("data")
+    files = {}
+    for tag, pairs in (("sent", SENT), ("topic", TOPIC)):
+        rows = [{"prompt_tag": tag, "text": t, "answer": a} for t, a in pairs]
+        files[f"{tag}_train"] = _jsonl(d / f"{tag}_train.jsonl", rows[:4])
+        files[f"{tag}_valid"] = _jsonl(d / f"{tag}_valid.jsonl", rows[4:])
+    return SimpleNamespace(dir=d, **files)
+
+
+@pytest.fixture(scope="module")
+def base_project(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("proj") / "p"
+    result = cli("init", root, "--base", lively_llama, "--num-prompt-tokens", P, "--json")
+    ok(result)
+    return SimpleNamespace(root=root, init_json=json.loads(result.stdout))
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "copy"))
+
+
+def _tune(root: Path, data: SimpleNamespace, tag: str, *extra) -> None:
+    ok(cli("tune", "--tag", tag, "--train", getattr(data, f"{tag}_train"), "--valid", getattr(data, f"{tag}_valid"), *FAST, *extra, "-p", root, "-q"))
+
+
+def _model_files(path: Path) -> dict[str, str]:
+    return {p.name: _sha(p) for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tuned(base_project, data, lively_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A project with `sent` (text init) and then `topic` (random init, other seed) tuned; a snapshot between."""
+    root = Path(shutil.copytree(base_project.root, tmp_path_factory.mktemp("tuned") / "p"))
+    weights_before = _model_files(lively_llama)
+    _tune(root, data, "sent", "--init", "text", "--seed", "1")
+    sent_after_first = (root / "bank" / "sent.safetensors").read_bytes()
+    _tune(root, data, "topic", "--init", "random", "--seed", "2")
+    return SimpleNamespace(root=root, sent_after_first=sent_after_first, weights_before=weights_before)
+
+
+# ---------------------------------------------------------------- help
+
+
+def test_version() -> None:
+    result = cli("--version")
+    ok(result)
+    assert result.stdout == "ptcli 0.1.0\n"
+
+
+def test_help_lists_commands() -> None:
+    result = cli("--help")
+    ok(result)
+    for command in ("init", "add-task", "tune", "infer", "list-tags"):
+        assert re.search(rf"^\W*{command}\s", result.stdout, re.M), command
+
+
+TASK_FLAGS = ["--train", "--valid", "--init", "--init-text", "--answer-only", "--full-text-loss", "--batch-size", "--lr", "--min-lr",
+              "--warmup-steps", "--constant-steps", "--max-steps", "--val-check-interval", "--max-seq-length", "--seed", "--project"]
+
+
+def _has_flag(text: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        ("init", ["--base", "--num-prompt-tokens", "--json"]),
+        ("add-task", TASK_FLAGS),
+        ("tune", ["--tag", "--num-prompt-tokens", "--resume", "--overwrite", "--json", *TASK_FLAGS]),
+        ("infer", ["--tokens-to-generate", "--batch-size", "--project", "--json"]),
+        ("list-tags", ["--project", "--json"]),
+    ],
+)
+def test_command_help(command: str, flags: list[str]) -> None:
+    result = cli(command, "--help")
+    ok(result)
+    missing = [f for f in flags if not _has_flag(result.stdout, f)]
+    assert not missing
+
+
+def test_tune_help_fits_80_columns() -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["tune", "--help"])
+    ok(result)
+    assert all(_has_flag(result.stdout, f) for f in ["--val-check-interval", "--num-prompt-tokens", "--trust-remote-code"])
+
+
+# ---------------------------------------------------------------- init and project discovery
+
+
+def test_init_records_the_base(base_project, lively_llama: Path) -> None:
+    manifest = json.loads((base_project.root / "ptcli.json").read_text())
+    model, _ = load_base(str(lively_llama))
+    assert manifest["base"]["fingerprint"] == fingerprint(model)
+    assert manifest["base"]["ref"] == str(lively_llama.resolve())
+    assert manifest["base"]["hidden_size"] == model.get_input_embeddings().weight.shape[1]
+    assert manifest["num_prompt_tokens"] == P and manifest["tasks"] == {}
+    assert (base_project.root / "bank").is_dir()
+    assert base_project.init_json == {"project": str(base_project.root), "base": manifest["base"], "num_prompt_tokens": P}
+
+
+def test_second_init_fails(base_project, lively_llama: Path) -> None:
+    before = (base_project.root / "ptcli.json").read_bytes()
+    err = failed(cli("init", base_project.root, "--base", lively_llama, "--num-prompt-tokens", 8), 1)
+    assert f"{base_project.root} is already a ptcli project" in err
+    assert (base_project.root / "ptcli.json").read_bytes() == before
+
+
+def test_init_with_a_missing_base_creates_nothing(tmp_path: Path) -> None:
+    err = failed(cli("init", tmp_path / "p", "--base", tmp_path / "no-such-model"), 1)
+    assert f"cannot load base model '{tmp_path / 'no-such-model'}'" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_manifest_from_a_newer_ptcli_is_refused(base_project, tmp_path: Path) -> None:
+    root = _copy(base_project.root, tmp_path)
+    manifest = json.loads((root / "ptcli.json").read_text())
+    (root / "ptcli.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    err = failed(cli("list-tags", "-p", root), 1)
+    assert "has schema version 2; this ptcli reads version 1" in err
+
+
+def test_a_locked_project_refuses_a_second_writer(base_project, data, tmp_path: Path) -> None:
+    from ptcli.storage import project_lock
+
+    root = _copy(base_project.root, tmp_path)
+    with project_lock(root, "ptcli tune --tag other"):
+        err = failed(cli("tune", "--tag", "sent", "--train", data.sent_train, "--valid", data.sent_valid, *FAST, "-p", root), 1)
+    assert f"project {root} is locked by pid" in err and "(ptcli tune --tag other)" in err
+    assert not (root / "bank" / "sent.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["list-tags"], ["add-task", "sent", "--train", "t.jsonl", "--valid", "v.jsonl"], ["tune", "--tag", "sent"], ["infer", "x.jsonl"]],
+    ids=lambda a: a[0],
+)
+def test_commands_outside_a_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    err = failed(cli(*args), 1)
+    assert "no ptcli project in" in err and "ptcli init" in err
+
+
+def test_project_flag_pointing_nowhere(tmp_path: Path) -> None:
+    err = failed(cli("list-tags", "-p", tmp_path), 1)
+    assert f"no ptcli project at {tmp_path}" in err and f"ptcli init {tmp_path}" in err
+
+
+def test_project_found_from_a_subdirectory(tuned, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tuned.root / "bank")
+    result = cli("list-tags", "--json")
+    ok(result)
+    assert [e["tag"] for e in json.loads(result.stdout)] == ["sent", "topic"]
+
+
+# ---------------------------------------------------------------- add-task and tune
+
+
+def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path: Path) -> None:
+    root = _copy(base_project.root, tmp_path)
+    recorded = ["--train", data.sent_train, "--valid", data.sent_valid, "--init", "random", "--seed", "9", "--full-text-loss",
+                "--batch-size", "3", "--lr", "0.05", "--min-lr", "0.001", "--warmup-steps", "1", "--constant-steps", "1",
+                "--max-steps", "3", "--val-check-interval", "3", "--max-seq-length", "48"]
+    result = cli("add-task", "sent", *recorded, "-p", root, "--json")
+    ok(result)
+    expected = {"train": str(data.sent_train), "valid": str(data.sent_valid), "init": "random", "init_text": None, "answer_only": False,
+                "batch_size": 3, "lr": 0.05, "min_lr": 0.001, "warmup_steps": 1, "constant_steps": 1, "max_steps": 3,
+                "val_check_interval": 3, "max_seq_length": 48, "seed": 9}
+    assert json.loads(result.stdout) == {"tag": "sent", "config": expected}
+    assert json.loads((root / "ptcli.json").read_text())["tasks"] == {"sent": expected}
+    assert not (root / "bank" / "sent.safetensors").exists()
+
+    result = cli("tune", "--tag", "sent", "-p", root, "--json")
+    ok(result)
+    out = json.loads(result.stdout)
+    assert out["steps"] == 3 and out["path"] == str(root / "bank" / "sent.safetensors")
+    _, meta = bank.get(proj.load(root), "sent")
+    assert meta["config"] == expected and meta["init"] == "random" and meta["steps"] == 3
+    history = [json.loads(line) for line in (root / "runs" / "sent" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+
+
+def test_recorded_relative_paths_survive_a_change_of_directory(base_project, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy(base_project.root, tmp_path)
+    monkeypatch.chdir(data.dir)
+    ok(cli("add-task", "sent", "--train", data.sent_train.name, "--valid", data.sent_valid.name, *FAST, "-p", root))
+    monkeypatch.chdir(root)  # the project is found from here; the data must be too
+    ok(cli("tune", "--tag", "sent", "-q"))
+    assert (root / "bank" / "sent.safetensors").is_file()
+
+
+def test_tune_writes_the_bank_and_list_tags_shows_it(tuned) -> None:
+    result = cli("list-tags", "-p", tuned.root, "--json")
+    ok(result)
+    entries = json.loads(result.stdout)
+    assert [e["tag"] for e in entries] == ["sent", "topic"]
+    assert [e["init"] for e in entries] == ["text", "random"]
+    for e in entries:
+        assert e["num_prompt_tokens"] == P and e["steps"] == 2
+        assert set(e["metrics"]) == {"val_loss", "val_acc"}
+        assert (tuned.root / "bank" / f"{e['tag']}.safetensors").is_file()
+    table = cli("list-tags", "-p", tuned.root)
+    ok(table)
+    assert table.stdout == "" and "sent" in table.stderr and "topic" in table.stderr  # the table is for people
+
+
+def test_tuning_another_tag_leaves_the_first_frozen(tuned, lively_llama: Path) -> None:
+    assert (tuned.root / "bank" / "sent.safetensors").read_bytes() == tuned.sent_after_first
+    assert _model_files(lively_llama) == tuned.weights_before
+    p = proj.load(tuned.root)
+    assert set(p.tasks) == {"sent", "topic"}
+    sent, _ = bank.get(p, "sent")
+    topic, _ = bank.get(p, "topic")
+    assert not torch.allclose(sent, topic)
+
+
+def test_retune_needs_overwrite(tuned, data, tmp_path: Path) -> None:
+    before = (tuned.root / "bank" / "sent.safetensors").read_bytes()
+    err = failed(cli("tune", "--tag", "sent", "-p", tuned.root), 1)
+    assert "tag 'sent' is already tuned" in err and "--overwrite" in err and "--resume" in err
+    assert (tuned.root / "bank" / "sent.safetensors").read_bytes() == before
+
+    root = _copy(tuned.root, tmp_path)
+    _tune(root, data, "sent", "--overwrite", "--seed", "5", "--num-prompt-tokens", str(P))
+    _, meta = bank.get(proj.load(root), "sent")
+    assert meta["config"]["seed"] == 5
+    assert (root / "bank" / "topic.safetensors").read_bytes() == (tuned.root / "bank" / "topic.safetensors").read_bytes()
+
+
+def test_other_prompt_length_is_a_usage_error(tuned) -> None:
+    err = failed(cli("tune", "--tag", "new", "--num-prompt-tokens", P + 1, "-p", tuned.root, *FAST), 2)
+    assert f"--num-prompt-tokens {P + 1} differs from the project's {P}" in err
+    assert not (tuned.root / "bank" / "new.safetensors").exists()
+
+
+def test_bad_flag_value_is_a_usage_error(base_project, data) -> None:
+    err = failed(cli("tune", "--tag", "sent", "--train", data.sent_train, "--valid", data.sent_valid, "--batch-size", "0",
+                     "--min-lr", "9", "-p", base_project.root), 2)
+    assert "--batch-size must be at least 1" in err and "--min-lr must be between" in err
+
+
+def test_broken_jsonl_exits_2_and_writes_nothing(base_project, data, tmp_path: Path) -> None:
+    root = _copy(base_project.root, tmp_path)
+    broken = tmp_path / "broken.jsonl"
+    lines = data.sent_train.read_text().splitlines()
+    broken.write_text("\n".join([lines[0], lines[1], '{"prompt_tag": "sent", "text": "x"', lines[2], '{"prompt_tag": "sent"}']) + "\n")
+    err = failed(cli("tune", "--tag", "sent", "--train", broken, "--valid", data.sent_valid, *FAST, "-p", root), 2)
+    assert f"{broken}:3: invalid JSON" in err
+    assert f"{broken}:5: missing field 'text'" in err
+    assert f"{broken}:4:" not in err
+    assert not (root / "bank" / "sent.safetensors").exists()
+    assert not (root / "runs" / "sent" / "checkpoint.safetensors").exists()
+
+    err = failed(cli("add-task", "sent", "--train", broken, "--valid", data.sent_valid, "-p", root), 2)
+    assert f"{broken}:3:" in err
+    assert json.loads((root / "ptcli.json").read_text())["tasks"] == {}
+
+
+@pytest.mark.parametrize("name", ["data[v2].jsonl", "data[/v2].jsonl"])
+def test_error_message_shows_paths_verbatim(base_project, tmp_path: Path, name: str) -> None:
+    missing = tmp_path / name
+    err = failed(cli("add-task", "sent", "--train", missing, "--valid", missing, "-p", base_project.root), 2)
+    assert f"data file {missing} does not exist" in err
+
+
+def test_max_steps_0_stores_the_initial_prompt(base_project, data, lively_llama: Path, tmp_path: Path) -> None:
+    root = _copy(base_project.root, tmp_path)
+    ok(cli("tune", "--tag", "sent", "--train", data.sent_train, "--valid", data.sent_valid, "--max-steps", "0", "-p", root, "-q"))
+    prompt, meta = bank.get(proj.load(root), "sent")
+    # text init from the task's answers: "negative positive", tokenized, tiled to P
+    model, tok = load_base(str(lively_llama))
+    ids = tok("negative positive", add_special_tokens=False).input_ids
+    expected = model.get_input_embeddings().weight[[ids[i % len(ids)] for i in range(P)]]
+    assert torch.equal(prompt, expected)
+    assert meta["steps"] == 0 and meta["best_step"] == 0 and meta["init_text"] == "negative positive"
+
+
+# ---------------------------------------------------------------- infer
+
+TEXTS = ["i love it", "the team won the game on saturday night", "fresh bread and i really like the movie"]
+
+
+@pytest.fixture(scope="module")
+def mixed(data) -> list[dict]:
+    rows = []
+    for i, text in enumerate(TEXTS):
+        rows.append({"prompt_tag": "sent", "text": text, "id": 2 * i})
+        rows.append({"prompt_tag": "topic", "text": text, "id": 2 * i + 1, "extra": {"n": [i]}})
+    rows[0]["answer"] = "positive"
+    rows[3]["answer"] = "sports"
+    return rows
+
+
+def _infer(root: Path, path: Path, *extra) -> list[dict]:
+    result = cli("infer", path, "-p", root, "--tokens-to-generate", "4", "-q", *extra)
+    ok(result)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_infer_writes_one_line_per_input_in_order(tuned, mixed, tmp_path: Path) -> None:
+    out = _infer(tuned.root, _jsonl(tmp_path / "mixed.jsonl", mixed))
+    assert len(out) == len(mixed)
+    for row, got in zip(mixed, out):
+        assert isinstance(got.pop("prediction"), str)
+        assert got == row
+
+
+def test_infer_reads_stdin(tuned, mixed, tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "mixed.jsonl", mixed)
+    from_file = cli("infer", path, "-p", tuned.root, "--tokens-to-generate", "4", "-q")
+    from_stdin = cli("infer", "-", "-p", tuned.root, "--tokens-to-generate", "4", "-q", input=path.read_text())
+    ok(from_file)
+    ok(from_stdin)
+    assert from_stdin.stdout == from_file.stdout and from_file.stdout
+
+
+def test_mixed_tags_get_their_own_prompts(tuned, mixed, tmp_path: Path) -> None:
+    both = _infer(tuned.root, _jsonl(tmp_path / "mixed.jsonl", mixed))
+    alone = {}
+    for tag in ("sent", "topic"):
+        rows = [r for r in mixed if r["prompt_tag"] == tag]
+        alone.update({(r["prompt_tag"], r["text"]): r["prediction"] for r in _infer(tuned.root, _jsonl(tmp_path / f"{tag}.jsonl", rows))})
+    assert {(r["prompt_tag"], r["text"]): r["prediction"] for r in both} == alone
+    # the two prompts really differ in what they make the model say
+    assert any(alone[("sent", t)] != alone[("topic", t)] for t in TEXTS)
+
+
+def test_infer_json_with_accuracy(tuned, mixed, tmp_path: Path) -> None:
+    preds = [r["prediction"] for r in _infer(tuned.root, _jsonl(tmp_path / "plain.jsonl", mixed))]
+    # answers chosen so that accuracy is known: sent right on row 0 and wrong on row 2; topic right on row 3
+    rows = [dict(r) for r in mixed]
+    rows[0]["answer"], rows[2]["answer"], rows[3]["answer"] = preds[0] or "x", preds[2] + "x", preds[3] or "x"
+    result = cli("infer", _jsonl(tmp_path / "scored.jsonl", rows), "-p", tuned.root, "--tokens-to-generate", "4", "--json")
+    ok(result)
+    doc = json.loads(result.stdout)
+    assert [r.pop("prediction") for r in doc["predictions"]] == preds  # same rows and batches: same predictions
+    assert doc["predictions"] == rows
+    sent_right = int(bool(preds[0]))
+    topic_right = int(bool(preds[3]))
+    assert doc["accuracy"] == {
+        "sent": {"correct": sent_right, "total": 2, "accuracy": sent_right / 2},
+        "topic": {"correct": topic_right, "total": 1, "accuracy": topic_right / 1},
+    }
+    assert "accuracy" in result.stderr  # the table goes to people
+
+
+def test_infer_unknown_tag(tuned, tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "x.jsonl", [{"prompt_tag": "sent", "text": "a"}, {"prompt_tag": "nope", "text": "b"}])
+    err = failed(cli("infer", path, "-p", tuned.root), 1)
+    assert "unknown tag(s) 'nope'; known tags: sent, topic" in err

@@ -122,3 +122,59 @@ def put(project: Project, tag: str, prompt: torch.Tensor, meta: dict[str, Any]) 
     path = path_of(project, tag)
     atomic_write(path, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
     return path
+
+
+# ---------------------------------------------------------------- whole files, without torch
+# Moving a prompt (export, import, rename) never needs its values: the bytes are checked and
+# re-labelled here with hashlib and json, so those commands stay as light as `list-tags`.
+
+
+def require(project: Project, tag: str) -> Path:
+    """The path of a tag's prompt file, or the same error `get` raises for an unknown tag."""
+    path = path_of(project, tag)
+    if not path.is_file():
+        known = ", ".join(tags(project)) or "none yet"
+        raise ProjectError(f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`")
+    return path
+
+
+def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+    """Check that `blob` is a whole, intact ptcli prompt; return (header, data section, record).
+
+    A prompt file holds exactly one float32 tensor `prompt` (P, H) that fills the data
+    section, and the record's sha256 of those bytes. Anything else is refused.
+    """
+    header, data = _split(Path(source), blob)
+    record = header["__metadata__"]["ptcli"]
+    if not isinstance(record, dict):
+        raise CompatibilityError(f"{source} is not a ptcli prompt (its record is not an object)")
+    spec = header.get("prompt")
+    P, H = record.get("num_prompt_tokens"), record.get("hidden_size")
+    tensors = sorted(k for k in header if k != "__metadata__")
+    if tensors != ["prompt"] or not isinstance(spec, dict) or not isinstance(P, int) or not isinstance(H, int):
+        raise CompatibilityError(f"{source} is not a ptcli prompt (tensors: {', '.join(tensors) or 'none'})")
+    if spec.get("dtype") != "F32" or spec.get("shape") != [P, H] or spec.get("data_offsets") != [0, len(data)] or len(data) != 4 * P * H:
+        raise CompatibilityError(
+            f"{source} is damaged: its tensor is {spec.get('dtype')} {spec.get('shape')} over {len(data)} bytes; "
+            f"its record says float32 ({P}, {H})"
+        )
+    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        raise CompatibilityError(f"{source} is corrupted: its checksum does not match", hint="export it again from its project")
+    return header, data, record
+
+
+def read_verified(project: Project, tag: str) -> tuple[bytes, dict[str, Any]]:
+    """A tag's prompt file as bytes, after the structure and checksum checks of `verify`."""
+    path = require(project, tag)
+    blob = path.read_bytes()
+    _, _, record = verify(str(path), blob)
+    return blob, record
+
+
+def relabel(source: str, blob: bytes, tag: str) -> bytes:
+    """The same prompt file with `tag` in its record. The tensor bytes, and so the checksum, are unchanged."""
+    header, data, record = verify(source, blob)
+    header = {**header, "__metadata__": {**header["__metadata__"], "ptcli": json.dumps({**record, "tag": tag})}}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors pads its header to 8 bytes so the data stays aligned
+    return struct.pack("<Q", len(head)) + head + data

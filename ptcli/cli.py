@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -53,6 +54,39 @@ MaxSteps = Annotated[Optional[int], _opt("max_steps", "--max-steps")]
 ValEvery = Annotated[Optional[int], _opt("val_check_interval", "--val-check-interval")]
 MaxSeq = Annotated[Optional[int], _opt("max_seq_length", "--max-seq-length")]
 Seed = Annotated[Optional[int], _opt("seed", "--seed")]
+
+
+def _completion_project(ctx: typer.Context):
+    """The project a completion is for: --project if already typed, else the one found from the cwd; None if none."""
+    from ptcli import project as proj
+
+    try:
+        return proj.load(ctx.params.get("project"))
+    except Exception:  # completion must never fail loudly
+        return None
+
+
+def _complete_bank_tags(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Tags in the bank (file names only: no torch, no model), for show and export."""
+    from ptcli import bank
+
+    p = _completion_project(ctx)
+    return [t for t in bank.tags(p) if t.startswith(incomplete)] if p else []
+
+
+def _complete_task_tags(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Tags in the bank or recorded by add-task, for tune --tag, remove-tag and rename-tag."""
+    from ptcli import bank
+
+    p = _completion_project(ctx)
+    return sorted(t for t in set(bank.tags(p)) | set(p.tasks) if t.startswith(incomplete)) if p else []
+
+
+class Format(str, Enum):
+    """What `export` writes and `import` reads: ptcli's bank file, or a PEFT prompt-tuning adapter folder."""
+
+    ptcli = "ptcli"
+    peft = "peft"
 
 
 def handled(fn):
@@ -155,7 +189,7 @@ def add_task(
 @app.command()
 @handled
 def tune(
-    tag: Annotated[str, typer.Option("--tag", help="Task tag to tune (new, or recorded by add-task).")],
+    tag: Annotated[str, typer.Option("--tag", help="Task tag to tune (new, or recorded by add-task).", autocompletion=_complete_task_tags)],
     train: Train = None,
     valid: Valid = None,
     init: Init = None,
@@ -286,9 +320,152 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     table = Table("tag", "tokens", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}")
     for e in entries:
         m = e.meta.get("metrics") or {}
-        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), str(e.meta.get("steps")), f"{m.get('val_acc', float('nan')):.3f}",
+        steps = e.meta.get("steps")
+        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), "-" if steps is None else str(steps), f"{m.get('val_acc', float('nan')):.3f}",
                       f"{m.get('val_loss', float('nan')):.4f}", str(e.meta.get("init")), str(e.meta.get("created")))
     err.print(table)
+
+
+BankTag = Annotated[str, typer.Argument(help="Tag of a prompt in the bank.", autocompletion=_complete_bank_tags)]
+
+
+@app.command()
+@handled
+def show(
+    tag: BankTag,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write the training and validation curves to this PNG file.")] = None,
+    project: ProjectOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Write the record and the curves to stdout as JSON.")] = False,
+) -> None:
+    """A prompt's settings, metrics and base (from its bank header) and its training/validation curves."""
+    from ptcli import project as proj
+    from ptcli import report
+    from ptcli.console import emit_json, say, show_prompt
+
+    p = proj.load(project)
+    shown = report.show(p, tag)
+    if plot is not None:  # first, so that a failure leaves no half-made report
+        report.plot(tag, shown.curves, plot, shown.record.get("best_step"))
+    if as_json:
+        c = shown.curves
+        emit_json({"tag": tag, "path": shown.path, "checksum_ok": shown.checksum_ok, "record": shown.record,
+                   "curves": {"train": c.train, "valid": c.valid, "source": c.source}})
+    else:
+        show_prompt(shown)
+    if plot is not None:
+        say(f"wrote {plot}")
+
+
+@app.command("remove-tag")
+@handled
+def remove_tag(
+    tag: Annotated[str, typer.Argument(help="Tag to remove: its prompt, its run history, its recorded settings.", autocompletion=_complete_task_tags)],
+    keep_task: Annotated[bool, typer.Option("--keep-task", help="Keep the settings add-task/tune recorded, so `tune --tag TAG` can retune it.")] = False,
+    project: ProjectOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Delete a tag from the project: bank/TAG.safetensors, runs/TAG/ and (unless --keep-task) its recorded settings."""
+    from ptcli import manage
+    from ptcli import project as proj
+    from ptcli.console import emit_json, say
+
+    result = manage.remove_tag(proj.load(project), tag, keep_task)
+    if as_json:
+        emit_json(dataclasses.asdict(result))
+    what = ", ".join(result.removed + (["its recorded settings"] if result.task_record else [])) or "nothing"
+    say(f"removed {tag!r}: {what}", quiet)
+
+
+@app.command("rename-tag")
+@handled
+def rename_tag(
+    old: Annotated[str, typer.Argument(help="Current tag.", autocompletion=_complete_task_tags)],
+    new: Annotated[str, typer.Argument(help="New tag (must not exist yet).")],
+    project: ProjectOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rename a tag: its prompt (header rewritten with the new tag), run history and recorded settings."""
+    from ptcli import manage
+    from ptcli import project as proj
+    from ptcli.console import emit_json, say
+
+    result = manage.rename_tag(proj.load(project), old, new)
+    if as_json:
+        emit_json(dataclasses.asdict(result))
+    say(f"renamed {old!r} to {new!r}" + (f"; rows with prompt_tag {old!r} must now say {new!r}" if result.path else ""), quiet)
+
+
+@app.command()
+@handled
+def export(
+    tag: BankTag,
+    out: Annotated[str, typer.Argument(help="ptcli: a .safetensors file (or a folder, or '-' for stdout). peft: an adapter folder.")],
+    fmt: Annotated[Format, typer.Option("--format", help="ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")] = Format.ptcli,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite what is at OUT.")] = False,
+    project: ProjectOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a prompt out of the bank: one self-describing .safetensors file, or a PEFT adapter."""
+    from ptcli import manage
+    from ptcli import project as proj
+    from ptcli.console import emit_json, say
+
+    p = proj.load(project)
+    if out == "-":
+        if fmt is not Format.ptcli or as_json:
+            raise UsageError("OUT '-' (stdout) takes the ptcli format and no --json")
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write a binary file to the terminal", hint=f"redirect it: ptcli export {tag} - > {tag}.safetensors")
+        sys.stdout.buffer.write(manage.export_bytes(p, tag))
+        sys.stdout.flush()
+        return
+    if fmt is Format.peft:
+        from ptcli import peft_io
+
+        result = peft_io.export(p, tag, Path(out), force)
+    else:
+        result = manage.export_file(p, tag, Path(out), force)
+    if as_json:
+        emit_json(dataclasses.asdict(result))
+    how = f"; load it with peft.PeftModel.from_pretrained(base, {result.path!r})" if fmt is Format.peft else ""
+    say(f"exported {tag!r} to {result.path}{how}", quiet)
+
+
+@app.command("import")
+@handled
+def import_(
+    source: Annotated[str, typer.Argument(metavar="FILE", help="A file made by `ptcli export` ('-' reads stdin), or a PEFT prompt-tuning adapter folder.")],
+    tag: Annotated[Optional[str], typer.Option("--tag", help="Tag in this bank (default: the tag recorded in FILE; required for other PEFT adapters).")] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", help="Default: peft for a folder, ptcli for a file.", show_default=False)] = None,
+    project: ProjectOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add an exported prompt or a PEFT prompt-tuning adapter to the bank, after checking its base, length and checksum."""
+    from ptcli import manage
+    from ptcli import project as proj
+    from ptcli.console import emit_json, say
+
+    if tag is not None:
+        check_tag(tag)
+    p = proj.load(project)
+    if fmt is None:
+        fmt = Format.peft if source != "-" and Path(source).is_dir() else Format.ptcli
+    if fmt is Format.peft:
+        from ptcli import peft_io
+
+        result = peft_io.import_adapter(p, Path(source), tag)
+    else:
+        name, blob = manage.read_source(source)
+        result = manage.import_bytes(p, name, blob, tag)
+    for w in result.warnings:
+        say(f"warning: {w}", quiet, style="yellow")
+    if as_json:
+        emit_json(dataclasses.asdict(result))
+    say(f"imported {result.tag!r} from {result.source} into {result.path}", quiet)
 
 
 def main() -> None:

@@ -82,8 +82,9 @@ def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskCo
     merged = dict(recorded or {})
     merged.update({k: v for k, v in given.items() if v is not None})
     for name in ("train", "valid"):  # recorded paths must still work from another directory
-        if given.get(name) and given[name] != "-":
-            merged[name] = str(Path(given[name]).expanduser().resolve())
+        value = given.get(name)
+        if value and value != "-" and not value.startswith(("/dev/", "/proc/")):  # keep `<(cmd)` pipes as typed
+            merged[name] = str(Path(value).expanduser().resolve())
     for name in ("train", "valid"):
         if not merged.get(name):
             raise UsageError(f"{flag_of(name)} is required (no recorded task gives it)", hint="pass it, or run `ptcli add-task`")

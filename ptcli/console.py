@@ -87,3 +87,58 @@ class TuneReporter:
             self.progress.console.print(line, markup=False)
         else:
             say(line, self.quiet)
+
+
+def show_prompt(shown: Any) -> None:
+    """`ptcli show` for people (stderr): the prompt's record as a table, then its curves as sparklines."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ptcli.report import sparkline
+
+    r = shown.record
+    m, m0 = r.get("metrics") or {}, r.get("initial_metrics") or {}
+
+    def metric(key: str, fmt: str) -> str:
+        now = format(m[key], fmt) if key in m else "-"
+        return f"{format(m0[key], fmt)} -> {now} (initial -> best)" if key in m0 else now
+
+    table = Table("", "", title=f"prompt {shown.tag}", show_header=False, title_justify="left")
+    rows = [
+        ("base", f"{r.get('base_ref')} (fingerprint {str(r.get('base_fingerprint'))[:12]})"),
+        ("prompt", f"{r.get('num_prompt_tokens')} tokens x {r.get('hidden_size')}"),
+        ("init", str(r.get("init")) + (f": {r['init_text']!r}" if r.get("init_text") else "")),
+        ("steps", f"{r.get('steps')} (best at step {r.get('best_step')})" if r.get("steps") is not None else "-"),
+        ("val_acc", metric("val_acc", ".3f")),
+        ("val_loss", metric("val_loss", ".4f")),
+    ]
+    if r.get("train_seconds") is not None:
+        rows.append(("trained", f"{r['train_seconds']:.1f} s on {r.get('world_size', 1)} process(es)"))
+    if r.get("imported_from"):
+        rows.append(("imported from", str(r["imported_from"].get("path"))))
+    rows += [("created", str(r.get("created"))), ("updated", str(r.get("updated"))),
+             ("sha256", f"{str(r.get('sha256'))[:16]}  {'ok' if shown.checksum_ok else 'MISMATCH: the file is damaged'}")]
+    for k, v in rows:
+        table.add_row(k, Text(v))
+    if r.get("config"):
+        table.add_section()
+        for k, v in r["config"].items():
+            table.add_row(k, Text(str(v)))
+    err.print(table)
+
+    c = shown.curves
+    series = [("loss", [x["loss"] for x in c.train], [x["step"] for x in c.train], ".4f"),
+              ("val_loss", [x["val_loss"] for x in c.valid], [x["step"] for x in c.valid], ".4f"),
+              ("val_acc", [x["val_acc"] for x in c.valid], [x["step"] for x in c.valid], ".3f")]
+    if not c.train and len(c.valid) < 2:
+        say(f"no curves: {c.source} does not exist or holds no steps (it is written when `ptcli tune` finishes)")
+        return
+    grid = Table.grid(padding=(0, 2))
+    for name, values, steps, fmt in series:
+        if values:
+            span = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
+            grid.add_row(name, f"{format(values[0], fmt)} -> {format(values[-1], fmt)}", Text(sparkline(values)), span)
+    err.print(f"curves ({escape(c.source)})", soft_wrap=True)
+    err.print(grid)
+    if c.skipped:
+        say(f"skipped {c.skipped} unreadable line(s) in {c.source}", style="yellow")

@@ -225,23 +225,63 @@ def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def prefixed(model, prompt: torch.Tensor, seqs: list[list[int]], pad_id: int):
+    """Run the soft prompt once and share it across the batch: the fast path.
+
+    In a causal LM the prompt's activations do not depend on what follows, so its key/value
+    cache is computed for one row and repeated, and only the text tokens run per row. Layout
+    [prompt (P)][pad ...][tokens], pads masked out, token positions continuing from P: the
+    same attention and positions as `assemble`'s layout. Gradients reach the prompt through
+    the cache. Returns the body's output over the tokens (B, T, H), the prompt's last hidden
+    state (H,), the attention mask (B, P+T) and the token positions (B, T).
+    """
+    P, B = prompt.shape[0], len(seqs)
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    head = model.base_model(
+        inputs_embeds=prompt.to(device=device, dtype=dtype).unsqueeze(0),  # (1, P, H)
+        position_ids=torch.arange(P, device=device).unsqueeze(0),
+        use_cache=True,
+    )
+    cache = _cache_of(head)
+    cache.batch_repeat_interleave(B)
+    ids = left_pad(seqs, pad_id).to(device)  # (B, T)
+    tok_mask = left_pad([[1] * len(s) for s in seqs], 0, ids.shape[1]).to(device)  # (B, T)
+    mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), tok_mask], dim=1)  # (B, P+T)
+    pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, cache))
+    return out, head.last_hidden_state[0, -1], mask, pos
+
+
 def lm_loss(model, prompt: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, fast: bool = True):
     """Summed cross entropy over labelled tokens, and their count.
 
-    labels[i] is aligned with seqs[i] (IGNORE where no loss is taken). The fast path runs
-    the decoder body and projects to the vocabulary only at labelled positions; the plain
-    path computes logits everywhere (kept to test that both agree).
+    labels[i] is aligned with seqs[i] (IGNORE where no loss is taken). The fast path shares
+    the prompt's activations across the batch (`prefixed`) and projects to the vocabulary
+    only at labelled positions; the plain path runs every row in full and computes logits
+    everywhere (kept to test that both agree).
     """
+    P = prompt.shape[0]
+    if fast:
+        out, last_prompt, mask, _ = prefixed(model, prompt, seqs, pad_id)
+        hidden = out.last_hidden_state  # (B, T, H)
+        lab = left_pad(labels, IGNORE).to(hidden.device)  # (B, T)
+        targets = lab[:, 1:]  # (B, T-1): token t predicts token t+1
+        sel = (targets != IGNORE) & mask[:, P:-1].bool()  # a pad predicts nothing (first tokens: below)
+        logits = to_logits(model, hidden[:, :-1][sel])  # (N, V)
+        loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
+        firsts = torch.tensor([row[0] for row in labels], device=hidden.device)  # (B,)
+        first_sel = firsts != IGNORE  # rows whose first token is labelled: predicted by the prompt's end
+        if bool(first_sel.any()):
+            first_logits = to_logits(model, last_prompt).float().expand(int(first_sel.sum()), -1)  # (N1, V)
+            loss_sum = loss_sum + F.cross_entropy(first_logits, firsts[first_sel], reduction="sum")
+        return loss_sum, int(sel.sum()) + int(first_sel.sum())
     embeds, mask, pos = assemble(model, prompt, seqs, pad_id)  # (B, S, H), (B, S), (B, S)
-    P, S = prompt.shape[0], embeds.shape[1]
+    S = embeds.shape[1]
     lab = left_pad([[IGNORE] * P + lab for lab in labels], IGNORE, S).to(embeds.device)  # (B, S)
     targets = lab[:, 1:]  # (B, S-1): position t predicts token t+1
     sel = targets != IGNORE  # (B, S-1)
-    if fast:
-        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
-        logits = to_logits(model, hidden[:, :-1][sel])  # (N, V)
-    else:
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, :-1][sel]  # (N, V)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, :-1][sel]  # (N, V)
     loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
     return loss_sum, int(sel.sum())
 
@@ -259,8 +299,7 @@ def _cache_of(out):
 @torch.inference_mode()
 def greedy(model, prompt: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int) -> list[list[int]]:
     """Greedy decoding behind the soft prompt, with a KV cache; each row stops at eos (not included)."""
-    embeds, mask, pos = assemble(model, prompt, seqs, pad_id)
-    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+    out, _, mask, pos = prefixed(model, prompt, seqs, pad_id)
     B = len(seqs)
     results: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=mask.device)

@@ -271,6 +271,7 @@ def infer(
     tokens_to_generate: Annotated[int, typer.Option("--tokens-to-generate", help="Most tokens generated per line (stops at end of sequence).")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")] = 16,
     dtype: DtypeOpt = "float32",
+    device_map: Annotated[Optional[str], typer.Option("--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading).")] = None,
     trust_remote_code: TrustOpt = False,
     project: ProjectOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")] = False,
@@ -288,7 +289,7 @@ def infer(
     _check_dtype(dtype)
     p = proj.load(project)
     result = run_infer(p, file, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
-                       trust_remote_code=trust_remote_code, status=lambda m: say(m, quiet))
+                       trust_remote_code=trust_remote_code, device_map=device_map, status=lambda m: say(m, quiet))
     if as_json:
         emit_json({"predictions": result.rows, "accuracy": result.accuracy})
     else:

@@ -28,6 +28,7 @@ def infer(
     batch_size: int = 16,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
     status=lambda _: None,
 ) -> InferResult:
     records = read_jsonl(path, training=False)
@@ -38,7 +39,7 @@ def infer(
             f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(known) or 'none yet'}",
             hint="tune them first with `ptcli tune --tag ...`",
         )
-    model, tok = load_base(project.base.ref, dtype, trust_remote_code, status)
+    model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(f"the base model at {project.base.ref!r} has changed since `ptcli init`")
     P = project.num_prompt_tokens

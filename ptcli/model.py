@@ -119,15 +119,22 @@ def load_base(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     status: Callable[[str], None] = lambda _: None,
+    device_map: str | None = None,
 ):
-    """Load (model, tokenizer) frozen and in eval mode. Remote code runs only when asked."""
+    """Load (model, tokenizer) frozen and in eval mode. Remote code runs only when asked.
+
+    device_map="auto" spreads a base too large for one device over the available GPUs
+    (and CPU memory), through accelerate's big-model loading.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     source = resolve(ref, status)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, device_map=device_map
+        )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load base model {ref!r}: {e}", hint="pass a local Hugging Face folder or a hub id") from e
     if tok.pad_token_id is None:

@@ -40,7 +40,10 @@ def path_of(project: Project, tag: str) -> Path:
 def tags(project: Project) -> list[str]:
     if not project.bank_dir.is_dir():
         return []
-    return sorted(p.name[: -len(SUFFIX)] for p in project.bank_dir.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+    # regular files only: a directory or a FIFO planted in bank/ is not a prompt (and must not hang a read)
+    return sorted(
+        p.name[: -len(SUFFIX)] for p in project.bank_dir.glob(f"*{SUFFIX}") if not p.name.startswith(".") and p.is_file()
+    )
 
 
 def _split(path: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:

@@ -40,7 +40,7 @@ def _read_lines(path: str) -> tuple[str, list[bytes]]:
     if path == "-":
         return "<stdin>", sys.stdin.buffer.read().split(b"\n")
     p = Path(path)
-    if not p.is_file():
+    if not p.exists() or p.is_dir():  # a pipe such as `--train <(cmd)` is fine
         raise InputError(f"data file {path} does not exist", hint="check the path")
     return path, p.read_bytes().split(b"\n")
 
@@ -63,7 +63,12 @@ def read_jsonl(path: str, *, training: bool, tag: str | None = None) -> list[Rec
         except ValueError as e:
             problems.append(f"{name}:{no}: invalid JSON ({e})")
             continue
+        except RecursionError:
+            problems.append(f"{name}:{no}: invalid JSON (nested too deeply)")
+            continue
         row_problems = _check_row(row, training, tag)
+        if b"\\u" in raw and isinstance(row, dict):  # only a \u escape can smuggle in a lone surrogate
+            row_problems += _lone_surrogates(row)
         problems.extend(f"{name}:{no}: {p}" for p in row_problems)
         if not row_problems:
             records.append(Record(no, row["prompt_tag"], row["text"], row.get("answer"), row))
@@ -99,6 +104,17 @@ def _check_row(row: Any, training: bool, tag: str | None) -> list[str]:
     return problems
 
 
+def _lone_surrogates(row: dict[str, Any]) -> list[str]:
+    """json accepts escapes like \\ud800 that decode to no character; the tokenizer and UTF-8 output reject them."""
+    problems = []
+    for key, value in row.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            problems.append(f"field {key!r} holds a lone surrogate {e.object[e.start]!r}, which is not valid Unicode")
+    return problems
+
+
 @dataclass
 class Encoded:
     ids: list[list[int]]  # text + answer + eos, per example
@@ -108,8 +124,10 @@ class Encoded:
     truncated: int
 
 
-def encode(tok, records: list[Record], num_prompt_tokens: int, max_seq_length: int, answer_only: bool) -> Encoded:
-    """Tokenize text and answer separately (batched), cutting long texts from the left."""
+def encode(
+    tok, records: list[Record], num_prompt_tokens: int, max_seq_length: int, answer_only: bool, source: str | None = None
+) -> Encoded:
+    """Tokenize text and answer separately (batched), cutting long texts from the left. `source` names the file in errors."""
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
     answers = tok([ANSWER_PREFIX + (r.answer or "") for r in records], add_special_tokens=False).input_ids
     out = Encoded([], [], [], [r.answer or "" for r in records], 0)
@@ -117,8 +135,9 @@ def encode(tok, records: list[Record], num_prompt_tokens: int, max_seq_length: i
         a = a + [tok.eos_token_id]
         budget = max_seq_length - num_prompt_tokens - len(a)
         if budget < 1:
+            where = f"{source}:{rec.line}" if source else f"line {rec.line}"
             raise InputError(
-                f"line {rec.line}: the answer alone ({len(a)} tokens) plus the prompt ({num_prompt_tokens}) "
+                f"{where}: the answer alone ({len(a)} tokens) plus the prompt ({num_prompt_tokens}) "
                 f"exceed --max-seq-length {max_seq_length}"
             )
         if len(t) > budget:

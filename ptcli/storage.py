@@ -11,13 +11,18 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ptcli.errors import ProjectError
+
+_UMASK = os.umask(0o022)  # reading the umask means setting it; put it straight back
+os.umask(_UMASK)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -29,6 +34,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file 0600; give it the mode the file had, or the one open() gives a new file
+            os.fchmod(f.fileno(), stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -77,16 +84,28 @@ def project_lock(root: Path, command: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             raise ProjectError(
-                f"project {root} is locked by {holder}",
+                f"project {root} is locked by {_holder(fd)}",
                 hint="wait for that command to finish; two commands may not write one project at once",
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # unlocked, the file names nobody: an empty file means "holder still signing"
     finally:
         os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """The lock holder's own description. It writes it just after locking, so a contender may briefly see nothing."""
+    for _ in range(50):
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.01)
+    return "another process"
 
 
 def is_main_process() -> bool:

@@ -111,8 +111,8 @@ def tune(
         )
     model.to(acc.device)
     P = project.num_prompt_tokens
-    tr = encode(tok, train, P, cfg.max_seq_length, cfg.answer_only)
-    va = encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only)
+    tr = encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train)
+    va = encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid)
     if tr.truncated or va.truncated:
         reporter.status(f"cut {tr.truncated + va.truncated} long text(s) from the left to fit --max-seq-length")
 

@@ -230,3 +230,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def default_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ptcli cache per session for the real default model: its GGUF is converted once, not per test."""
+    return tmp_path_factory.mktemp("ptcli-default-cache")

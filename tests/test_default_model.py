@@ -14,12 +14,6 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 
-@pytest.fixture(scope="session")
-def default_cache(tmp_path_factory) -> Path:
-    """One cache per session: the GGUF is converted once, not per test."""
-    return tmp_path_factory.mktemp("ptcli-cache")
-
-
 def _rows(split: str, tag: str, n: int) -> list[str]:
     lines = (EXAMPLES / f"{split}.jsonl").read_text().splitlines()
     return [line for line in lines if json.loads(line)["prompt_tag"] == tag][:n]

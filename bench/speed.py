@@ -1,0 +1,259 @@
+"""Speed and memory of ptcli against Hugging Face PEFT prompt tuning, side by side.
+
+Same model (the default SmolLM2-135M-Instruct), same data (SST-2 and RTE from ../shared/data),
+same batches, prompt lengths and optimizer (AdamW). Each measurement runs in a fresh worker
+process (so peak RSS is its own), and ptcli and PEFT workers alternate, so machine load
+hits both alike. Reports medians.
+
+    python bench/speed.py                 # full run, writes bench/results/speed.json
+    python bench/speed.py --quick         # a short configuration (CI keeps it working)
+
+Throughput counts the tokens each example really has (soft prompt + text + answer, no
+padding), the same way for both tools. Hardware use counts the work each tool actually does:
+4 * (non-embedding parameters) * (positions run through the decoder, padding included),
+i.e. forward plus the backward pass through activations (no weight gradients in prompt
+tuning); ptcli runs the soft prompt once per batch, PEFT once per row. The vocabulary
+projection is left out of the count for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PTCLI_DATA", ROOT.parent / "shared" / "data"))
+
+
+def load_rows(task: str, split: str, n: int) -> list[dict]:
+    rows = []
+    with open(DATA / task / f"{split}.jsonl", encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------- workers (run in a child process)
+
+
+def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
+    import torch
+
+    from ptcli.data import Record, encode
+    from ptcli.model import SoftPrompt, init_prompt, lm_loss, load_base
+
+    model, tok = load_base("default")
+    rows = load_rows("SST2", "train", steps * batch + batch)
+    records = [Record(i, r["prompt_tag"], r["text"], r["answer"], r) for i, r in enumerate(rows)]
+    enc = encode(tok, records, prompt_len, 512, answer_only=True)
+    batches = [list(range(s * batch, (s + 1) * batch)) for s in range(steps + 1)]
+    init = init_prompt(model, tok, prompt_len, "text", "positive negative", 0)
+    times, tokens, positions = [], [], []
+    if tool == "ptcli":
+        prompt = SoftPrompt(init)
+        opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
+
+        def step(idx):
+            loss_sum, n = lm_loss(model, prompt(), [enc.ids[i] for i in idx], [enc.labels[i] for i in idx], tok.pad_token_id)
+            (loss_sum / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        pm = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len))
+        with torch.no_grad():
+            pm.prompt_encoder["default"].embedding.weight.copy_(init)
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.0)
+
+        def step(idx):
+            T = max(len(enc.ids[i]) for i in idx)
+            ids = torch.full((len(idx), T), tok.pad_token_id)
+            mask = torch.zeros(len(idx), T, dtype=torch.long)
+            labels = torch.full((len(idx), T), -100)
+            for r, i in enumerate(idx):  # right padding, as PEFT's examples do
+                n = len(enc.ids[i])
+                ids[r, :n] = torch.tensor(enc.ids[i])
+                mask[r, :n] = 1
+                labels[r, :n] = torch.tensor(enc.labels[i])
+            out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for s, idx in enumerate(batches):
+        t0 = time.perf_counter()
+        step(idx)
+        if s > 0:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+            tokens.append(sum(len(enc.ids[i]) + prompt_len for i in idx))
+            T = max(len(enc.ids[i]) for i in idx)  # padded text length
+            positions.append(len(idx) * T + prompt_len if tool == "ptcli" else len(idx) * (T + prompt_len))
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    return {"step_s": times, "tokens": tokens, "positions": positions, "peak_rss_mb": peak_rss_mb(), "n_params_non_embedding": n_params}
+
+
+def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
+    import torch
+
+    from ptcli.model import greedy, init_prompt, load_base
+
+    model, tok = load_base("default")
+    tags = {"SST2": "positive negative", "RTE": "True False"}
+    rows = [r for task in tags for r in load_rows(task, "val", n_per_tag)]
+    rows = [rows[i] for i in sorted(range(len(rows)), key=lambda i: (i * 7919) % len(rows))]  # mixed order
+    prompts = {t: init_prompt(model, tok, prompt_len, "text", txt, 0) for t, txt in tags.items()}
+    texts = tok([r["text"] for r in rows], add_special_tokens=False).input_ids
+    t0 = time.perf_counter()
+    if tool == "ptcli":
+        for tag in tags:  # ptcli: group the mixed file by tag, length-sorted batches, one pass per batch
+            idx = sorted((i for i, r in enumerate(rows) if r["prompt_tag"] == tag), key=lambda i: len(texts[i]))
+            for s in range(0, len(idx), batch):
+                greedy(model, prompts[tag], [texts[i] for i in idx[s : s + batch]], tok.pad_token_id, tok.eos_token_id, new_tokens)
+    else:
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        pm = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len), adapter_name="SST2")
+        pm.add_adapter("RTE", PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len))
+        for tag in tags:
+            with torch.no_grad():
+                pm.prompt_encoder[tag].embedding.weight.copy_(prompts[tag])
+        tok.padding_side = "left"
+        with torch.inference_mode():
+            for tag in tags:  # PEFT: one adapter at a time, in file order within the tag
+                pm.set_adapter(tag)
+                idx = [i for i, r in enumerate(rows) if r["prompt_tag"] == tag]
+                for s in range(0, len(idx), batch):
+                    enc = tok([rows[i]["text"] for i in idx[s : s + batch]], return_tensors="pt", padding=True, add_special_tokens=False)
+                    pm.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "examples": len(rows), "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_matmul() -> dict:
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return {"flops": 2 * 2048**3 * reps / (time.perf_counter() - t0)}
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def run_worker(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def list_tags_seconds(n_tags: int = 50) -> float:
+    """Wall time of `ptcli list-tags` on a bank of n prompts (a fake base: only headers are read)."""
+    import torch
+
+    from ptcli import bank, project
+
+    with tempfile.TemporaryDirectory() as d:
+        p = project.create(Path(d) / "p", project.BaseInfo("default", "0" * 64, 576, "llama"), 20)
+        for i in range(n_tags):
+            bank.put(p, f"task{i:02d}", torch.randn(20, 576), {"steps": 100, "metrics": {"val_acc": 0.5, "val_loss": 1.0}, "init": "text"})
+        ptcli = str(Path(sys.executable).parent / "ptcli")
+        walls = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            subprocess.run([ptcli, "list-tags", "-p", str(p.root)], capture_output=True, check=True)
+            walls.append(time.perf_counter() - t0)
+    return statistics.median(walls)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short configuration (few steps, prompt length 20 only)")
+    ap.add_argument("--reps", type=int, default=3, help="alternating repetitions per measurement")
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps per worker")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        fn = {"train": worker_train, "infer": worker_infer, "matmul": worker_matmul}[kind]
+        typed = [int(x) if x.isdigit() else x for x in rest]
+        print(json.dumps(fn(*typed)))
+        return
+
+    lengths = [20] if args.quick else [20, 100]
+    reps, steps = (1, 2) if args.quick else (args.reps, args.steps)
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+                     "date": dt.date.today().isoformat(), "batch": args.batch, "steps_per_worker": steps}
+    peak = statistics.median(run_worker("matmul")["flops"] for _ in range(3))
+    results["matmul_gflops"] = peak / 1e9
+    rows = []
+    for P in lengths:
+        runs: dict[str, list[dict]] = {"ptcli": [], "peft": []}
+        for _ in range(reps):
+            for tool in ("ptcli", "peft"):
+                runs[tool].append(run_worker("train", tool, str(P), str(steps), str(args.batch)))
+        tps = {}
+        for tool, rs in runs.items():
+            step_s = statistics.median(s for r in rs for s in r["step_s"])
+            tok_per_s = statistics.median(t / s for r in rs for t, s in zip(r["tokens"], r["step_s"]))
+            rss = max(r["peak_rss_mb"] for r in rs)
+            pos_per_s = statistics.median(p / s for r in rs for p, s in zip(r["positions"], r["step_s"]))
+            flops = 4 * rs[0]["n_params_non_embedding"] * pos_per_s
+            tps[tool] = tok_per_s
+            results[f"train_p{P}_{tool}"] = {"tokens_per_s": tok_per_s, "step_s": step_s, "peak_rss_mb": rss, "flops_fraction": flops / peak}
+            rows.append((f"train P={P}", tool, f"{tok_per_s:,.0f} tok/s", f"{step_s:.2f} s/step", f"{rss:,.0f} MB", f"{flops / peak:.1%} of peak"))
+        results[f"train_ratio_p{P}"] = tps["ptcli"] / tps["peft"]
+    infer_P = 20 if args.quick else 100
+    n_per_tag = 16 if args.quick else 48
+    inf: dict[str, list[float]] = {"ptcli": [], "peft": []}
+    for _ in range(reps):
+        for tool in ("ptcli", "peft"):
+            r = run_worker("infer", tool, str(infer_P), str(n_per_tag), str(args.batch), "3")
+            inf[tool].append(r["examples"] / r["seconds"])
+    for tool, xs in inf.items():
+        results[f"infer_p{infer_P}_{tool}_examples_per_s"] = statistics.median(xs)
+        rows.append((f"infer P={infer_P} mixed", tool, f"{statistics.median(xs):.1f} ex/s", "", "", ""))
+    results[f"infer_ratio_p{infer_P}"] = statistics.median(inf["ptcli"]) / statistics.median(inf["peft"])
+    P0 = lengths[-1]
+    results["train_peak_fraction"] = results[f"train_p{P0}_ptcli"]["flops_fraction"]
+    results["rss_ratio"] = results[f"train_p{P0}_ptcli"]["peak_rss_mb"] / results[f"train_p{P0}_peft"]["peak_rss_mb"]
+    results["list_tags_seconds"] = list_tags_seconds()
+
+    print(f"{'measurement':<20}{'tool':<7}{'throughput':>16}{'step':>13}{'peak RSS':>11}{'FLOP/s':>16}")
+    for r in rows:
+        print(f"{r[0]:<20}{r[1]:<7}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
+    print(f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; list-tags on 50 prompts {results['list_tags_seconds']:.3f} s")
+    for key in [k for k in results if "ratio" in k] + ["train_peak_fraction"]:
+        print(f"{key}: {results[key]:.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Keep bench/speed.py working: its short configuration runs end to end (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(not (DATA / "SST2" / "train.jsonl").is_file(), reason="needs ../shared/data beside the repo")
+def test_speed_bench_quick_configuration_runs(tmp_path, monkeypatch, default_cache):
+    monkeypatch.setenv("PTCLI_CACHE", str(default_cache))
+    out = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in ("train_ratio_p20", "infer_ratio_p20", "train_peak_fraction", "rss_ratio", "list_tags_seconds"):
+        assert results[key] > 0, key
+    assert "train_ratio_p20" in r.stdout  # the table is printed

@@ -1,0 +1,52 @@
+"""The README's five-minute tour runs as written, on a tiny model instead of the default one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tour_commands() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## A five-minute tour", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "the tour has no bash block"
+    return block.group(1)
+
+
+def _write(path: Path, tag: str, split: str, n: int) -> None:
+    rows = [r for r in map(json.loads, (ROOT / "examples" / "data" / f"{split}.jsonl").read_text().splitlines()) if r["prompt_tag"] == tag]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the tour pipes into jq")
+def test_the_readme_tour_runs(tiny_llama, tmp_path):
+    script = tour_commands()
+    assert "ptcli init myproj" in script
+    script = script.replace("ptcli init myproj", f"ptcli init myproj --base {tiny_llama}", 1)  # the one substitution
+    proj = tmp_path / "myproj"
+    proj.mkdir()
+    _write(proj / "train.jsonl", "reviews", "train", 32)
+    _write(proj / "valid.jsonl", "reviews", "valid", 8)
+    _write(proj / "topic-train.jsonl", "topic", "train", 32)
+    _write(proj / "topic-valid.jsonl", "topic", "valid", 8)
+    (proj / "mixed.jsonl").write_text("".join((ROOT / "examples" / "data" / "test.jsonl").read_text().splitlines(keepends=True)[:12]))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    split = lines.index("{")  # `jq -r .prediction` lines, then the `jq .accuracy` document
+    assert split == 12  # one prediction per line of mixed.jsonl
+    accuracy = json.loads("\n".join(lines[split:]))
+    assert set(accuracy) == {"reviews", "topic"}
+    assert (proj / "reviews.png").stat().st_size > 1000
+    assert sorted(p.name for p in (proj / "bank").iterdir()) == ["reviews.safetensors", "topic.safetensors"]

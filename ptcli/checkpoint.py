@@ -9,6 +9,7 @@ with the same prompt as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,4 +84,17 @@ def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path
     """The run's metrics, one JSON object per line (training steps and validations)."""
     target = project.run_dir(tag) / "metrics.jsonl"
     atomic_write(target, "".join(json.dumps(h) + "\n" for h in history).encode())
+    return target
+
+
+def append_run(project: Project, record: dict[str, Any]) -> Path:
+    """One line per finished run in `runs/history.jsonl`, appended (a single O_APPEND write)."""
+    target = project.root / "runs" / "history.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return target

@@ -184,6 +184,7 @@ def tune(
         }
         bank.put(project, tag, state.best_prompt, meta)
         checkpoint.write_log(project, tag, state.history)
+        checkpoint.append_run(project, {"tag": tag, **{k: v for k, v in meta.items() if k != "init_text"}})
         project.record_task(tag, cfg)
         ckpt_path.unlink(missing_ok=True)
     acc.wait_for_everyone()

@@ -330,7 +330,8 @@ def _hooked(hook: Path, at: str, wait_for: Path | None = None) -> dict[str, str]
 
 # Everything a project may hold after these runs, besides temp files.
 KNOWN_FILES = {"ptcli.json", ".ptcli.lock", "bank/first.safetensors", "bank/second.safetensors", "runs/first/metrics.jsonl",
-               "runs/second/metrics.jsonl", "runs/first/checkpoint.safetensors", "runs/second/checkpoint.safetensors"}
+               "runs/second/metrics.jsonl", "runs/first/checkpoint.safetensors", "runs/second/checkpoint.safetensors",
+               "runs/history.jsonl"}
 
 
 @dataclass

@@ -191,3 +191,19 @@ def test_resume_without_a_checkpoint(uninterrupted, fresh) -> None:
     with pytest.raises(ProjectError, match="no interrupted run of 'sent' to resume") as info:
         tune(proj.load(root), "sent", cfg, Reporter(), resume=True)
     assert info.value.hint == "drop --resume"
+
+
+def test_every_finished_run_appends_one_line_to_the_history(tmp_path, tiny_llama, tiny_data) -> None:
+    from typer.testing import CliRunner
+
+    from ptcli.cli import app
+
+    root = tmp_path / "p"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(root), "--base", str(tiny_llama), "--num-prompt-tokens", "4", "-q"]).exit_code == 0
+    args = ["tune", "-p", str(root), "--tag", "sent", "--train", str(tiny_data.train), "--valid", str(tiny_data.valid), "--max-steps", "2", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, [*args, "--overwrite", "--max-steps", "3"]).exit_code == 0
+    lines = [json.loads(x) for x in (root / "runs" / "history.jsonl").read_text().splitlines()]
+    assert [(x["tag"], x["steps"]) for x in lines] == [("sent", 2), ("sent", 3)]
+    assert all("metrics" in x and "config" in x for x in lines)

@@ -20,11 +20,11 @@ from ptcli import bank
 from ptcli import project as proj
 from ptcli.cli import app
 from ptcli.model import fingerprint, load_base
+from clihelp import cli, failed, ok
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 P = 4
-runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that help never abbreviates a flag
 FAST = ["--warmup-steps", "1", "--max-steps", "2", "--val-check-interval", "2", "--batch-size", "4", "--max-seq-length", "64"]
 
 SENT = [
@@ -37,21 +37,6 @@ TOPIC = [
     ("fresh bread", "food"), ("science news : this week", "science"),
 ]
 
-
-def cli(*args, input: str | None = None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
-
-
-def failed(result, code: int) -> str:
-    """The exit code is `code`, reached through ptcli's error handling (not a crash); returns stderr."""
-    assert result.exit_code == code, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.stderr.startswith("error: ")
-    return result.stderr
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

@@ -35,40 +35,23 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from ptcli import bank, checkpoint, storage
 from ptcli import project as proj
-from ptcli.cli import app
 from ptcli.data import MAX_REPORTED, TRAIN_FIELDS, Record, encode, read_jsonl
 from ptcli.errors import InputError, ProjectError
+from clihelp import cli, failed, ok
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 P = 4
 STEPS = 30
-runner = CliRunner(env={"COLUMNS": "200"})
 # Child processes: one torch thread like the tests (same kernels, same bits), and no pointless thread pools.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"),
         ("i dislike the food", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative")]
 
-
-def cli(*args, input: str | None = None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
-
-
-def failed(result, code: int) -> str:
-    """The exit code is `code`, reached through ptcli's error handling (not a crash); returns stderr."""
-    assert result.exit_code == code, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.stderr.startswith("error: ")
-    return result.stderr
 
 
 def _line(obj) -> bytes:

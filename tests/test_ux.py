@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.cli import app
+from clihelp import cli, failed, ok
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -31,26 +31,10 @@ pytestmark = [
 
 P = 4
 STEPS = 4
-runner = CliRunner(env={"COLUMNS": "200"})
 FAST = ["--warmup-steps", "1", "--max-steps", str(STEPS), "--val-check-interval", "2", "--batch-size", "4", "--max-seq-length", "64"]
 ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"),
         ("i dislike the food", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative")]
 
-
-def cli(*args, input: str | bytes | None = None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
-
-
-def failed(result, code: int) -> str:
-    """The exit code is `code`, reached through ptcli's error handling (not a crash); returns stderr."""
-    assert result.exit_code == code, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.stderr.startswith("error: "), result.stderr
-    return result.stderr
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,13 +151,23 @@ def import_bytes(project: Project, name: str, blob: bytes, tag: str | None = Non
     _, _, record = bank.verify(name, blob)
     bank.check_compatible(project, record, name)
     new = tag or record.get("tag")
-    if not isinstance(new, str):
-        raise UsageError(f"--tag is required: {name} records no tag")
-    check_tag(new)
-    with project_lock(project.root, f"ptcli import {name}"):
-        p = proj.load(project.root)
-        if bank.path_of(p, new).exists():
-            raise ProjectError(f"tag {new!r} is already in the bank", hint=f"import under another name with --tag NEW, or `ptcli remove-tag {new}` first")
+    with new_tag_slot(project, new, name) as p:
         target = bank.path_of(p, new)
         atomic_write(target, bank.relabel(name, blob, new))
     return Imported(new, "ptcli", name, str(target))
+
+
+@contextmanager
+def new_tag_slot(project: Project, tag: object, source: str) -> Iterator[Project]:
+    """Hold the project lock for an import under `tag`; yield the project as it is now.
+
+    Refused when there is no usable tag or the tag is already in the bank.
+    """
+    if not isinstance(tag, str):
+        raise UsageError(f"--tag is required: {source} records no tag")
+    check_tag(tag)
+    with project_lock(project.root, f"ptcli import {source}"):
+        p = proj.load(project.root)
+        if bank.path_of(p, tag).exists():
+            raise ProjectError(f"tag {tag!r} is already in the bank", hint=f"import under another name with --tag NEW, or `ptcli remove-tag {tag}` first")
+        yield p

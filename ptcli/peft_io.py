@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ptcli import bank
-from ptcli import project as proj
 from ptcli.config import TaskConfig, check_tag
-from ptcli.errors import CompatibilityError, InputError, ProjectError, UsageError
-from ptcli.manage import Exported, Imported
+from ptcli.errors import CompatibilityError, InputError, UsageError
+from ptcli.manage import Exported, Imported, new_tag_slot
 from ptcli.project import Project, now
-from ptcli.storage import atomic_write, project_lock
+from ptcli.storage import atomic_write
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -208,12 +207,6 @@ def import_adapter(project: Project, folder: Path, tag: str | None = None) -> Im
             "created": now(),
             "updated": now(),
         }
-    if not isinstance(tag, str):
-        raise UsageError(f"--tag is required: {folder} records no tag")
-    check_tag(tag)
-    with project_lock(project.root, f"ptcli import {folder}"):
-        p = proj.load(project.root)
-        if bank.path_of(p, tag).exists():
-            raise ProjectError(f"tag {tag!r} is already in the bank", hint=f"import under another name with --tag NEW, or `ptcli remove-tag {tag}` first")
+    with new_tag_slot(project, tag, str(folder)) as p:
         path = bank.put(p, tag, prompt, meta)
     return Imported(tag, "peft", str(folder), str(path), warnings)

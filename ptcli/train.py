@@ -57,7 +57,7 @@ def evaluate(model, tok, prompt: torch.Tensor, enc: Encoded, batch_size: int, ac
     """Validation loss per token and exact-match accuracy of greedy answers, over all processes."""
     shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
     shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
-    max_new = max(len(tok(" " + a, add_special_tokens=False).input_ids) for a in enc.answers) + 1
+    max_new = max(len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts))  # longest answer + eos, already tokenized
     loss_sum, count, correct = 0.0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(shard), batch_size):

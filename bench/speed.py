@@ -58,7 +58,8 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
     import torch
 
     from ptcli.data import Record, encode
-    from ptcli.model import SoftPrompt, init_prompt, lm_loss, load_base
+    from ptcli.forward import lm_loss
+    from ptcli.model import SoftPrompt, init_prompt, load_base
 
     model, tok = load_base("default")
     rows = load_rows("SST2", "train", steps * batch + batch)
@@ -114,7 +115,8 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
 def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
     import torch
 
-    from ptcli.model import greedy, init_prompt, load_base
+    from ptcli.forward import greedy
+    from ptcli.model import init_prompt, load_base
 
     model, tok = load_base("default")
     tags = {"SST2": "positive negative", "RTE": "True False"}

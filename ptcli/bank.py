@@ -90,7 +90,7 @@ def check_compatible(project: Project, meta: dict[str, Any], source: str) -> Non
 
 
 def get(project: Project, tag: str) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Load a prompt (P, H) after verifying its checksum and its base model."""
+    """Load a prompt (P, H), or an ensemble's (K, P, H), after verifying its checksum and its base model."""
     from safetensors.torch import load as st_load
 
     path = path_of(project, tag)
@@ -107,7 +107,7 @@ def get(project: Project, tag: str) -> tuple[torch.Tensor, dict[str, Any]]:
 
 
 def put(project: Project, tag: str, prompt: torch.Tensor, meta: dict[str, Any]) -> Path:
-    """Atomically write a prompt (P, H) with its record; the checksum covers the tensor bytes."""
+    """Atomically write a prompt (P, H) or an ensemble (K, P, H) with its record; the checksum covers the tensor bytes."""
     from safetensors.torch import save as st_save
 
     tensors = {"prompt": prompt.detach().float().cpu().contiguous()}
@@ -115,8 +115,9 @@ def put(project: Project, tag: str, prompt: torch.Tensor, meta: dict[str, Any]) 
         **meta,
         "schema_version": ENTRY_SCHEMA,
         "tag": tag,
-        "num_prompt_tokens": int(prompt.shape[0]),
-        "hidden_size": int(prompt.shape[1]),
+        "num_prompt_tokens": int(prompt.shape[-2]),
+        "hidden_size": int(prompt.shape[-1]),
+        "ensemble": int(prompt.shape[0]) if prompt.dim() == 3 else 1,
         "base_ref": project.base.ref,
         "base_fingerprint": project.base.fingerprint,
     }
@@ -144,7 +145,7 @@ def require(project: Project, tag: str) -> Path:
 def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
     """Check that `blob` is a whole, intact ptcli prompt; return (header, data section, record).
 
-    A prompt file holds exactly one float32 tensor `prompt` (P, H) that fills the data
+    A prompt file holds exactly one float32 tensor `prompt` (P, H), or (K, P, H) for an ensemble, that fills the data
     section, and the record's sha256 of those bytes. Anything else is refused.
     """
     header, data = _split(Path(source), blob)
@@ -156,10 +157,13 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, dict[str, A
     tensors = sorted(k for k in header if k != "__metadata__")
     if tensors != ["prompt"] or not isinstance(spec, dict) or not isinstance(P, int) or not isinstance(H, int):
         raise CompatibilityError(f"{source} is not a ptcli prompt (tensors: {', '.join(tensors) or 'none'})")
-    if spec.get("dtype") != "F32" or spec.get("shape") != [P, H] or spec.get("data_offsets") != [0, len(data)] or len(data) != 4 * P * H:
+    K = record.get("ensemble", 1)
+    shape = [P, H] if K == 1 else [K, P, H]
+    if not isinstance(K, int) or spec.get("dtype") != "F32" or spec.get("shape") != shape or spec.get("data_offsets") != [0, len(data)] \
+            or len(data) != 4 * P * H * K:
         raise CompatibilityError(
             f"{source} is damaged: its tensor is {spec.get('dtype')} {spec.get('shape')} over {len(data)} bytes; "
-            f"its record says float32 ({P}, {H})"
+            f"its record says float32 {tuple(shape)}"
         )
     if hashlib.sha256(data).hexdigest() != record.get("sha256"):
         raise CompatibilityError(f"{source} is corrupted: its checksum does not match", hint="export it again from its project")

@@ -24,19 +24,22 @@ from ptcli.storage import atomic_write
 
 @dataclass
 class State:
-    config: dict[str, Any]
+    """One run's progress; per-tag fields are keyed by tag (a run may tune several tags)."""
+
+    config: dict[str, dict[str, Any]]
     started: str
     step: int = 0
-    best_step: int = 0
-    best: dict[str, float] = field(default_factory=dict)
-    initial: dict[str, float] = field(default_factory=dict)
+    best_step: dict[str, int] = field(default_factory=dict)
+    best: dict[str, dict[str, float]] = field(default_factory=dict)
+    initial: dict[str, dict[str, float]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    best_prompt: torch.Tensor | None = field(default=None, repr=False)
+    best_prompt: torch.Tensor | None = field(default=None, repr=False)  # (S, P, H), every slot of the run
 
 
-def path(project: Project, tag: str) -> Path:
-    return project.run_dir(tag) / "checkpoint.safetensors"
+def path(project: Project, tags: list[str] | str) -> Path:
+    """runs/TAG/, or runs/A+B/ for tags tuned together ('+' is never part of a tag)."""
+    return project.run_dir(tags if isinstance(tags, str) else "+".join(tags)) / "checkpoint.safetensors"
 
 
 def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, state: State) -> None:
@@ -52,7 +55,7 @@ def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, stat
     atomic_write(target, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
 
 
-def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TaskConfig) -> State:
+def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfgs: dict[str, TaskConfig]) -> State:
     from safetensors import safe_open
 
     try:
@@ -61,13 +64,17 @@ def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfg:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise ProjectError(f"checkpoint {source} is unreadable ({e})", hint="retune with --overwrite") from e
-    if record["config"] != cfg.to_dict():
-        changed = sorted(k for k in cfg.to_dict() if record["config"].get(k) != cfg.to_dict()[k])
+    given = {tag: cfg.to_dict() for tag, cfg in cfgs.items()}
+    if record["config"] != given:
+        changed = sorted({k for t, c in given.items() for k in c if record["config"].get(t, {}).get(k) != c[k]})
         raise ProjectError(
             f"the interrupted run used other settings ({', '.join(changed)})",
             hint="resume with the same flags, or start over with --overwrite",
         )
     device = prompt.weight.device
+    if tuple(tensors["prompt"].shape) != tuple(prompt.weight.shape):
+        raise ProjectError(f"checkpoint {source} holds prompts of shape {tuple(tensors['prompt'].shape)}, not {tuple(prompt.weight.shape)}",
+                           hint="start over with --overwrite")
     with torch.no_grad():
         prompt.weight.copy_(tensors["prompt"].to(device))
     if "exp_avg" in tensors:
@@ -81,9 +88,10 @@ def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfg:
 
 
 def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:
-    """The run's metrics, one JSON object per line (training steps and validations)."""
+    """One tag's metrics, one JSON object per line: the run's training steps and this tag's validations."""
     target = project.run_dir(tag) / "metrics.jsonl"
-    atomic_write(target, "".join(json.dumps(h) + "\n" for h in history).encode())
+    mine = [{k: v for k, v in h.items() if k != "tag"} for h in history if h.get("tag", tag) == tag]
+    atomic_write(target, "".join(json.dumps(h) + "\n" for h in mine).encode())
     return target
 
 

@@ -54,6 +54,8 @@ MaxSteps = Annotated[Optional[int], _opt("max_steps", "--max-steps")]
 ValEvery = Annotated[Optional[int], _opt("val_check_interval", "--val-check-interval")]
 MaxSeq = Annotated[Optional[int], _opt("max_seq_length", "--max-seq-length")]
 Seed = Annotated[Optional[int], _opt("seed", "--seed")]
+Ensemble = Annotated[Optional[int], _opt("ensemble", "--ensemble")]
+MaxMinutes = Annotated[Optional[float], _opt("max_minutes", "--max-minutes")]
 
 
 def _completion_project(ctx: typer.Context):
@@ -161,6 +163,8 @@ def add_task(
     val_check_interval: ValEvery = None,
     max_seq_length: MaxSeq = None,
     seed: Seed = None,
+    ensemble: Ensemble = None,
+    max_minutes: MaxMinutes = None,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -174,7 +178,8 @@ def add_task(
     check_tag(tag)
     p = proj.load(project)
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
-                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed)
+                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
+                   ensemble=ensemble, max_minutes=max_minutes)
     cfg = merge_task(p.tasks.get(tag), given)
     read_jsonl(cfg.train, training=True, tag=tag)
     read_jsonl(cfg.valid, training=True, tag=tag)
@@ -189,7 +194,7 @@ def add_task(
 @app.command()
 @handled
 def tune(
-    tag: Annotated[str, typer.Option("--tag", help="Task tag to tune (new, or recorded by add-task).", autocompletion=_complete_task_tags)],
+    tag: Annotated[list[str], typer.Option("--tag", help="Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed batches.", autocompletion=_complete_task_tags)],
     train: Train = None,
     valid: Valid = None,
     init: Init = None,
@@ -204,6 +209,8 @@ def tune(
     val_check_interval: ValEvery = None,
     max_seq_length: MaxSeq = None,
     seed: Seed = None,
+    ensemble: Ensemble = None,
+    max_minutes: MaxMinutes = None,
     num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
@@ -214,12 +221,12 @@ def tune(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Tune one soft prompt with the base model and every other prompt frozen; keep the best by validation."""
+    """Tune a soft prompt with the base model and every other prompt frozen; keep the best by validation."""
     from ptcli import project as proj
     from ptcli.console import TuneReporter, emit_json, say
     from ptcli.storage import is_main_process, project_lock
 
-    check_tag(tag)
+    tags = list(dict.fromkeys(check_tag(t) for t in tag))
     _check_dtype(dtype)
     p = proj.load(project)
     if num_prompt_tokens is not None and num_prompt_tokens != p.num_prompt_tokens:
@@ -228,8 +235,9 @@ def tune(
             hint="drop the flag, or init a new project with the length you want",
         )
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
-                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed)
-    cfg = merge_task(p.tasks.get(tag), given)
+                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
+                   ensemble=ensemble, max_minutes=max_minutes)
+    cfgs = {t: merge_task(p.tasks.get(t), given) for t in tags}
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
     from ptcli import dist
@@ -239,24 +247,31 @@ def tune(
         if code:
             raise PtcliError(f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above")
         return
-    reporter = TuneReporter(tag, quiet or not is_main_process())
-    from ptcli.train import tune as run_tune
+    name = "+".join(tags)
+    reporter = TuneReporter(name, quiet or not is_main_process())
+    from ptcli.train import tune_many
+
+    def run() -> list:
+        return tune_many(p, cfgs, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
 
     if is_main_process():
-        with project_lock(p.root, f"ptcli tune --tag {tag}"):
-            result = run_tune(p, tag, cfg, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
+        with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):
+            results = run()
     else:
-        result = run_tune(p, tag, cfg, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
+        results = run()
     if not is_main_process():
         return
     if as_json:
-        emit_json({k: v for k, v in dataclasses.asdict(result).items() if k != "history"})
-    m, m0 = result.metrics, result.initial_metrics
-    say(
-        f"tuned {tag!r}: val_acc {m0.get('val_acc', float('nan')):.3f} -> {m['val_acc']:.3f} (best at step {result.best_step} of {result.steps}), "
-        f"{result.seconds:.0f} s; saved {result.path}",
-        quiet,
-    )
+        records = [{k: v for k, v in dataclasses.asdict(r).items() if k != "history"} for r in results]
+        emit_json(records[0] if len(records) == 1 else records)
+    for r in results:
+        m, m0 = r.metrics, r.initial_metrics
+        key = "val_acc_rank" if "val_acc_rank" in m else "val_acc"
+        say(
+            f"tuned {r.tag!r}: {key} {m0.get(key, float('nan')):.3f} -> {m[key]:.3f} (best at step {r.best_step} of {r.steps}), "
+            f"{r.seconds:.0f} s; saved {r.path}",
+            quiet,
+        )
 
 
 def _check_dtype(dtype: str) -> None:
@@ -268,6 +283,8 @@ def _check_dtype(dtype: str) -> None:
 @handled
 def infer(
     file: Annotated[str, typer.Argument(help="jsonl with prompt_tag and text per line (tags may mix); '-' reads stdin.")],
+    mode: Annotated[str, typer.Option("--mode", help="generate: greedy answers; rank: the likeliest of the tag's answer set (classification).")] = "generate",
+    choices: Annotated[Optional[str], typer.Option("--choices", help="Comma-separated answer set for --mode rank (default: the answers seen in training).")] = None,
     tokens_to_generate: Annotated[int, typer.Option("--tokens-to-generate", help="Most tokens generated per line (stops at end of sequence).")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")] = 16,
     dtype: DtypeOpt = "float32",
@@ -288,7 +305,10 @@ def infer(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     _check_dtype(dtype)
     p = proj.load(project)
-    result = run_infer(p, file, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
+    options = [c.strip() for c in choices.split(",") if c.strip()] if choices is not None else None
+    if options is not None and len(options) < 2:
+        raise UsageError(f"--choices needs at least two comma-separated answers, got {choices!r}")
+    result = run_infer(p, file, mode=mode, choices=options, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
                        trust_remote_code=trust_remote_code, device_map=device_map, status=lambda m: say(m, quiet))
     if as_json:
         emit_json({"predictions": result.rows, "accuracy": result.accuracy})
@@ -297,7 +317,7 @@ def infer(
     if result.accuracy and not quiet:
         from rich.table import Table
 
-        table = Table("tag", "correct", "total", "accuracy", title="accuracy (exact match)")
+        table = Table("tag", "correct", "total", "accuracy", title=f"accuracy ({'exact match' if mode == 'generate' else 'ranked answer set'})")
         for tag, s in sorted(result.accuracy.items()):
             table.add_row(tag, str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}")
         err.print(table)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ptcli.errors import UsageError
 
-INIT_METHODS = ("text", "random", "vocab")
+INIT_METHODS = ("text", "labels", "vocab", "random")
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
@@ -25,7 +25,7 @@ class TaskConfig:
 
     train: str = field(default="", metadata=_flag("--train", "Training set, jsonl ({prompt_tag, text, answer})."))
     valid: str = field(default="", metadata=_flag("--valid", "Validation set, jsonl."))
-    init: str = field(default="text", metadata=_flag("--init", "Prompt init: text, random, or vocab (sampled vocabulary)."))
+    init: str = field(default="text", metadata=_flag("--init", "Prompt init: text, labels (class-label embeddings, then sampled vocabulary), vocab (sampled vocabulary), or random."))
     init_text: str | None = field(
         default=None,
         metadata=_flag("--init-text", "Init text: tokenized, tiled or clipped to the prompt length. Default: the task's answers."),
@@ -40,6 +40,10 @@ class TaskConfig:
     val_check_interval: int = field(default=50, metadata=_flag("--val-check-interval", "Validate (and checkpoint) every N steps."))
     max_seq_length: int = field(default=512, metadata=_flag("--max-seq-length", "Max tokens per example, soft prompt included."))
     seed: int = field(default=1234, metadata=_flag("--seed", "Random seed (init and data order)."))
+    ensemble: int = field(default=1, metadata=_flag("--ensemble", "Prompts trained for the tag (own data order each); infer combines them."))
+    max_minutes: float | None = field(
+        default=None, metadata=_flag("--max-minutes", "Stop training after this much wall time; the decay then runs over the time budget.")
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,7 +51,9 @@ class TaskConfig:
             problems.append(f"--init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if self.init == "text" and self.init_text is not None and not self.init_text.strip():
             problems.append("--init-text must not be empty")
-        for name in ("batch_size", "max_seq_length", "val_check_interval"):
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            problems.append(f"--max-minutes must be positive, got {self.max_minutes}")
+        for name in ("batch_size", "max_seq_length", "val_check_interval", "ensemble"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_of(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "constant_steps", "max_steps"):
@@ -70,6 +76,20 @@ class TaskConfig:
         if unknown:
             raise UsageError(f"unknown task settings: {', '.join(unknown)}")
         return cls(**data)
+
+
+# What shapes the steps of a run: tags tuned together in one run must agree on these.
+RUN_SETTINGS = ("batch_size", "lr", "min_lr", "warmup_steps", "constant_steps", "max_steps", "val_check_interval",
+                "max_seq_length", "seed", "ensemble", "max_minutes")
+
+
+def check_run_together(cfgs: dict[str, TaskConfig]) -> None:
+    """Several tags share one run's batches and schedule; their recorded settings must not pull apart."""
+    first = next(iter(cfgs.values()))
+    differ = [n for n in RUN_SETTINGS if any(getattr(c, n) != getattr(first, n) for c in cfgs.values())]
+    if differ:
+        values = "; ".join(f"{flag_of(n)}: " + ", ".join(f"{t}={getattr(c, n)}" for t, c in cfgs.items()) for n in differ)
+        raise UsageError(f"tags tuned together must share their run settings ({values})", hint="pass those flags to set them for all")
 
 
 def flag_of(name: str) -> str:

@@ -80,9 +80,11 @@ class TuneReporter:
             if self.progress.finished:
                 self.progress.stop()
 
-    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
-        self.last_eval = f"val_acc {metrics['val_acc']:.3f}"
-        line = f"step {step}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.3f}"
+    def evaluated(self, step: int, metrics: dict[str, float], tag: str | None = None) -> None:
+        who = f"{tag} " if tag and tag != self.tag else ""  # several tags tuned together
+        ranked = f" val_acc_rank {metrics['val_acc_rank']:.3f}" if "val_acc_rank" in metrics else ""
+        self.last_eval = f"{who}val_acc {metrics['val_acc']:.3f}{ranked}"
+        line = f"{who}step {step}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.3f}{ranked}"
         if self.progress is not None:
             self.progress.console.print(line, markup=False)
         else:

@@ -23,6 +23,7 @@ from typing import Any
 from ptcli.errors import InputError
 
 ANSWER_PREFIX = " "
+MAX_CHOICES = 32  # more distinct answers than this is free-form generation, not a closed set
 MAX_REPORTED = 20
 TRAIN_FIELDS = ("prompt_tag", "text", "answer")
 
@@ -45,8 +46,11 @@ def _read_lines(path: str) -> tuple[str, list[bytes]]:
     return path, p.read_bytes().split(b"\n")
 
 
-def read_jsonl(path: str, *, training: bool, tag: str | None = None) -> list[Record]:
-    """All rows of a file, or InputError listing every problem (the first 20, then a count)."""
+def read_jsonl(path: str, *, training: bool, tag: str | tuple[str, ...] | None = None) -> list[Record]:
+    """All rows of a file, or InputError listing every problem (the first 20, then a count).
+
+    `tag` (one, or several tuned together) is what a training row's prompt_tag must be.
+    """
     name, lines = _read_lines(path)
     if lines and lines[0].startswith(b"\xef\xbb\xbf"):
         lines[0] = lines[0][3:]
@@ -82,7 +86,7 @@ def read_jsonl(path: str, *, training: bool, tag: str | None = None) -> list[Rec
     return records
 
 
-def _check_row(row: Any, training: bool, tag: str | None) -> list[str]:
+def _check_row(row: Any, training: bool, tag: str | tuple[str, ...] | None) -> list[str]:
     if not isinstance(row, dict):
         return [f"expected a JSON object, got {type(row).__name__}"]
     problems = []
@@ -99,8 +103,10 @@ def _check_row(row: Any, training: bool, tag: str | None) -> list[str]:
         extra = sorted(set(row) - set(TRAIN_FIELDS))
         if extra:
             problems.append(f"unexpected field(s) {', '.join(map(repr, extra))}; rows have prompt_tag, text, answer")
-        if tag is not None and isinstance(row.get("prompt_tag"), str) and row["prompt_tag"] != tag:
-            problems.append(f"prompt_tag {row['prompt_tag']!r} does not match the tag being tuned ({tag!r})")
+        tags = (tag,) if isinstance(tag, str) else tag
+        if tags and isinstance(row.get("prompt_tag"), str) and row["prompt_tag"] not in tags:
+            being = f"the tag being tuned ({tag!r})" if len(tags) == 1 else f"the tags being tuned ({', '.join(map(repr, tags))})"
+            problems.append(f"prompt_tag {row['prompt_tag']!r} does not match {being}")
     return problems
 
 
@@ -129,10 +135,8 @@ def encode(
 ) -> Encoded:
     """Tokenize text and answer separately (batched), cutting long texts from the left. `source` names the file in errors."""
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
-    answers = tok([ANSWER_PREFIX + (r.answer or "") for r in records], add_special_tokens=False).input_ids
     out = Encoded([], [], [], [r.answer or "" for r in records], 0)
-    for rec, t, a in zip(records, texts, answers):
-        a = a + [tok.eos_token_id]
+    for rec, t, a in zip(records, texts, answer_ids(tok, out.answers)):
         budget = max_seq_length - num_prompt_tokens - len(a)
         if budget < 1:
             where = f"{source}:{rec.line}" if source else f"line {rec.line}"
@@ -146,6 +150,17 @@ def encode(
         out.labels.append(([-100] * len(t) if answer_only else t) + a)
         out.prompts.append(t)
     return out
+
+
+def answer_ids(tok, answers: list[str]) -> list[list[int]]:
+    """Answers as training targets: the answer prefix, the answer's tokens, end of sequence."""
+    return [ids + [tok.eos_token_id] for ids in tok([ANSWER_PREFIX + a for a in answers], add_special_tokens=False).input_ids]
+
+
+def closed_answers(records: list[Record]) -> list[str] | None:
+    """The task's answer set when it is small and every answer recurs (a classification task), else None."""
+    distinct = sorted({r.answer.strip() for r in records if r.answer})
+    return distinct if len(distinct) <= MAX_CHOICES and 2 * len(distinct) <= len(records) else None
 
 
 class BatchOrder:

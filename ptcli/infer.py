@@ -1,16 +1,23 @@
-"""Batched, mixed-tag inference: group a file by tag, batch each tag by length, restore input order."""
+"""Batched, mixed-tag inference: group a file by tag, batch each tag by length, restore input order.
+
+Two modes: `generate` decodes greedily; `rank` scores each candidate of the tag's closed
+answer set (found in its training data, or given) and picks the likeliest. An ensemble's
+members run in the same batch and vote (generate) or average their scores (rank).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ptcli import bank
-from ptcli.data import read_jsonl
-from ptcli.errors import CompatibilityError, ProjectError
-from ptcli.model import fingerprint, greedy, load_base
+from ptcli.data import answer_ids, read_jsonl
+from ptcli.errors import CompatibilityError, ProjectError, UsageError
+from ptcli.forward import choice_scores, greedy
+from ptcli.model import fingerprint, load_base
 from ptcli.project import Project
 
 
@@ -20,10 +27,29 @@ class InferResult:
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # per tag, where rows carry answers
 
 
+MODES = ("generate", "rank")
+
+
+def predict(model, tok, prompts: torch.Tensor, seqs: list[list[int]], mode: str, choices: list[str] | None = None,
+            max_new: int = 32) -> list[str]:
+    """One batch of answers behind one tag's prompts (K, P, H) or (P, H); members combined."""
+    prompts = prompts if prompts.dim() == 3 else prompts.unsqueeze(0)  # (K, P, H)
+    K, B = prompts.shape[0], len(seqs)
+    rows, which = [s for s in seqs for _ in range(K)], list(range(K)) * B  # (B*K), member-minor
+    if mode == "rank":
+        scores = choice_scores(model, prompts, rows, answer_ids(tok, choices), tok.pad_token_id, which)  # (B*K, C)
+        return [choices[j] for j in scores.view(B, K, -1).mean(1).argmax(-1).tolist()]  # members' scores averaged
+    outs = greedy(model, prompts, rows, tok.pad_token_id, tok.eos_token_id, max_new, which)
+    texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+    return [Counter(texts[i * K : (i + 1) * K]).most_common(1)[0][0] for i in range(B)]  # vote; ties go to the first member
+
+
 def infer(
     project: Project,
     path: str,
     *,
+    mode: str = "generate",
+    choices: list[str] | None = None,
     tokens_to_generate: int = 32,
     batch_size: int = 16,
     dtype: str = "float32",
@@ -31,6 +57,8 @@ def infer(
     device_map: str | None = None,
     status=lambda _: None,
 ) -> InferResult:
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     records = read_jsonl(path, training=False)
     known = bank.tags(project)
     unknown = sorted({r.tag for r in records} - set(known))
@@ -39,6 +67,11 @@ def infer(
             f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(known) or 'none yet'}",
             hint="tune them first with `ptcli tune --tag ...`",
         )
+    if mode == "rank" and not choices:
+        missing = [t for t in sorted({r.tag for r in records}) if not bank.read_meta(project, t).meta.get("choices")]
+        if missing:
+            raise UsageError(f"--mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training",
+                             hint="pass --choices 'a,b,...', or use --mode generate")
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(f"the base model at {project.base.ref!r} has changed since `ptcli init`")
@@ -47,16 +80,18 @@ def infer(
     predictions: list[str] = [""] * len(records)
     for tag in sorted({r.tag for r in records}):
         prompt, meta = bank.get(project, tag)
-        budget = meta["config"]["max_seq_length"] - P - tokens_to_generate
+        options = choices or meta.get("choices")
+        room = tokens_to_generate if mode == "generate" else max(map(len, answer_ids(tok, options)))
+        budget = meta["config"]["max_seq_length"] - P - room
         if budget < 1:
-            raise ProjectError(f"--tokens-to-generate {tokens_to_generate} leaves no room for text in {tag!r}'s max sequence length")
+            raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
         idx = sorted((i for i, r in enumerate(records) if r.tag == tag), key=lambda i: len(texts[i]))
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             with torch.inference_mode():
-                outs = greedy(model, prompt, [texts[i][-budget:] for i in chunk], tok.pad_token_id, tok.eos_token_id, tokens_to_generate)
+                outs = predict(model, tok, prompt, [texts[i][-budget:] for i in chunk], mode, options, tokens_to_generate)
             for i, out in zip(chunk, outs):
-                predictions[i] = tok.decode(out, skip_special_tokens=True).strip()
+                predictions[i] = out
     rows = [{**r.row, "prediction": p} for r, p in zip(records, predictions)]
     return InferResult(rows, accuracy(records, predictions))
 

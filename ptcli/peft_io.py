@@ -84,6 +84,9 @@ def export(project: Project, tag: str, out: Path, force: bool = False) -> Export
     from safetensors.torch import save as st_save
 
     prompt, record = bank.get(project, check_tag(tag))  # (P, H) float32, checksum and base checked
+    if prompt.dim() == 3:
+        raise UsageError(f"{tag!r} is an ensemble of {prompt.shape[0]} prompts; a PEFT adapter holds one",
+                         hint="export it in the ptcli format, or tune a single prompt for PEFT")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file; a PEFT adapter is a folder", hint="pass a folder path (it is created if missing)")
     present = [str(out / n) for n in (CONFIG, WEIGHTS) if (out / n).exists()]

@@ -1,7 +1,7 @@
 """What `ptcli show` reports about one prompt: its record (from the bank header) and its curves.
 
 The curves come from `runs/TAG/metrics.jsonl`, written at the end of a run: lines
-`{"step", "loss", "lr"}` for training steps and `{"step", "val_loss", "val_acc"}` for
+`{"step", "loss", "lr"}` for training steps and `{"step", "val_loss", "val_acc"[, "val_acc_rank"]}` for
 validations. The validation before the first step is in the record (`initial_metrics`) and
 is drawn as step 0. Nothing here imports torch; matplotlib is imported only to plot.
 """
@@ -45,11 +45,16 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _valid(row: dict[str, Any]) -> dict[str, float]:
+    """The validation numbers of a row; val_acc_rank only for tasks with an answer set."""
+    return {k: row[k] for k in ("val_loss", "val_acc", "val_acc_rank") if _num(row.get(k))}
+
+
 def read_curves(project: Project, tag: str, initial: dict[str, Any] | None = None) -> Curves:
     path = project.run_dir(tag) / "metrics.jsonl"
     curves = Curves(source=str(path))
     if initial and _num(initial.get("val_loss")) and _num(initial.get("val_acc")):
-        curves.valid.append({"step": 0, "val_loss": initial["val_loss"], "val_acc": initial["val_acc"]})
+        curves.valid.append({"step": 0, **_valid(initial)})
     if not path.is_file():
         return curves
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -66,7 +71,7 @@ def read_curves(project: Project, tag: str, initial: dict[str, Any] | None = Non
             curves.train.append({"step": row["step"], "loss": row["loss"], "lr": row.get("lr")})
         elif _num(row.get("val_loss")) and _num(row.get("val_acc")):
             if row["step"] != 0 or not curves.valid:  # step 0 is already there, from the record
-                curves.valid.append({"step": row["step"], "val_loss": row["val_loss"], "val_acc": row["val_acc"]})
+                curves.valid.append({"step": row["step"], **_valid(row)})
         else:
             curves.skipped += 1
     return curves
@@ -118,6 +123,8 @@ def plot(tag: str, curves: Curves, out: Path, best_step: int | None = None) -> P
         lines += ax.plot(steps, [r["val_loss"] for r in curves.valid], "o-", color="tab:orange", ms=4, label="val_loss")
         acc = ax.twinx()
         lines += acc.plot(steps, [r["val_acc"] for r in curves.valid], "s--", color="tab:green", ms=4, label="val_acc")
+        if all("val_acc_rank" in r for r in curves.valid):
+            lines += acc.plot(steps, [r["val_acc_rank"] for r in curves.valid], "^:", color="tab:red", ms=4, label="val_acc_rank")
         acc.set_ylabel("val_acc")
         acc.set_ylim(-0.03, 1.03)
     if best_step is not None and (curves.train or curves.valid):

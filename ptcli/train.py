@@ -1,8 +1,13 @@
-"""The tuning loop, top to bottom: data, base, prompt, schedule, steps, validation, bank.
+"""The tuning loop, top to bottom: data, base, prompts, schedule, steps, validation, bank.
+
+A run tunes one tag, or several tags over mixed batches (`--tag A --tag B`), each with
+`--ensemble K` members. Every (tag, member) is one slot of a single (S, P, H) parameter;
+each member draws its own data order over the pooled rows of all tags, and each row names
+the slot it trains. Tags keep their own validation, best step and bank entry.
 
 Data parallel through accelerate: every process takes its slice of each global batch, the
-loss is normalised by the global count of labelled tokens, and only the prompt's gradient is
-all-reduced, so N processes reach the same prompt as one. Only the main process writes.
+loss is normalised by the global count of labelled tokens, and only the prompts' gradient is
+all-reduced, so N processes reach the same prompts as one. Only the main process writes.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from typing import Any, Protocol
 import torch
 
 from ptcli import bank, checkpoint
-from ptcli.config import TaskConfig
-from ptcli.data import BatchOrder, Encoded, encode, read_jsonl
-from ptcli.errors import CompatibilityError, ProjectError
-from ptcli.model import SoftPrompt, fingerprint, greedy, init_prompt, lm_loss, load_base
+from ptcli.config import TaskConfig, check_run_together
+from ptcli.data import BatchOrder, Encoded, Record, closed_answers, encode, read_jsonl
+from ptcli.errors import CompatibilityError, InputError, ProjectError
+from ptcli.forward import lm_loss
+from ptcli.infer import predict
+from ptcli.model import SoftPrompt, fingerprint, init_prompt, load_base
 from ptcli.project import Project, now
 
 
@@ -26,7 +33,7 @@ class Reporter(Protocol):
     def status(self, message: str) -> None: ...
     def start(self, total: int, done: int) -> None: ...
     def step(self, step: int, loss: float, lr: float, tokens: int) -> None: ...
-    def evaluated(self, step: int, metrics: dict[str, float]) -> None: ...
+    def evaluated(self, step: int, metrics: dict[str, float], tag: str | None = None) -> None: ...
 
 
 @dataclass
@@ -42,66 +49,118 @@ class TuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def lr_at(step: int, cfg: TaskConfig) -> float:
-    """NeMo's warmup-hold-cosine: linear warmup, hold at --lr, cosine decay to --min-lr at --max-steps."""
+@dataclass
+class Task:
+    """One tag of the run: its data, answer set and slots in the prompt stack."""
+
+    tag: str
+    cfg: TaskConfig
+    train: Encoded
+    valid: Encoded
+    choices: list[str] | None
+    init_text: str
+    slots: list[int]
+
+
+def lr_at(step: int, cfg: TaskConfig, elapsed: float = 0.0) -> float:
+    """NeMo's warmup-hold-cosine: linear warmup, hold at --lr, cosine decay to --min-lr at --max-steps.
+
+    Under --max-minutes the decay ends at whichever comes first, the last step or the time budget.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     held = cfg.warmup_steps + cfg.constant_steps
     if step < held:
         return cfg.lr
     progress = (step - held) / max(1, cfg.max_steps - held)
+    if cfg.max_minutes:
+        progress = max(progress, elapsed / (60 * cfg.max_minutes))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def evaluate(model, tok, prompt: torch.Tensor, enc: Encoded, batch_size: int, acc) -> dict[str, float]:
-    """Validation loss per token and exact-match accuracy of greedy answers, over all processes."""
+def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc) -> dict[str, float]:
+    """Loss per token (all members), and the accuracy of the combined answers, over all processes.
+
+    val_acc scores greedy answers; val_acc_rank (tasks with a closed answer set) the
+    best-scoring candidate. prompts: (K, P, H), the tag's members.
+    """
+    enc, K = task.valid, prompts.shape[0]
     shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
     shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
     max_new = max(len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts))  # longest answer + eos, already tokenized
-    loss_sum, count, correct = 0.0, 0, 0
+    loss_sum, count, correct, ranked = 0.0, 0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(shard), batch_size):
             idx = shard[start : start + batch_size]
-            s, n = lm_loss(model, prompt, [enc.ids[i] for i in idx], [enc.labels[i] for i in idx], tok.pad_token_id)
+            rows = [i for i in idx for _ in range(K)]
+            s, n = lm_loss(model, prompts, [enc.ids[i] for i in rows], [enc.labels[i] for i in rows], tok.pad_token_id,
+                           which=list(range(K)) * len(idx))
             loss_sum, count = loss_sum + float(s), count + n
-            outs = greedy(model, prompt, [enc.prompts[i] for i in idx], tok.pad_token_id, tok.eos_token_id, max_new)
-            for i, out in zip(idx, outs):
-                correct += tok.decode(out, skip_special_tokens=True).strip() == enc.answers[i].strip()
-    totals = acc.reduce(torch.tensor([loss_sum, count, correct], dtype=torch.float64, device=acc.device), "sum")
-    loss_sum, count, correct = totals.tolist()
-    return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / len(enc.ids)}
+            texts, answers = [enc.prompts[i] for i in idx], [enc.answers[i].strip() for i in idx]
+            correct += sum(p == a for p, a in zip(predict(model, tok, prompts, texts, "generate", max_new=max_new), answers))
+            if task.choices:
+                ranked += sum(p == a for p, a in zip(predict(model, tok, prompts, texts, "rank", task.choices), answers))
+    totals = acc.reduce(torch.tensor([loss_sum, count, correct, ranked], dtype=torch.float64, device=acc.device), "sum")
+    loss_sum, count, correct, ranked = totals.tolist()
+    metrics = {"val_loss": loss_sum / max(count, 1), "val_acc": correct / len(enc.ids)}
+    if task.choices:
+        metrics["val_acc_rank"] = ranked / len(enc.ids)
+    return metrics
 
 
 def better(new: dict[str, float], best: dict[str, float] | None) -> bool:
-    """Higher accuracy wins; equal accuracy goes to lower loss."""
-    return best is None or (new["val_acc"], -new["val_loss"]) > (best["val_acc"], -best["val_loss"])
+    """Higher accuracy wins (ranked, where the task has an answer set); equal accuracy goes to lower loss."""
+    def key(m: dict[str, float]) -> tuple[float, float]:
+        return m.get("val_acc_rank", m["val_acc"]), -m["val_loss"]
+
+    return best is None or key(new) > key(best)
 
 
-def tune(
+def read_split(cfgs: dict[str, TaskConfig], split: str) -> dict[str, list[Record]]:
+    """Each tag's rows of one split; a file shared by several tags is read once (it may be stdin)."""
+    by_path: dict[str, list[str]] = {}
+    for tag, cfg in cfgs.items():
+        by_path.setdefault(getattr(cfg, split), []).append(tag)
+    out = {}
+    for path, tags in by_path.items():
+        rows = read_jsonl(path, training=True, tag=tags[0] if len(tags) == 1 else tuple(tags))
+        for tag in tags:
+            out[tag] = [r for r in rows if r.tag == tag]
+            if not out[tag]:
+                raise InputError(f"{path} has no rows for tag {tag!r}", [])
+    return out
+
+
+def tune(project: Project, tag: str, cfg: TaskConfig, reporter: Reporter, **options) -> TuneResult:
+    """Tune one tag; see tune_many."""
+    return tune_many(project, {tag: cfg}, reporter, **options)[0]
+
+
+def tune_many(
     project: Project,
-    tag: str,
-    cfg: TaskConfig,
+    cfgs: dict[str, TaskConfig],
     reporter: Reporter,
     *,
     resume: bool = False,
     overwrite: bool = False,
     dtype: str = "float32",
     trust_remote_code: bool = False,
-) -> TuneResult:
+) -> list[TuneResult]:
     from accelerate import Accelerator
 
+    check_run_together(cfgs)
+    run = next(iter(cfgs.values()))  # the settings every tag of the run shares
     acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
     main = acc.is_main_process
-    exists = bank.path_of(project, tag).exists()
-    ckpt_path = checkpoint.path(project, tag)
+    ckpt_path = checkpoint.path(project, list(cfgs))
     if resume and not ckpt_path.exists():
-        raise ProjectError(f"no interrupted run of {tag!r} to resume ({ckpt_path} is missing)", hint="drop --resume")
-    if exists and not (resume or overwrite):
-        raise ProjectError(f"tag {tag!r} is already tuned", hint="pass --overwrite to retune it, or --resume to continue a killed run")
+        raise ProjectError(f"no interrupted run of {'+'.join(cfgs)!r} to resume ({ckpt_path} is missing)", hint="drop --resume")
+    for tag in cfgs:
+        if bank.path_of(project, tag).exists() and not (resume or overwrite):
+            raise ProjectError(f"tag {tag!r} is already tuned", hint="pass --overwrite to retune it, or --resume to continue a killed run")
 
     started = time.perf_counter()
-    train = read_jsonl(cfg.train, training=True, tag=tag)
-    valid = read_jsonl(cfg.valid, training=True, tag=tag)
+    train_rows, valid_rows = read_split(cfgs, "train"), read_split(cfgs, "valid")
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, reporter.status)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(
@@ -109,33 +168,62 @@ def tune(
             hint="its prompts would not fit it; init a new project for the new weights",
         )
     model.to(acc.device)
-    P = project.num_prompt_tokens
-    tr = encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train)
-    va = encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid)
-    if tr.truncated or va.truncated:
-        reporter.status(f"cut {tr.truncated + va.truncated} long text(s) from the left to fit --max-seq-length")
+    P, K = project.num_prompt_tokens, run.ensemble
+    tasks = []
+    for n, (tag, cfg) in enumerate(cfgs.items()):
+        train, valid = train_rows[tag], valid_rows[tag]
+        tasks.append(Task(
+            tag, cfg,
+            encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train),
+            encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid),
+            closed_answers(train),
+            cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100]),
+            list(range(n * K, (n + 1) * K)),
+        ))
+    truncated = sum(t.train.truncated + t.valid.truncated for t in tasks)
+    if truncated:
+        reporter.status(f"cut {truncated} long text(s) from the left to fit --max-seq-length")
 
-    init_text = cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100])
-    prompt = SoftPrompt(init_prompt(model, tok, P, cfg.init, init_text, cfg.seed)).to(acc.device)
-    opt = torch.optim.AdamW(prompt.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = checkpoint.State(config=cfg.to_dict(), started=now())
+    inits = [init_prompt(model, tok, P, t.cfg.init, t.init_text, run.seed + k, t.choices) for t in tasks for k in range(K)]
+    prompt = SoftPrompt(torch.stack(inits)).to(acc.device)  # (S, P, H): one slot per (tag, member)
+    opt = torch.optim.AdamW(prompt.parameters(), lr=run.lr, weight_decay=0.0)
+    state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now())
     if resume:
-        state = checkpoint.load(ckpt_path, prompt, opt, cfg)
-        reporter.status(f"resuming {tag!r} at step {state.step}")
+        state = checkpoint.load(ckpt_path, prompt, opt, cfgs)
+        reporter.status(f"resuming {'+'.join(cfgs)!r} at step {state.step}")
     else:
-        state.initial = evaluate(model, tok, prompt.weight.detach(), va, cfg.batch_size, acc)
-        reporter.evaluated(0, state.initial)
-        state.best, state.best_prompt = state.initial, prompt.weight.detach().clone()
+        state.best_prompt = prompt.weight.detach().clone()
+        for t in tasks:
+            state.initial[t.tag] = state.best[t.tag] = evaluate(model, tok, prompt.weight.detach()[t.slots], t, run.batch_size, acc)
+            state.best_step[t.tag] = 0
+            reporter.evaluated(0, state.initial[t.tag], t.tag)
+
+    def validate() -> None:
+        for t in tasks:
+            metrics = evaluate(model, tok, prompt.weight.detach()[t.slots], t, run.batch_size, acc)
+            reporter.evaluated(state.step, metrics, t.tag)
+            state.history.append({"step": state.step, "tag": t.tag, **metrics})
+            if better(metrics, state.best[t.tag]):
+                state.best[t.tag], state.best_step[t.tag] = metrics, state.step
+                state.best_prompt[t.slots] = prompt.weight.detach()[t.slots]
+        if main:
+            state.seconds = prior_seconds + time.perf_counter() - started
+            checkpoint.save(ckpt_path, prompt, opt, state)
 
     prior_seconds = state.seconds  # time spent by the interrupted run, when resuming
-    order = BatchOrder(len(tr.ids), cfg.batch_size, cfg.seed)
-    reporter.start(cfg.max_steps, state.step)
-    for step in range(state.step, cfg.max_steps):
-        idx = order.batch(step)[acc.process_index :: acc.num_processes]
-        lr = lr_at(step, cfg)
+    pool = [(t, i) for t in tasks for i in range(len(t.train.ids))]  # every tag's rows, mixed
+    orders = [BatchOrder(len(pool), run.batch_size, run.seed + k) for k in range(K)]  # member k's data order
+    reporter.start(run.max_steps, state.step)
+    for step in range(state.step, run.max_steps):
+        elapsed = prior_seconds + time.perf_counter() - started
+        if run.max_minutes and _agreed(acc, elapsed >= 60 * run.max_minutes):
+            break
+        picks = [(*pool[j], k) for k, order in enumerate(orders) for j in order.batch(step)][acc.process_index :: acc.num_processes]
+        lr = lr_at(step, run, elapsed)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum, n = lm_loss(model, prompt(), [tr.ids[i] for i in idx], [tr.labels[i] for i in idx], tok.pad_token_id)
+        loss_sum, n = lm_loss(model, prompt(), [t.train.ids[i] for t, i, _ in picks], [t.train.labels[i] for t, i, _ in picks],
+                              tok.pad_token_id, which=[t.slots[k] for t, _, k in picks])
         n_global = int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
         (loss_sum / n_global).backward()
         if acc.num_processes > 1:
@@ -143,48 +231,52 @@ def tune(
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
-        reporter.step(step + 1, loss, lr, sum(len(tr.ids[i]) + P for i in idx) * acc.num_processes)
+        reporter.step(step + 1, loss, lr, sum(len(t.train.ids[i]) + P for t, i, _ in picks) * acc.num_processes)
         state.step = step + 1
         state.history.append({"step": state.step, "loss": loss, "lr": lr})
-        if state.step % cfg.val_check_interval == 0 or state.step == cfg.max_steps:
-            metrics = evaluate(model, tok, prompt.weight.detach(), va, cfg.batch_size, acc)
-            reporter.evaluated(state.step, metrics)
-            state.history.append({"step": state.step, **metrics})
-            if better(metrics, state.best):
-                state.best, state.best_step, state.best_prompt = metrics, state.step, prompt.weight.detach().clone()
-            if main:
-                state.seconds = prior_seconds + time.perf_counter() - started
-                checkpoint.save(ckpt_path, prompt, opt, state)
+        if state.step % run.val_check_interval == 0 or state.step == run.max_steps:
+            validate()
+    if not any(h.get("step") == state.step and "tag" in h for h in state.history) and state.step > 0:
+        validate()  # stopped by the time budget between validations
 
-    result = TuneResult(
-        tag=tag,
-        steps=state.step,
-        best_step=state.best_step,
-        metrics=state.best,
-        initial_metrics=state.initial,
-        seconds=prior_seconds + time.perf_counter() - started,
-        truncated=tr.truncated + va.truncated,
-        path=str(bank.path_of(project, tag)),
-        history=state.history,
-    )
+    seconds = prior_seconds + time.perf_counter() - started
+    results = []
+    for t in tasks:
+        results.append(TuneResult(
+            tag=t.tag, steps=state.step, best_step=state.best_step[t.tag], metrics=state.best[t.tag],
+            initial_metrics=state.initial[t.tag], seconds=seconds, truncated=t.train.truncated + t.valid.truncated,
+            path=str(bank.path_of(project, t.tag)), history=[h for h in state.history if h.get("tag", t.tag) == t.tag],
+        ))
+        if main:
+            meta = {
+                "init": t.cfg.init,
+                "init_text": t.init_text if t.cfg.init == "text" else None,
+                "choices": t.choices,
+                "ensemble": K,
+                "tuned_with": [o for o in cfgs if o != t.tag],
+                "config": t.cfg.to_dict(),
+                "steps": state.step,
+                "best_step": state.best_step[t.tag],
+                "metrics": state.best[t.tag],
+                "initial_metrics": state.initial[t.tag],
+                "train_seconds": round(seconds, 2),
+                "world_size": acc.num_processes,
+                "created": state.started,
+                "updated": now(),
+            }
+            best = state.best_prompt[t.slots]  # (K, P, H)
+            bank.put(project, t.tag, best[0] if K == 1 else best, meta)
+            checkpoint.write_log(project, t.tag, state.history)
+            checkpoint.append_run(project, {"tag": t.tag, **{k: v for k, v in meta.items() if k != "init_text"}})
+            project.record_task(t.tag, t.cfg)
     if main:
-        meta = {
-            "init": cfg.init,
-            "init_text": init_text if cfg.init == "text" else None,
-            "config": cfg.to_dict(),
-            "steps": result.steps,
-            "best_step": result.best_step,
-            "metrics": result.metrics,
-            "initial_metrics": result.initial_metrics,
-            "train_seconds": round(result.seconds, 2),
-            "world_size": acc.num_processes,
-            "created": state.started,
-            "updated": now(),
-        }
-        bank.put(project, tag, state.best_prompt, meta)
-        checkpoint.write_log(project, tag, state.history)
-        checkpoint.append_run(project, {"tag": tag, **{k: v for k, v in meta.items() if k != "init_text"}})
-        project.record_task(tag, cfg)
         ckpt_path.unlink(missing_ok=True)
     acc.wait_for_everyone()
-    return result
+    return results
+
+
+def _agreed(acc, flag: bool) -> bool:
+    """A decision every process takes together (clocks differ between processes)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "max"))

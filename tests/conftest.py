@@ -236,3 +236,25 @@ def one_torch_thread():
 def default_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One ptcli cache per session for the real default model: its GGUF is converted once, not per test."""
     return tmp_path_factory.mktemp("ptcli-default-cache")
+
+
+@pytest.fixture(scope="session")
+def llama(lively_llama):
+    """(model, tokenizer) of ``lively_llama``, loaded once."""
+    from ptcli.model import load_base
+
+    return load_base(str(lively_llama))
+
+
+@pytest.fixture(scope="session")
+def gpt2(lively_gpt2):
+    """(model, tokenizer) of ``lively_gpt2``, loaded once."""
+    from ptcli.model import load_base
+
+    return load_base(str(lively_gpt2))
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def base(request):
+    """Each of the two tiny architectures in turn."""
+    return request.getfixturevalue(request.param)

@@ -217,7 +217,7 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
     ok(result)
     expected = {"train": str(data.sent_train), "valid": str(data.sent_valid), "init": "random", "init_text": None, "answer_only": False,
                 "batch_size": 3, "lr": 0.05, "min_lr": 0.001, "warmup_steps": 1, "constant_steps": 1, "max_steps": 3,
-                "val_check_interval": 3, "max_seq_length": 48, "seed": 9}
+                "val_check_interval": 3, "max_seq_length": 48, "seed": 9, "ensemble": 1, "max_minutes": None}
     assert json.loads(result.stdout) == {"tag": "sent", "config": expected}
     assert json.loads((root / "ptcli.json").read_text())["tasks"] == {"sent": expected}
     assert not (root / "bank" / "sent.safetensors").exists()
@@ -249,7 +249,8 @@ def test_tune_writes_the_bank_and_list_tags_shows_it(tuned) -> None:
     assert [e["init"] for e in entries] == ["text", "random"]
     for e in entries:
         assert e["num_prompt_tokens"] == P and e["steps"] == 2
-        assert set(e["metrics"]) == {"val_loss", "val_acc"}
+        has_set = bank.read_meta(proj.load(tuned.root), e["tag"]).meta["choices"] is not None
+        assert set(e["metrics"]) == {"val_loss", "val_acc"} | ({"val_acc_rank"} if has_set else set())
         assert (tuned.root / "bank" / f"{e['tag']}.safetensors").is_file()
     table = cli("list-tags", "-p", tuned.root)
     ok(table)
@@ -394,6 +395,44 @@ def test_infer_json_with_accuracy(tuned, mixed, tmp_path: Path) -> None:
         "topic": {"correct": topic_right, "total": 1, "accuracy": topic_right / 1},
     }
     assert "accuracy" in result.stderr  # the table goes to people
+
+
+def test_infer_rank_picks_from_the_answer_set(tuned, mixed, tmp_path: Path) -> None:
+    sent = [r for r in mixed if r["prompt_tag"] == "sent"]
+    path = _jsonl(tmp_path / "sent.jsonl", sent)
+    out = _infer(tuned.root, path, "--mode", "rank")
+    assert [r["id"] for r in out] == [r["id"] for r in sent]
+    assert {r["prediction"] for r in out} <= {"positive", "negative"}  # the set seen in training
+    forced = _infer(tuned.root, path, "--mode", "rank", "--choices", "positive, meh")
+    assert {r["prediction"] for r in forced} <= {"positive", "meh"}
+    result = cli("infer", path, "-p", tuned.root, "--mode", "rank", "--json")
+    ok(result)
+    assert "accuracy (ranked answer set)" in result.stderr
+
+
+def test_infer_rank_needs_an_answer_set(tuned, mixed, tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "mixed.jsonl", mixed)
+    err = failed(cli("infer", path, "-p", tuned.root, "--mode", "rank"), 2)
+    assert "--mode rank needs an answer set: 'topic' had none in training" in err  # 4 rows, 3 answers: free text
+    assert "--choices" in err
+    out = _infer(tuned.root, path, "--mode", "rank", "--choices", "sports,food,science,positive,negative")
+    assert {r["prediction"] for r in out} <= {"sports", "food", "science", "positive", "negative"}
+    assert "--choices needs at least two" in failed(cli("infer", path, "-p", tuned.root, "--mode", "rank", "--choices", "one"), 2)
+    assert "--mode must be one of generate, rank, got 'vote'" in failed(cli("infer", path, "-p", tuned.root, "--mode", "vote"), 2)
+
+
+def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> None:
+    root = _copy(base_project.root, tmp_path)
+    both = _jsonl(tmp_path / "both.jsonl", [json.loads(line) for f in (data.sent_train, data.topic_train) for line in f.read_text().splitlines()])
+    valid = _jsonl(tmp_path / "both_valid.jsonl", [json.loads(line) for f in (data.sent_valid, data.topic_valid) for line in f.read_text().splitlines()])
+    result = cli("tune", "--tag", "sent", "--tag", "topic", "--train", both, "--valid", valid, *FAST, "--ensemble", "2", "-p", root, "--json")
+    ok(result)
+    doc = json.loads(result.stdout)
+    assert [r["tag"] for r in doc] == ["sent", "topic"] and all(r["steps"] == 2 for r in doc)
+    assert "tuned 'sent': val_acc_rank" in result.stderr and "tuned 'topic': val_acc " in result.stderr
+    assert bank.tags(proj.load(root)) == ["sent", "topic"]
+    err = failed(cli("tune", "--tag", "sent", "--train", both, "--valid", valid, *FAST, "-p", root, "--overwrite"), 2)
+    assert "prompt_tag 'topic' does not match the tag being tuned ('sent')" in err
 
 
 def test_infer_unknown_tag(tuned, tmp_path: Path) -> None:

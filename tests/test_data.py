@@ -249,3 +249,13 @@ def test_batch_is_stateless(n: int, bs: int, seed: int, shuffle_seed: int) -> No
     random.Random(shuffle_seed).shuffle(shuffled)
     for s in shuffled:
         assert order.batch(s) == expected[s]
+
+
+def test_rows_of_tags_tuned_together(tmp_path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt_tag": t, "text": "x", "answer": "y"} for t in ("a", "b", "c")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError) as info:
+        read_jsonl(str(path), training=True, tag=("a", "b"))
+    assert info.value.problems == [f"{path}:3: prompt_tag 'c' does not match the tags being tuned ('a', 'b')"]
+    assert [r.tag for r in read_jsonl(str(path), training=True, tag=("a", "b", "c"))] == ["a", "b", "c"]

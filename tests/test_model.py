@@ -12,26 +12,12 @@ import torch.nn.functional as F
 
 from ptcli.data import Record, encode
 from ptcli.errors import ModelError
-from ptcli.model import IGNORE, SoftPrompt, assemble, fingerprint, greedy, init_prompt, lm_loss, load_base
+from ptcli.forward import IGNORE, assemble, greedy, lm_loss
+from ptcli.model import SoftPrompt, fingerprint, init_prompt, load_base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 P = 4
-
-
-@pytest.fixture(scope="module")
-def llama(lively_llama):
-    return load_base(str(lively_llama))
-
-
-@pytest.fixture(scope="module")
-def gpt2(lively_gpt2):
-    return load_base(str(lively_gpt2))
-
-
-@pytest.fixture(params=["llama", "gpt2"])
-def base(request):
-    return request.getfixturevalue(request.param)
 
 
 def _prompt(model, seed: int = 0) -> torch.Tensor:

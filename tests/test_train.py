@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 from ptcli.config import TaskConfig
-from ptcli.errors import ProjectError
-from ptcli.train import better, lr_at, tune
+from ptcli.errors import ProjectError, UsageError
+from ptcli.train import better, lr_at, tune, tune_many
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+P_TOKENS = 4  # the fixture project's prompt length
 
 # ---------------------------------------------------------------- schedule
 
@@ -99,12 +101,13 @@ class Reporter:
             raise KeyboardInterrupt
         self.steps.append(step)
 
-    def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+    def evaluated(self, step: int, metrics: dict[str, float], tag: str | None = None) -> None:
         self.evaluations.append(step)
 
 
-ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"),
-        ("i dislike the food", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative")]
+# Six different answers: no closed answer set, so the best prompt is picked by greedy accuracy then loss
+ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "good"),
+        ("i dislike the food", "bad"), ("i adore this", "great"), ("i loathe the phone", "awful")]
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +210,79 @@ def test_every_finished_run_appends_one_line_to_the_history(tmp_path, tiny_llama
     lines = [json.loads(x) for x in (root / "runs" / "history.jsonl").read_text().splitlines()]
     assert [(x["tag"], x["steps"]) for x in lines] == [("sent", 2), ("sent", 3)]
     assert all("metrics" in x and "config" in x for x in lines)
+
+
+# ---------------------------------------------------------------- ensembles, several tags, time budget
+
+MIXED = [("sent", "i love it", "positive"), ("topic", "the team won the game", "sports"), ("sent", "i hate it", "negative"),
+         ("topic", "fresh bread and soup", "food"), ("sent", "i adore this", "positive"), ("topic", "a goal in the final", "sports"),
+         ("sent", "i loathe the phone", "negative"), ("topic", "pasta for dinner", "food")]
+
+
+@pytest.fixture(scope="module")
+def mixed(fresh, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, TaskConfig]]:
+    src, cfg = fresh
+    root = Path(shutil.copytree(src, tmp_path_factory.mktemp("mixed") / "p"))
+    data = root.parent / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"prompt_tag": g, "text": t, "answer": a}) + "\n" for g, t, a in MIXED))
+    shared = TaskConfig(**{**cfg.to_dict(), "train": str(data), "valid": str(data), "ensemble": 2})
+    return root, {"sent": shared, "topic": TaskConfig(**{**shared.to_dict(), "init": "labels"})}
+
+
+def test_several_tags_with_ensembles_in_one_run(mixed, tmp_path: Path) -> None:
+    src, cfgs = mixed
+    p = proj.load(Path(shutil.copytree(src, tmp_path / "p")))
+    rep = Reporter()
+    results = tune_many(p, cfgs, rep)
+    assert [r.tag for r in results] == ["sent", "topic"] and rep.evaluations == [0, 0, 2, 2, 4, 4, 6, 6]
+    for r in results:
+        prompt, meta = bank.get(proj.load(p.root), r.tag)
+        assert prompt.shape == (2, P_TOKENS, prompt.shape[-1]) and meta["ensemble"] == 2
+        assert not torch.equal(prompt[0], prompt[1])  # own data orders: the members differ
+        assert meta["choices"] == sorted({a for g, _, a in MIXED if g == r.tag})
+        assert meta["tuned_with"] == [t for t in cfgs if t != r.tag] and meta["steps"] == 6
+        log = [json.loads(line) for line in (p.run_dir(r.tag) / "metrics.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in log if "val_loss" in h] == [2, 4, 6] and all("tag" not in h for h in log)
+        assert [h for h in log if "val_loss" in h] == [{k: v for k, v in h.items() if k != "tag"} for h in r.history if "val_loss" in h]
+    assert set(proj.load(p.root).tasks) == {"sent", "topic"}
+    assert not checkpoint.path(p, ["sent", "topic"]).exists()
+
+
+def test_several_tags_resume_to_the_uninterrupted_prompts(mixed, tmp_path: Path) -> None:
+    src, cfgs = mixed
+    full = proj.load(Path(shutil.copytree(src, tmp_path / "full")))
+    tune_many(full, cfgs, Reporter())
+    p = proj.load(Path(shutil.copytree(src, tmp_path / "p")))
+    with pytest.raises(KeyboardInterrupt):
+        tune_many(p, cfgs, Reporter(stop_at=3))
+    assert bank.tags(p) == [] and checkpoint.path(p, ["sent", "topic"]).exists()
+    tune_many(proj.load(p.root), cfgs, Reporter(), resume=True)
+    for tag in cfgs:
+        got, _ = bank.get(proj.load(p.root), tag)
+        want, _ = bank.get(proj.load(full.root), tag)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_tags_tuned_together_share_their_run_settings(mixed) -> None:
+    src, cfgs = mixed
+    odd = {**cfgs, "topic": TaskConfig(**{**cfgs["topic"].to_dict(), "lr": 0.5, "batch_size": 2})}
+    with pytest.raises(UsageError) as info:
+        tune_many(proj.load(src), odd, Reporter())
+    assert info.value.message == ("tags tuned together must share their run settings "
+                                  "(--batch-size: sent=4, topic=2; --lr: sent=0.1, topic=0.5)")
+
+
+def test_time_budget_stops_early_and_keeps_the_best(fresh, tmp_path: Path) -> None:
+    src, cfg = fresh
+    p = proj.load(Path(shutil.copytree(src, tmp_path / "p")))
+    rep = Reporter()
+    result = tune(p, "sent", TaskConfig(**{**cfg.to_dict(), "max_steps": 10_000, "max_minutes": 1e-9}), rep)
+    assert result.steps == 0 and rep.steps == [] and rep.evaluations == [0]  # the budget was spent before the first step
+    assert bank.get(proj.load(p.root), "sent")[1]["steps"] == 0
+
+
+def test_time_budget_drives_the_decay() -> None:
+    cfg = TaskConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=1000, max_minutes=1.0)
+    assert lr_at(10, cfg, elapsed=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.01)))  # steps lead
+    assert lr_at(10, cfg, elapsed=30.0) == pytest.approx(0.5)  # half the budget spent: half way down
+    assert lr_at(10, cfg, elapsed=90.0) == pytest.approx(0.0)

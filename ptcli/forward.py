@@ -1,0 +1,190 @@
+"""Running the frozen base behind soft prompts: training loss, greedy answers, ranked choices.
+
+Every function takes a stack of prompts (K, P, H) and `which` (B,), the prompt each row
+uses: one tag's prompt (K=1), the members of an ensemble, or the prompts of several tags in
+one mixed batch. A single prompt (P, H) is the same as K=1.
+
+The fast path (`prefixed`) runs each prompt once per batch and shares its key/value cache
+with the rows that use it: in a causal LM a prompt's activations do not depend on what
+follows. Layout per row: [prompt (P)][pad ...][tokens], pads masked out, token positions
+continuing from P. `assemble` is the plain layout [pad ...][prompt][tokens] that runs every
+row in full; it is kept so tests can hold the fast path to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def stack(prompts: torch.Tensor, rows: int, which: torch.Tensor | list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise to prompts (K, P, H) and which (B,) long."""
+    if prompts.dim() == 2:
+        prompts = prompts.unsqueeze(0)  # (1, P, H)
+    which = torch.zeros(rows, dtype=torch.long) if which is None else torch.as_tensor(which, dtype=torch.long)
+    return prompts, which
+
+
+def left_pad(rows: list[list[int]], fill: int, width: int | None = None) -> torch.Tensor:
+    """(B, width) long tensor, each row right-aligned."""
+    width = width or max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def assemble(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
+    """Lay out [pad ...][soft prompt][tokens] per row.
+
+    Returns inputs_embeds (B, S, H), attention_mask (B, S) and position_ids (B, S) with
+    S = P + longest row.
+    """
+    prompts, which = stack(prompts, len(seqs), which)
+    emb = model.get_input_embeddings()
+    device = emb.weight.device
+    P = prompts.shape[1]
+    ids = left_pad(seqs, pad_id).to(device)  # (B, T)
+    mask = left_pad([[1] * (P + len(s)) for s in seqs], 0, P + ids.shape[1]).to(device)  # (B, S)
+    is_prompt = left_pad([[1] * P + [0] * len(s) for s in seqs], 0, P + ids.shape[1]).bool().to(device)  # (B, S)
+    ids = torch.cat([torch.full((len(seqs), P), pad_id, dtype=torch.long, device=device), ids], dim=1)  # (B, S)
+    tok_embeds = emb(ids)  # (B, S, H); prompt slots hold pad embeddings until replaced
+    slot = (is_prompt.long().cumsum(1) - 1).clamp(min=0)  # (B, S): which prompt vector sits here
+    rows = prompts.to(device=device, dtype=tok_embeds.dtype)[which.to(device)]  # (B, P, H)
+    prompt_embeds = torch.gather(rows, 1, slot.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (B, S, H)
+    embeds = torch.where(is_prompt.unsqueeze(-1), prompt_embeds, tok_embeds)  # (B, S, H)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (B, S)
+    return embeds, mask, position_ids
+
+
+def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary projection of hidden states (..., H) -> (..., V), with the model's logit soft-capping if any."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
+    """Run each prompt once and share its cache with the rows that use it: the fast path.
+
+    Gradients reach the prompts through the cache. Returns the body's output over the tokens
+    (B, T, H), each row's prompt-end hidden state (B, H), the attention mask (B, P+T) and
+    the token positions (B, T).
+    """
+    prompts, which = stack(prompts, len(seqs), which)
+    K, P, _ = prompts.shape
+    B = len(seqs)
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    which = which.to(device)
+    head = model.base_model(
+        inputs_embeds=prompts.to(device=device, dtype=dtype),  # (K, P, H)
+        position_ids=torch.arange(P, device=device).expand(K, P),
+        use_cache=True,
+    )
+    cache = _cache_of(head)
+    if K == 1:
+        cache.batch_repeat_interleave(B)  # (1, ...) -> (B, ...)
+    else:
+        cache.batch_select_indices(which)  # (K, ...) -> (B, ...)
+    ids = left_pad(seqs, pad_id).to(device)  # (B, T)
+    tok_mask = left_pad([[1] * len(s) for s in seqs], 0, ids.shape[1]).to(device)  # (B, T)
+    mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), tok_mask], dim=1)  # (B, P+T)
+    pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, cache))
+    return out, head.last_hidden_state[:, -1][which], mask, pos
+
+
+def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):
+    """Log-probability of every labelled token, and the row it belongs to: (N,), (N,).
+
+    labels[i] is aligned with seqs[i] (IGNORE where nothing is scored). The vocabulary
+    projection runs only at the positions that predict a labelled token.
+    """
+    P = prompts.shape[-2]
+    out, last_prompt, mask, _ = prefixed(model, prompts, seqs, pad_id, which)
+    hidden = out.last_hidden_state  # (B, T, H)
+    lab = left_pad(labels, IGNORE).to(hidden.device)  # (B, T)
+    targets = lab[:, 1:]  # (B, T-1): token t predicts token t+1
+    sel = (targets != IGNORE) & mask[:, P:-1].bool()  # a pad predicts nothing
+    firsts = torch.tensor([row[0] for row in labels], device=hidden.device)  # (B,): predicted by the prompt's end
+    first_sel = firsts != IGNORE
+    h = torch.cat([hidden[:, :-1][sel], last_prompt[first_sel]])  # (N, H)
+    t = torch.cat([targets[sel], firsts[first_sel]])  # (N,)
+    rows = torch.arange(len(seqs), device=hidden.device)
+    row_of = torch.cat([rows.unsqueeze(1).expand_as(sel)[sel], rows[first_sel]])  # (N,)
+    logp = -F.cross_entropy(to_logits(model, h).float(), t, reduction="none")  # (N,)
+    return logp, row_of
+
+
+def lm_loss(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None, fast: bool = True):
+    """Summed cross entropy over labelled tokens, and their count.
+
+    The plain path runs every row in full and computes logits everywhere (kept to test that
+    both agree).
+    """
+    if fast:
+        logp, _ = token_logprobs(model, prompts, seqs, labels, pad_id, which)
+        return -logp.sum(), int(logp.numel())
+    P = prompts.shape[-2]
+    embeds, mask, pos = assemble(model, prompts, seqs, pad_id, which)  # (B, S, H), (B, S), (B, S)
+    S = embeds.shape[1]
+    lab = left_pad([[IGNORE] * P + lab for lab in labels], IGNORE, S).to(embeds.device)  # (B, S)
+    targets = lab[:, 1:]  # (B, S-1): position t predicts token t+1
+    sel = targets != IGNORE  # (B, S-1)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, :-1][sel]  # (N, V)
+    loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
+    return loss_sum, int(sel.sum())
+
+
+@torch.inference_mode()
+def choice_scores(model, prompts: torch.Tensor, seqs: list[list[int]], choices: list[list[int]], pad_id: int, which=None) -> torch.Tensor:
+    """Summed log-likelihood of each candidate answer after each row: (B, C), in one batched pass.
+
+    choices are token lists as training saw them (answer prefix and end-of-sequence
+    included), so a candidate is scored exactly as its training target was.
+    """
+    prompts, which = stack(prompts, len(seqs), which)
+    B, C = len(seqs), len(choices)
+    rows = [s + c for s in seqs for c in choices]  # (B*C) rows, choice-minor
+    labels = [[IGNORE] * len(s) + c for s in seqs for c in choices]
+    logp, row_of = token_logprobs(model, prompts, rows, labels, pad_id, which.repeat_interleave(C))
+    scores = torch.zeros(B * C, dtype=logp.dtype, device=logp.device).index_add_(0, row_of, logp)  # (B*C,)
+    return scores.view(B, C).cpu()
+
+
+def _with_cache(model, cache) -> dict:
+    """transformers 5 renamed `past_key_values` to `cache` (argument and output); accept both."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+@torch.inference_mode()
+def greedy(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int, which=None) -> list[list[int]]:
+    """Greedy decoding behind the soft prompts, with a KV cache; each row stops at eos (not included)."""
+    out, last_prompt, mask, pos = prefixed(model, prompts, seqs, pad_id, which)
+    B = len(seqs)
+    results: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=mask.device)
+    for step in range(max_new):
+        nxt = to_logits(model, out.last_hidden_state[:, -1]).argmax(-1)  # (B,)
+        done |= nxt == eos_id
+        for i in (~done).nonzero().flatten().tolist():
+            results[i].append(int(nxt[i]))
+        if bool(done.all()) or step == max_new - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)  # (B, S+step+1)
+        pos = pos[:, -1:] + 1  # (B, 1)
+        out = model.base_model(
+            input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, _cache_of(out))
+        )
+    return results

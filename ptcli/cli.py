@@ -54,6 +54,7 @@ MaxSteps = Annotated[Optional[int], _opt("max_steps", "--max-steps")]
 ValEvery = Annotated[Optional[int], _opt("val_check_interval", "--val-check-interval")]
 MaxSeq = Annotated[Optional[int], _opt("max_seq_length", "--max-seq-length")]
 Seed = Annotated[Optional[int], _opt("seed", "--seed")]
+Grouped = Annotated[Optional[bool], _opt("group_by_length", "--group-by-length/--no-group-by-length")]
 Ensemble = Annotated[Optional[int], _opt("ensemble", "--ensemble")]
 MaxMinutes = Annotated[Optional[float], _opt("max_minutes", "--max-minutes")]
 
@@ -163,6 +164,7 @@ def add_task(
     val_check_interval: ValEvery = None,
     max_seq_length: MaxSeq = None,
     seed: Seed = None,
+    group_by_length: Grouped = None,
     ensemble: Ensemble = None,
     max_minutes: MaxMinutes = None,
     project: ProjectOpt = None,
@@ -179,7 +181,7 @@ def add_task(
     p = proj.load(project)
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
                    warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   ensemble=ensemble, max_minutes=max_minutes)
+                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes)
     cfg = merge_task(p.tasks.get(tag), given)
     read_jsonl(cfg.train, training=True, tag=tag)
     read_jsonl(cfg.valid, training=True, tag=tag)
@@ -209,6 +211,7 @@ def tune(
     val_check_interval: ValEvery = None,
     max_seq_length: MaxSeq = None,
     seed: Seed = None,
+    group_by_length: Grouped = None,
     ensemble: Ensemble = None,
     max_minutes: MaxMinutes = None,
     num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
@@ -236,7 +239,7 @@ def tune(
         )
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
                    warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   ensemble=ensemble, max_minutes=max_minutes)
+                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes)
     cfgs = {t: merge_task(p.tasks.get(t), given) for t in tags}
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")

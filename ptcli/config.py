@@ -40,6 +40,9 @@ class TaskConfig:
     val_check_interval: int = field(default=50, metadata=_flag("--val-check-interval", "Validate (and checkpoint) every N steps."))
     max_seq_length: int = field(default=512, metadata=_flag("--max-seq-length", "Max tokens per example, soft prompt included."))
     seed: int = field(default=1234, metadata=_flag("--seed", "Random seed (init and data order)."))
+    group_by_length: bool = field(
+        default=True, metadata=_flag("--group-by-length", "Batch rows of similar length together (less padding); the batches still come in random order.")
+    )
     ensemble: int = field(default=1, metadata=_flag("--ensemble", "Prompts trained for the tag (own data order each); infer combines them."))
     max_minutes: float | None = field(
         default=None, metadata=_flag("--max-minutes", "Stop training after this much wall time; the decay then runs over the time budget.")
@@ -80,7 +83,7 @@ class TaskConfig:
 
 # What shapes the steps of a run: tags tuned together in one run must agree on these.
 RUN_SETTINGS = ("batch_size", "lr", "min_lr", "warmup_steps", "constant_steps", "max_steps", "val_check_interval",
-                "max_seq_length", "seed", "ensemble", "max_minutes")
+                "max_seq_length", "seed", "group_by_length", "ensemble", "max_minutes")
 
 
 def check_run_together(cfgs: dict[str, TaskConfig]) -> None:

@@ -167,16 +167,33 @@ class BatchOrder:
     """Which examples form global batch `step`: a fresh seeded shuffle each epoch.
 
     Stateless in the step, so a resumed run sees exactly the batches it would have seen.
+    Given the examples' lengths, each epoch's shuffle is cut into spans of GROUP batches,
+    each span sorted by length and dealt into batches, and the batches shuffled: rows of a
+    batch have similar lengths, so little compute goes to padding (SST-2's random batches
+    are 2.6x longer than their average row), and the order of lengths stays random.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+    GROUP = 64
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int] | None = None):
+        self.n, self.batch_size, self.seed, self.lengths = n, batch_size, seed, lengths
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
+            rng = random.Random(self.seed * 100_003 + epoch)
             perm = list(range(self.n))
-            random.Random(self.seed * 100_003 + epoch).shuffle(perm)
+            rng.shuffle(perm)
+            if self.lengths is not None:
+                B = self.batch_size
+                lead = min(self.n, (-epoch * self.n) % B)  # finish the batch the last epoch began
+                end = lead + (self.n - lead) // B * B  # whole batches; a partial one stays last
+                batches = []
+                for k in range(lead, end, self.GROUP * B):
+                    chunk = sorted(perm[k : min(k + self.GROUP * B, end)], key=lambda i: self.lengths[i])
+                    batches += [chunk[j : j + B] for j in range(0, len(chunk), B)]
+                rng.shuffle(batches)
+                perm = perm[:lead] + [i for b in batches for i in b] + perm[end:]
             self._perms = {epoch: perm}
         return self._perms[epoch]
 

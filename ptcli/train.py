@@ -212,7 +212,8 @@ def tune_many(
 
     prior_seconds = state.seconds  # time spent by the interrupted run, when resuming
     pool = [(t, i) for t in tasks for i in range(len(t.train.ids))]  # every tag's rows, mixed
-    orders = [BatchOrder(len(pool), run.batch_size, run.seed + k) for k in range(K)]  # member k's data order
+    lengths = [len(t.train.ids[i]) for t, i in pool] if run.group_by_length else None
+    orders = [BatchOrder(len(pool), run.batch_size, run.seed + k, lengths) for k in range(K)]  # member k's data order
     reporter.start(run.max_steps, state.step)
     for step in range(state.step, run.max_steps):
         elapsed = prior_seconds + time.perf_counter() - started

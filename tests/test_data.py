@@ -259,3 +259,22 @@ def test_rows_of_tags_tuned_together(tmp_path) -> None:
         read_jsonl(str(path), training=True, tag=("a", "b"))
     assert info.value.problems == [f"{path}:3: prompt_tag 'c' does not match the tags being tuned ('a', 'b')"]
     assert [r.tag for r in read_jsonl(str(path), training=True, tag=("a", "b", "c"))] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(("n", "bs"), [(1000, 16), (997, 16), (50, 7), (5, 8)])
+def test_length_grouped_batches_keep_epochs_whole_and_cut_padding(n: int, bs: int) -> None:
+    lengths = [random.Random(i).randint(1, 60) for i in range(n)]
+    grouped, plain = BatchOrder(n, bs, 5, lengths), BatchOrder(n, bs, 5)
+    steps = 3 * n // bs
+    flat = _flat(grouped, steps)
+    for e in range(len(flat) // n):
+        assert sorted(flat[e * n : (e + 1) * n]) == list(range(n))
+    assert _flat(grouped, steps) == _flat(BatchOrder(n, bs, 5, lengths), steps)  # stateless and seeded
+
+    def padded(order: BatchOrder) -> int:
+        return sum(bs * max(lengths[i] for i in order.batch(s)) for s in range(steps))
+
+    if n >= 20 * bs:  # enough rows for groups to form, in every epoch (n % bs shifts later epochs)
+        assert padded(grouped) < 0.6 * padded(plain)
+        firsts = [lengths[grouped.batch(s)[0]] for s in range(steps)]
+        assert firsts != sorted(firsts)  # the batches themselves come in random order

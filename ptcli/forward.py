@@ -13,6 +13,7 @@ row in full; it is kept so tests can hold the fast path to it.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -142,22 +143,6 @@ def lm_loss(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[li
     return loss_sum, int(sel.sum())
 
 
-@torch.inference_mode()
-def choice_scores(model, prompts: torch.Tensor, seqs: list[list[int]], choices: list[list[int]], pad_id: int, which=None) -> torch.Tensor:
-    """Summed log-likelihood of each candidate answer after each row: (B, C), in one batched pass.
-
-    choices are token lists as training saw them (answer prefix and end-of-sequence
-    included), so a candidate is scored exactly as its training target was.
-    """
-    prompts, which = stack(prompts, len(seqs), which)
-    B, C = len(seqs), len(choices)
-    rows = [s + c for s in seqs for c in choices]  # (B*C) rows, choice-minor
-    labels = [[IGNORE] * len(s) + c for s in seqs for c in choices]
-    logp, row_of = token_logprobs(model, prompts, rows, labels, pad_id, which.repeat_interleave(C))
-    scores = torch.zeros(B * C, dtype=logp.dtype, device=logp.device).index_add_(0, row_of, logp)  # (B*C,)
-    return scores.view(B, C).cpu()
-
-
 def _with_cache(model, cache) -> dict:
     """transformers 5 renamed `past_key_values` to `cache` (argument and output); accept both."""
     params = inspect.signature(model.base_model.forward).parameters
@@ -169,14 +154,56 @@ def _cache_of(out):
 
 
 @torch.inference_mode()
-def greedy(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int, which=None) -> list[list[int]]:
-    """Greedy decoding behind the soft prompts, with a KV cache; each row stops at eos (not included)."""
-    out, last_prompt, mask, pos = prefixed(model, prompts, seqs, pad_id, which)
-    B = len(seqs)
+def answer(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, *, which=None, max_new: int = 0,
+           choices: list[list[int]] | None = None) -> tuple[list[list[int]] | None, torch.Tensor | None]:
+    """Read each row once, then decode greedily from it, score candidate answers after it, or both.
+
+    Returns (greedy tokens per row, stopping at eos, not included) when max_new > 0, and
+    (B, C) summed log-likelihoods of the candidates when choices are given. Candidates are
+    token lists as training saw them (answer prefix and end-of-sequence included) and run
+    as a short continuation of each row's cache, so ranking C answers costs one pass over
+    the texts, not C.
+    """
+    out, _, mask, pos = prefixed(model, prompts, seqs, pad_id, which)
+    last = out.last_hidden_state[:, -1]  # (B, H): predicts each row's next token
+    cache = _cache_of(out)
+    scores = None
+    if choices:
+        scores = _score_choices(model, copy.deepcopy(cache) if max_new else cache, last, mask, pos, choices, pad_id)
+    return (_decode(model, cache, last, mask, pos, eos_id, max_new) if max_new else None), scores
+
+
+def _score_choices(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, choices: list[list[int]], pad_id: int):
+    B, C = last.shape[0], len(choices)
+    first = torch.tensor([c[0] for c in choices], device=last.device)  # (C,)
+    scores = to_logits(model, last).float().log_softmax(-1)[:, first]  # (B, C): each candidate's first token
+    rest = max(len(c) for c in choices) - 1
+    if rest == 0:
+        return scores.cpu()
+    cache.batch_repeat_interleave(C)  # (B*C, ...): row-major, candidate-minor
+    ids = torch.tensor([c + [pad_id] * (rest + 1 - len(c)) for c in choices], device=last.device)  # (C, L), padded on the right
+    real = torch.tensor([[1] * len(c) + [0] * (rest + 1 - len(c)) for c in choices], device=last.device)  # (C, L)
+    tail = model.base_model(
+        input_ids=ids[:, :-1].repeat(B, 1),  # (B*C, L-1): a candidate's tokens predict its next ones
+        attention_mask=torch.cat([mask.repeat_interleave(C, 0), real[:, :-1].repeat(B, 1)], dim=1),
+        position_ids=pos[:, -1:].repeat_interleave(C, 0) + torch.arange(1, rest + 1, device=last.device),
+        use_cache=True,
+        **_with_cache(model, cache),
+    ).last_hidden_state  # (B*C, L-1, H)
+    targets = ids[:, 1:].repeat(B, 1)  # (B*C, L-1)
+    keep = real[:, 1:].repeat(B, 1).bool()  # (B*C, L-1): real tokens only
+    logp = -F.cross_entropy(to_logits(model, tail[keep]).float(), targets[keep], reduction="none")  # (N,)
+    row = torch.arange(B * C, device=last.device).unsqueeze(1).expand_as(keep)[keep]  # (N,)
+    more = torch.zeros(B * C, device=last.device).index_add_(0, row, logp)  # (B*C,)
+    return (scores + more.view(B, C)).cpu()
+
+
+def _decode(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, eos_id: int, max_new: int) -> list[list[int]]:
+    B = last.shape[0]
     results: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=mask.device)
     for step in range(max_new):
-        nxt = to_logits(model, out.last_hidden_state[:, -1]).argmax(-1)  # (B,)
+        nxt = to_logits(model, last).argmax(-1)  # (B,)
         done |= nxt == eos_id
         for i in (~done).nonzero().flatten().tolist():
             results[i].append(int(nxt[i]))
@@ -184,7 +211,16 @@ def greedy(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)  # (B, S+step+1)
         pos = pos[:, -1:] + 1  # (B, 1)
-        out = model.base_model(
-            input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, _cache_of(out))
-        )
+        out = model.base_model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, cache))
+        last, cache = out.last_hidden_state[:, -1], _cache_of(out)
     return results
+
+
+def greedy(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int, which=None) -> list[list[int]]:
+    """Greedy decoding behind the soft prompts, with a KV cache; each row stops at eos (not included)."""
+    return answer(model, prompts, seqs, pad_id, eos_id, which=which, max_new=max_new)[0]
+
+
+def choice_scores(model, prompts: torch.Tensor, seqs: list[list[int]], choices: list[list[int]], pad_id: int, which=None) -> torch.Tensor:
+    """Summed log-likelihood of each candidate answer after each row: (B, C)."""
+    return answer(model, prompts, seqs, pad_id, pad_id, which=which, choices=choices)[1]

@@ -16,7 +16,7 @@ import torch
 from ptcli import bank
 from ptcli.data import answer_ids, read_jsonl
 from ptcli.errors import CompatibilityError, ProjectError, UsageError
-from ptcli.forward import choice_scores, greedy
+from ptcli.forward import answer
 from ptcli.model import fingerprint, load_base
 from ptcli.project import Project
 
@@ -30,18 +30,34 @@ class InferResult:
 MODES = ("generate", "rank")
 
 
-def predict(model, tok, prompts: torch.Tensor, seqs: list[list[int]], mode: str, choices: list[str] | None = None,
-            max_new: int = 32) -> list[str]:
-    """One batch of answers behind one tag's prompts (K, P, H) or (P, H); members combined."""
+def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new: int = 0, choices: list[str] | None = None):
+    """One batch behind one tag's prompts (K, P, H) or (P, H), every member in one pass.
+
+    Returns (greedy answers, members voting; ties go to the first member) when max_new > 0,
+    (ranked answers, members' scores averaged) when choices are given, and the members'
+    scores (B, K, C).
+    """
     prompts = prompts if prompts.dim() == 3 else prompts.unsqueeze(0)  # (K, P, H)
     K, B = prompts.shape[0], len(seqs)
     rows, which = [s for s in seqs for _ in range(K)], list(range(K)) * B  # (B*K), member-minor
+    outs, scores = answer(model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new,
+                          choices=answer_ids(tok, choices) if choices else None)
+    voted = ranked = None
+    if outs is not None:
+        texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+        voted = [Counter(texts[i * K : (i + 1) * K]).most_common(1)[0][0] for i in range(B)]
+    if scores is not None:
+        scores = scores.view(B, K, -1)  # (B, K, C)
+        ranked = [choices[j] for j in scores.mean(1).argmax(-1).tolist()]
+    return voted, ranked, scores
+
+
+def predict(model, tok, prompts: torch.Tensor, seqs: list[list[int]], mode: str, choices: list[str] | None = None,
+            max_new: int = 32) -> list[str]:
+    """One batch of answers in one mode; see `answers`."""
     if mode == "rank":
-        scores = choice_scores(model, prompts, rows, answer_ids(tok, choices), tok.pad_token_id, which)  # (B*K, C)
-        return [choices[j] for j in scores.view(B, K, -1).mean(1).argmax(-1).tolist()]  # members' scores averaged
-    outs = greedy(model, prompts, rows, tok.pad_token_id, tok.eos_token_id, max_new, which)
-    texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
-    return [Counter(texts[i * K : (i + 1) * K]).most_common(1)[0][0] for i in range(B)]  # vote; ties go to the first member
+        return answers(model, tok, prompts, seqs, choices=choices)[1]
+    return answers(model, tok, prompts, seqs, max_new=max_new)[0]
 
 
 def infer(

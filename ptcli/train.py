@@ -24,7 +24,7 @@ from ptcli.config import TaskConfig, check_run_together
 from ptcli.data import BatchOrder, Encoded, Record, closed_answers, encode, read_jsonl
 from ptcli.errors import CompatibilityError, InputError, ProjectError
 from ptcli.forward import lm_loss
-from ptcli.infer import predict
+from ptcli.infer import answers
 from ptcli.model import SoftPrompt, fingerprint, init_prompt, load_base
 from ptcli.project import Project, now
 
@@ -82,28 +82,36 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     """Loss per token (all members), and the accuracy of the combined answers, over all processes.
 
     val_acc scores greedy answers; val_acc_rank (tasks with a closed answer set) the
-    best-scoring candidate. prompts: (K, P, H), the tag's members.
+    best-scoring candidate. Both come from one pass over the texts; so does the loss when
+    it covers the answer only and every answer is a candidate. prompts: (K, P, H).
     """
-    enc, K = task.valid, prompts.shape[0]
+    enc, K, choices = task.valid, prompts.shape[0], task.choices
     shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
     shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
     max_new = max(len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts))  # longest answer + eos, already tokenized
+    loss_from_scores = bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
     loss_sum, count, correct, ranked = 0.0, 0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(shard), batch_size):
             idx = shard[start : start + batch_size]
-            rows = [i for i in idx for _ in range(K)]
-            s, n = lm_loss(model, prompts, [enc.ids[i] for i in rows], [enc.labels[i] for i in rows], tok.pad_token_id,
-                           which=list(range(K)) * len(idx))
-            loss_sum, count = loss_sum + float(s), count + n
-            texts, answers = [enc.prompts[i] for i in idx], [enc.answers[i].strip() for i in idx]
-            correct += sum(p == a for p, a in zip(predict(model, tok, prompts, texts, "generate", max_new=max_new), answers))
-            if task.choices:
-                ranked += sum(p == a for p, a in zip(predict(model, tok, prompts, texts, "rank", task.choices), answers))
+            truth = [enc.answers[i].strip() for i in idx]
+            voted, best, scores = answers(model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices)
+            correct += sum(p == a for p, a in zip(voted, truth))
+            if choices:
+                ranked += sum(p == a for p, a in zip(best, truth))
+            if loss_from_scores:
+                picked = torch.tensor([choices.index(enc.answers[i]) for i in idx])  # (B,)
+                loss_sum -= float(scores[torch.arange(len(idx)), :, picked].sum())  # (B, K) true-answer log-likelihoods
+                count += K * sum(len(enc.ids[i]) - len(enc.prompts[i]) for i in idx)
+            else:
+                rows = [i for i in idx for _ in range(K)]
+                s, n = lm_loss(model, prompts, [enc.ids[i] for i in rows], [enc.labels[i] for i in rows], tok.pad_token_id,
+                               which=list(range(K)) * len(idx))
+                loss_sum, count = loss_sum + float(s), count + n
     totals = acc.reduce(torch.tensor([loss_sum, count, correct, ranked], dtype=torch.float64, device=acc.device), "sum")
     loss_sum, count, correct, ranked = totals.tolist()
     metrics = {"val_loss": loss_sum / max(count, 1), "val_acc": correct / len(enc.ids)}
-    if task.choices:
+    if choices:
         metrics["val_acc_rank"] = ranked / len(enc.ids)
     return metrics
 

@@ -11,7 +11,7 @@ import torch
 
 from ptcli.data import ANSWER_PREFIX, answer_ids, closed_answers, Record
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, choice_scores, greedy, lm_loss
+from ptcli.forward import IGNORE, answer, choice_scores, greedy, lm_loss
 from ptcli.infer import predict
 from ptcli.model import init_prompt
 
@@ -129,3 +129,14 @@ def test_closed_answers_only_for_recurring_small_sets() -> None:
     assert closed_answers(rows(["yes", "no", "yes ", "no"])) == ["no", "yes"]
     assert closed_answers(rows(["a", "b", "c"])) is None  # every answer once: free text
     assert closed_answers(rows([str(i % 40) for i in range(400)])) is None  # too many classes to rank
+
+
+def test_one_pass_decodes_and_scores_like_two(base) -> None:
+    model, tok = base
+    prompts = _stack(model, 2, seed=5)
+    texts = tok(TEXTS, add_special_tokens=False).input_ids
+    options = answer_ids(tok, CHOICES)
+    which = [0, 1, 0, 1]
+    outs, scores = answer(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, which=which, max_new=3, choices=options)
+    assert outs == greedy(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, 3, which=which)
+    assert torch.allclose(scores, choice_scores(model, prompts, texts, options, tok.pad_token_id, which), atol=1e-5)

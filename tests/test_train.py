@@ -286,3 +286,30 @@ def test_time_budget_drives_the_decay() -> None:
     assert lr_at(10, cfg, elapsed=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.01)))  # steps lead
     assert lr_at(10, cfg, elapsed=30.0) == pytest.approx(0.5)  # half the budget spent: half way down
     assert lr_at(10, cfg, elapsed=90.0) == pytest.approx(0.0)
+
+
+def test_validation_loss_from_the_ranking_pass_equals_the_loss(mixed, llama) -> None:
+    from ptcli.data import closed_answers, encode, read_jsonl
+    from ptcli.forward import lm_loss
+    from ptcli.train import Task, evaluate
+
+    model, tok = llama
+    _, cfgs = mixed
+    rows = [r for r in read_jsonl(cfgs["sent"].train, training=True, tag=("sent", "topic")) if r.tag == "sent"]
+    enc = encode(tok, rows, P_TOKENS, 64, True)
+    prompts = torch.randn(2, P_TOKENS, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+
+    class One:
+        process_index, num_processes, device = 0, 1, "cpu"
+
+        def reduce(self, t, op):
+            return t
+
+    task = Task("sent", cfgs["sent"], enc, enc, closed_answers(rows), "", [0, 1])
+    assert task.choices == ["negative", "positive"]
+    got = evaluate(model, tok, prompts, task, 3, One())
+    total, n = 0.0, 0
+    for k in range(2):
+        s, c = lm_loss(model, prompts[k], enc.ids, enc.labels, tok.pad_token_id, fast=False)
+        total, n = total + float(s), n + c
+    assert got["val_loss"] == pytest.approx(total / n, rel=1e-5)

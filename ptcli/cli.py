@@ -218,6 +218,7 @@ def tune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
     devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")] = 1,
+    shard_base: Annotated[bool, typer.Option("--shard-base", help="With --devices N: shard the frozen base over the N processes (FSDP), for bases too big for one device.")] = False,
     dtype: DtypeOpt = "float32",
     trust_remote_code: TrustOpt = False,
     project: ProjectOpt = None,
@@ -245,6 +246,8 @@ def tune(
         raise UsageError(f"--devices must be at least 1, got {devices}")
     from ptcli import dist
 
+    if shard_base and devices < 2 and not dist.in_launched_run():
+        raise UsageError("--shard-base shards over several processes: pass --devices 2 or more (or launch with accelerate/torchrun)")
     if devices > 1 and not dist.in_launched_run():
         code = dist.relaunch(devices, sys.argv[1:])
         if code:
@@ -255,7 +258,8 @@ def tune(
     from ptcli.train import tune_many
 
     def run() -> list:
-        return tune_many(p, cfgs, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code)
+        return tune_many(p, cfgs, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
+                         shard_base=shard_base)
 
     if is_main_process():
         with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):

@@ -38,3 +38,54 @@ def relaunch(devices: int, argv: list[str]) -> int:
 
     env = {**os.environ, LAUNCHED: "1"}
     return subprocess.call(launch_command(devices, argv, torch.cuda.is_available()), env=env)
+
+
+def shard_frozen_base(model) -> tuple[int, int]:
+    """Shard the frozen base over every process with FSDP2 (torch's `fully_shard`), in place.
+
+    ptcli calls the decoder body, the embedding and the head separately (the shared-prompt
+    fast path), so each is its own unit: every decoder layer, the embedding with the head
+    (one unit when tied: FSDP2 refuses a parameter in two groups), then the body as the
+    root for what is left. Every unit gathers its weights for its forward and frees them
+    after. Each forward is then a collective: every process must make the same calls.
+
+    Returns (this process's weight bytes, all weight bytes). Not accelerate's FSDP plugin: it runs only on GPUs, and its `prepare` wraps the model
+    as one root unit and wants the optimizer's parameters inside it, which a prompt held
+    apart from the frozen weights is not.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu" if dist.get_backend() == "gloo" else "cuda", (dist.get_world_size(),))
+    kw = {"mesh": mesh, "reshard_after_forward": True}  # roots too: FSDP2 keeps a root's weights gathered by default
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])
+    body = model.base_model
+    layers = [m for m in body.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        from ptcli.errors import ModelError
+
+        raise ModelError(f"cannot tell the decoder layers of {type(model).__name__} apart (no _no_split_modules)",
+                         hint="tune without --shard-base")
+    for layer in layers:
+        fully_shard(layer, **kw)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        fully_shard([emb, head], **kw)
+    else:
+        fully_shard(emb, **kw)
+        if head is not None:
+            fully_shard(head, **kw)
+    fully_shard(body, **kw)
+    return _param_bytes(model, local=True), _param_bytes(model, local=False)
+
+
+def _param_bytes(model, local: bool) -> int:
+    """Bytes of the model's weights: this process's shards (local) or the whole (shared weights once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            t = p.to_local() if local and hasattr(p, "to_local") else p
+            total += t.numel() * t.element_size()
+    return total

@@ -153,16 +153,17 @@ def _cache_of(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its tensors would poison a sharded base's gathered weights for training
 def answer(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, *, which=None, max_new: int = 0,
-           choices: list[list[int]] | None = None) -> tuple[list[list[int]] | None, torch.Tensor | None]:
+           choices: list[list[int]] | None = None, agree=None) -> tuple[list[list[int]] | None, torch.Tensor | None]:
     """Read each row once, then decode greedily from it, score candidate answers after it, or both.
 
     Returns (greedy tokens per row, stopping at eos, not included) when max_new > 0, and
     (B, C) summed log-likelihoods of the candidates when choices are given. Candidates are
     token lists as training saw them (answer prefix and end-of-sequence included) and run
     as a short continuation of each row's cache, so ranking C answers costs one pass over
-    the texts, not C.
+    the texts, not C. `agree(flag)` makes the stop decision common to all processes (a
+    sharded base needs every process to make the same calls).
     """
     out, _, mask, pos = prefixed(model, prompts, seqs, pad_id, which)
     last = out.last_hidden_state[:, -1]  # (B, H): predicts each row's next token
@@ -170,7 +171,7 @@ def answer(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos
     scores = None
     if choices:
         scores = _score_choices(model, copy.deepcopy(cache) if max_new else cache, last, mask, pos, choices, pad_id)
-    return (_decode(model, cache, last, mask, pos, eos_id, max_new) if max_new else None), scores
+    return (_decode(model, cache, last, mask, pos, eos_id, max_new, agree or bool) if max_new else None), scores
 
 
 def _score_choices(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, choices: list[list[int]], pad_id: int):
@@ -198,7 +199,7 @@ def _score_choices(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: to
     return (scores + more.view(B, C)).cpu()
 
 
-def _decode(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, eos_id: int, max_new: int) -> list[list[int]]:
+def _decode(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, eos_id: int, max_new: int, agree) -> list[list[int]]:
     B = last.shape[0]
     results: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=mask.device)
@@ -207,7 +208,7 @@ def _decode(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Ten
         done |= nxt == eos_id
         for i in (~done).nonzero().flatten().tolist():
             results[i].append(int(nxt[i]))
-        if bool(done.all()) or step == max_new - 1:
+        if agree(bool(done.all())) or step == max_new - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)  # (B, S+step+1)
         pos = pos[:, -1:] + 1  # (B, 1)

@@ -30,7 +30,7 @@ class InferResult:
 MODES = ("generate", "rank")
 
 
-def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new: int = 0, choices: list[str] | None = None):
+def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new: int = 0, choices: list[str] | None = None, agree=None):
     """One batch behind one tag's prompts (K, P, H) or (P, H), every member in one pass.
 
     Returns (greedy answers, members voting; ties go to the first member) when max_new > 0,
@@ -41,7 +41,7 @@ def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new
     K, B = prompts.shape[0], len(seqs)
     rows, which = [s for s in seqs for _ in range(K)], list(range(K)) * B  # (B*K), member-minor
     outs, scores = answer(model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new,
-                          choices=answer_ids(tok, choices) if choices else None)
+                          choices=answer_ids(tok, choices) if choices else None, agree=agree)
     voted = ranked = None
     if outs is not None:
         texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]

@@ -88,14 +88,24 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     enc, K, choices = task.valid, prompts.shape[0], task.choices
     shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
     shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
+    batches = [shard[s : s + batch_size] for s in range(0, len(shard), batch_size)]
+    if acc.num_processes > 1:  # every process makes the same calls (a sharded base's forward is collective)
+        most = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max"))
+        batches += [[]] * (most - len(batches))  # an empty batch runs one row and counts nothing
     max_new = max(len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts))  # longest answer + eos, already tokenized
     loss_from_scores = bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
     loss_sum, count, correct, ranked = 0.0, 0, 0, 0
-    with torch.inference_mode():
-        for start in range(0, len(shard), batch_size):
-            idx = shard[start : start + batch_size]
+    agree = (lambda flag: _agreed(acc, flag, "min")) if acc.num_processes > 1 else None
+    with torch.no_grad():
+        for idx in batches:
+            if not idx:
+                answers(model, tok, prompts, [enc.prompts[0]], max_new=max_new, choices=choices, agree=agree)
+                if not loss_from_scores:
+                    lm_loss(model, prompts, enc.ids[:1], enc.labels[:1], tok.pad_token_id)
+                continue
             truth = [enc.answers[i].strip() for i in idx]
-            voted, best, scores = answers(model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices)
+            voted, best, scores = answers(model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices,
+                                          agree=agree)
             correct += sum(p == a for p, a in zip(voted, truth))
             if choices:
                 ranked += sum(p == a for p, a in zip(best, truth))
@@ -153,7 +163,9 @@ def tune_many(
     overwrite: bool = False,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    shard_base: bool = False,
 ) -> list[TuneResult]:
+    """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes."""
     from accelerate import Accelerator
 
     check_run_together(cfgs)
@@ -175,7 +187,6 @@ def tune_many(
             f"the base model at {project.base.ref!r} has changed since `ptcli init` (fingerprint mismatch)",
             hint="its prompts would not fit it; init a new project for the new weights",
         )
-    model.to(acc.device)
     P, K = project.num_prompt_tokens, run.ensemble
     tasks = []
     for n, (tag, cfg) in enumerate(cfgs.items()):
@@ -194,6 +205,13 @@ def tune_many(
 
     inits = [init_prompt(model, tok, P, t.cfg.init, t.init_text, run.seed + k, t.choices) for t in tasks for k in range(K)]
     prompt = SoftPrompt(torch.stack(inits)).to(acc.device)  # (S, P, H): one slot per (tag, member)
+    if shard_base and acc.num_processes > 1:  # after the fingerprint and the inits, which read whole weights
+        from ptcli.dist import shard_frozen_base
+
+        mine, whole = shard_frozen_base(model)
+        reporter.status(f"sharded the frozen base over {acc.num_processes} processes (FSDP): "
+                        f"this one holds {100 * mine / whole:.1f}% of its {whole / 2**20:,.1f} MiB of weights")
+    model.to(acc.device)
     opt = torch.optim.AdamW(prompt.parameters(), lr=run.lr, weight_decay=0.0)
     state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now())
     if resume:
@@ -284,8 +302,9 @@ def tune_many(
     return results
 
 
-def _agreed(acc, flag: bool) -> bool:
-    """A decision every process takes together (clocks differ between processes)."""
+def _agreed(acc, flag: bool, how: str = "max") -> bool:
+    """A decision every process takes together: any of them ("max"), or all of them ("min")."""
     if acc.num_processes == 1:
         return flag
-    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "max"))
+    flags = acc.gather(torch.tensor([float(flag)], device=acc.device))  # (world,)
+    return bool(flags.max() if how == "max" else flags.min())

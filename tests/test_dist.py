@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,22 +34,26 @@ def project(tiny_llama, tiny_data, tmp_path) -> Path:
     return root
 
 
-def _launch(root: Path, *extra: str, processes: int = 2, mark: str = "") -> subprocess.Popen:
+def _launch(root: Path, *extra: str, processes: int = 2, mark: str = "", quiet: bool = True) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "ptcli", "tune", "-p", str(root), *TUNE, *extra]
+           "-m", "ptcli", "tune", "-p", str(root), *(TUNE if quiet else TUNE[:-1]), *extra]
     env = {**os.environ, "PTCLI_TEST_MARK": mark}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_two_processes_reach_the_one_process_prompt(project, tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["data-parallel", "sharded-base"])
+def test_two_processes_reach_the_one_process_prompt(project, tmp_path, shard: bool):
     single = tmp_path / "single"
     shutil.copytree(project, single)
     result = CliRunner().invoke(app, ["tune", "-p", str(single), *TUNE])
     assert result.exit_code == 0, result.output
 
-    proc = _launch(project, "--json")
+    proc = _launch(project, "--json", *(["--shard-base"] if shard else []), quiet=not shard)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    if shard:  # the weights really are split: each process holds about half
+        share = float(re.search(r"FSDP\): this one holds ([\d.]+)% of its", err).group(1))
+        assert 45 <= share <= 55, err
     assert out.count('"tag": "sent"') == 1  # only the main process reports (and writes)
     a = load_file(single / "bank" / "sent.safetensors")["prompt"]
     b = load_file(project / "bank" / "sent.safetensors")["prompt"]

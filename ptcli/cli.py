@@ -1,5 +1,8 @@
 """The command line: parse flags, call one core function, render. Errors become exit codes here.
 
+The core commands live here; the bank's (show, remove-tag, rename-tag, export, import) in
+cli_bank.py, and the option types and the error handler they share in cli_args.py.
+
 Heavy libraries (torch, transformers) are imported inside the commands that need them, so
 `ptcli --help`, `list-tags` and shell completion stay fast.
 """
@@ -7,16 +10,17 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from ptcli import __version__
-from ptcli.config import TaskConfig, check_prompt_length, check_tag, merge_task
+from ptcli.cli_args import (AnswerOnly, BatchSize, Constant, DtypeOpt, Ensemble, Grouped, Init, InitText, JsonOpt, Lr, MaxMinutes,
+                            MaxSeq, MaxSteps, MinLr, ProjectOpt, QuietOpt, Seed, Train, TrustOpt, Valid, ValEvery, Warmup,
+                            _check_dtype, _complete_task_tags, _given, handled)
+from ptcli.config import check_prompt_length, check_tag, merge_task
 from ptcli.errors import PtcliError, UsageError
 
 app = typer.Typer(
@@ -27,86 +31,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: Rich's boxed help cuts long flag names at 80 columns
 )
-
-_FIELD_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(TaskConfig)}
-
-
-def _opt(name: str, *flags: str, **kw: Any) -> Any:
-    return typer.Option(*flags, help=_FIELD_HELP[name], show_default=False, **kw)
-
-
-ProjectOpt = Annotated[Optional[Path], typer.Option("--project", "-p", help="Project directory (default: the nearest one at or above the cwd).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Write the result to stdout as JSON.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code to run.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Precision of the frozen base: float32, bfloat16 or float16.")]
-Train = Annotated[Optional[str], _opt("train", "--train")]
-Valid = Annotated[Optional[str], _opt("valid", "--valid")]
-Init = Annotated[Optional[str], _opt("init", "--init")]
-InitText = Annotated[Optional[str], _opt("init_text", "--init-text")]
-AnswerOnly = Annotated[Optional[bool], _opt("answer_only", "--answer-only/--full-text-loss")]
-BatchSize = Annotated[Optional[int], _opt("batch_size", "--batch-size")]
-Lr = Annotated[Optional[float], _opt("lr", "--lr")]
-MinLr = Annotated[Optional[float], _opt("min_lr", "--min-lr")]
-Warmup = Annotated[Optional[int], _opt("warmup_steps", "--warmup-steps")]
-Constant = Annotated[Optional[int], _opt("constant_steps", "--constant-steps")]
-MaxSteps = Annotated[Optional[int], _opt("max_steps", "--max-steps")]
-ValEvery = Annotated[Optional[int], _opt("val_check_interval", "--val-check-interval")]
-MaxSeq = Annotated[Optional[int], _opt("max_seq_length", "--max-seq-length")]
-Seed = Annotated[Optional[int], _opt("seed", "--seed")]
-Grouped = Annotated[Optional[bool], _opt("group_by_length", "--group-by-length/--no-group-by-length")]
-Ensemble = Annotated[Optional[int], _opt("ensemble", "--ensemble")]
-MaxMinutes = Annotated[Optional[float], _opt("max_minutes", "--max-minutes")]
-
-
-def _completion_project(ctx: typer.Context):
-    """The project a completion is for: --project if already typed, else the one found from the cwd; None if none."""
-    from ptcli import project as proj
-
-    try:
-        return proj.load(ctx.params.get("project"))
-    except Exception:  # completion must never fail loudly
-        return None
-
-
-def _complete_bank_tags(ctx: typer.Context, incomplete: str) -> list[str]:
-    """Tags in the bank (file names only: no torch, no model), for show and export."""
-    from ptcli import bank
-
-    p = _completion_project(ctx)
-    return [t for t in bank.tags(p) if t.startswith(incomplete)] if p else []
-
-
-def _complete_task_tags(ctx: typer.Context, incomplete: str) -> list[str]:
-    """Tags in the bank or recorded by add-task, for tune --tag, remove-tag and rename-tag."""
-    from ptcli import bank
-
-    p = _completion_project(ctx)
-    return sorted(t for t in set(bank.tags(p)) | set(p.tasks) if t.startswith(incomplete)) if p else []
-
-
-class Format(str, Enum):
-    """What `export` writes and `import` reads: ptcli's bank file, or a PEFT prompt-tuning adapter folder."""
-
-    ptcli = "ptcli"
-    peft = "peft"
-
-
-def handled(fn):
-    """Turn ptcli's errors into a message on stderr and an exit code (1 failure, 2 bad usage or input)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PtcliError as e:
-            from ptcli.console import show_error
-
-            show_error(e.message, getattr(e, "problems", []), e.hint)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
-
 
 def _version(value: bool) -> None:
     if value:
@@ -140,10 +64,6 @@ def init(
     if as_json:
         emit_json({"project": str(p.root), "base": vars(p.base), "num_prompt_tokens": p.num_prompt_tokens})
     say(f"created project {p.root} (base {p.base.ref}, {p.num_prompt_tokens} prompt tokens)", quiet)
-
-
-def _given(**kw: Any) -> dict[str, Any]:
-    return kw
 
 
 @app.command("add-task")
@@ -281,11 +201,6 @@ def tune(
         )
 
 
-def _check_dtype(dtype: str) -> None:
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-
-
 @app.command()
 @handled
 def infer(
@@ -354,146 +269,9 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     err.print(table)
 
 
-BankTag = Annotated[str, typer.Argument(help="Tag of a prompt in the bank.", autocompletion=_complete_bank_tags)]
+from ptcli import cli_bank  # noqa: E402  (the bank commands come after the core ones in --help)
 
-
-@app.command()
-@handled
-def show(
-    tag: BankTag,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write the training and validation curves to this PNG file.")] = None,
-    project: ProjectOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Write the record and the curves to stdout as JSON.")] = False,
-) -> None:
-    """A prompt's settings, metrics and base (from its bank header) and its training/validation curves."""
-    from ptcli import project as proj
-    from ptcli import report
-    from ptcli.console import emit_json, say, show_prompt
-
-    p = proj.load(project)
-    shown = report.show(p, tag)
-    if plot is not None:  # first, so that a failure leaves no half-made report
-        report.plot(tag, shown.curves, plot, shown.record.get("best_step"))
-    if as_json:
-        c = shown.curves
-        emit_json({"tag": tag, "path": shown.path, "checksum_ok": shown.checksum_ok, "record": shown.record,
-                   "curves": {"train": c.train, "valid": c.valid, "source": c.source}})
-    else:
-        show_prompt(shown)
-    if plot is not None:
-        say(f"wrote {plot}")
-
-
-@app.command("remove-tag")
-@handled
-def remove_tag(
-    tag: Annotated[str, typer.Argument(help="Tag to remove: its prompt, its run history, its recorded settings.", autocompletion=_complete_task_tags)],
-    keep_task: Annotated[bool, typer.Option("--keep-task", help="Keep the settings add-task/tune recorded, so `tune --tag TAG` can retune it.")] = False,
-    project: ProjectOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Delete a tag from the project: bank/TAG.safetensors, runs/TAG/ and (unless --keep-task) its recorded settings."""
-    from ptcli import manage
-    from ptcli import project as proj
-    from ptcli.console import emit_json, say
-
-    result = manage.remove_tag(proj.load(project), tag, keep_task)
-    if as_json:
-        emit_json(dataclasses.asdict(result))
-    what = ", ".join(result.removed + (["its recorded settings"] if result.task_record else [])) or "nothing"
-    say(f"removed {tag!r}: {what}", quiet)
-
-
-@app.command("rename-tag")
-@handled
-def rename_tag(
-    old: Annotated[str, typer.Argument(help="Current tag.", autocompletion=_complete_task_tags)],
-    new: Annotated[str, typer.Argument(help="New tag (must not exist yet).")],
-    project: ProjectOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Rename a tag: its prompt (header rewritten with the new tag), run history and recorded settings."""
-    from ptcli import manage
-    from ptcli import project as proj
-    from ptcli.console import emit_json, say
-
-    result = manage.rename_tag(proj.load(project), old, new)
-    if as_json:
-        emit_json(dataclasses.asdict(result))
-    say(f"renamed {old!r} to {new!r}" + (f"; rows with prompt_tag {old!r} must now say {new!r}" if result.path else ""), quiet)
-
-
-@app.command()
-@handled
-def export(
-    tag: BankTag,
-    out: Annotated[str, typer.Argument(help="ptcli: a .safetensors file (or a folder, or '-' for stdout). peft: an adapter folder.")],
-    fmt: Annotated[Format, typer.Option("--format", help="ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")] = Format.ptcli,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite what is at OUT.")] = False,
-    project: ProjectOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Write a prompt out of the bank: one self-describing .safetensors file, or a PEFT adapter."""
-    from ptcli import manage
-    from ptcli import project as proj
-    from ptcli.console import emit_json, say
-
-    p = proj.load(project)
-    if out == "-":
-        if fmt is not Format.ptcli or as_json:
-            raise UsageError("OUT '-' (stdout) takes the ptcli format and no --json")
-        if sys.stdout.isatty():
-            raise UsageError("refusing to write a binary file to the terminal", hint=f"redirect it: ptcli export {tag} - > {tag}.safetensors")
-        sys.stdout.buffer.write(manage.export_bytes(p, tag))
-        sys.stdout.flush()
-        return
-    if fmt is Format.peft:
-        from ptcli import peft_io
-
-        result = peft_io.export(p, tag, Path(out), force)
-    else:
-        result = manage.export_file(p, tag, Path(out), force)
-    if as_json:
-        emit_json(dataclasses.asdict(result))
-    how = f"; load it with peft.PeftModel.from_pretrained(base, {result.path!r})" if fmt is Format.peft else ""
-    say(f"exported {tag!r} to {result.path}{how}", quiet)
-
-
-@app.command("import")
-@handled
-def import_(
-    source: Annotated[str, typer.Argument(metavar="FILE", help="A file made by `ptcli export` ('-' reads stdin), or a PEFT prompt-tuning adapter folder.")],
-    tag: Annotated[Optional[str], typer.Option("--tag", help="Tag in this bank (default: the tag recorded in FILE; required for other PEFT adapters).")] = None,
-    fmt: Annotated[Optional[Format], typer.Option("--format", help="Default: peft for a folder, ptcli for a file.", show_default=False)] = None,
-    project: ProjectOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Add an exported prompt or a PEFT prompt-tuning adapter to the bank, after checking its base, length and checksum."""
-    from ptcli import manage
-    from ptcli import project as proj
-    from ptcli.console import emit_json, say
-
-    if tag is not None:
-        check_tag(tag)
-    p = proj.load(project)
-    if fmt is None:
-        fmt = Format.peft if source != "-" and Path(source).is_dir() else Format.ptcli
-    if fmt is Format.peft:
-        from ptcli import peft_io
-
-        result = peft_io.import_adapter(p, Path(source), tag)
-    else:
-        name, blob = manage.read_source(source)
-        result = manage.import_bytes(p, name, blob, tag)
-    for w in result.warnings:
-        say(f"warning: {w}", quiet, style="yellow")
-    if as_json:
-        emit_json(dataclasses.asdict(result))
-    say(f"imported {result.tag!r} from {result.source} into {result.path}", quiet)
+app.registered_commands += cli_bank.app.registered_commands
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ptcli import project as proj
-from ptcli.cli import _complete_bank_tags, _complete_task_tags, app
+from ptcli.cli import app
+from ptcli.cli_args import _complete_bank_tags, _complete_task_tags
 from ptcli.config import TaskConfig
 
 REPO = Path(__file__).resolve().parents[1]

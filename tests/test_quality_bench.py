@@ -1,0 +1,35 @@
+"""Keep bench/quality.py working: its short configuration runs end to end (no accuracy or timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+METHODS = ["majority", "zero_shot", "few_shot", "peft", "ptcli_default", "ptcli_best"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(not (DATA / "SST2" / "train.jsonl").is_file(), reason="needs ../shared/data beside the repo")
+def test_quality_bench_quick_configuration_runs(tmp_path, monkeypatch, default_cache):
+    monkeypatch.setenv("PTCLI_CACHE", str(default_cache))
+    out, md = tmp_path / "quality.json", tmp_path / "quality.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--out", str(out), "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=1800, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {"machine", "date", "config"} <= set(results)
+    for task in ("SST2", "RTE"):
+        for method in METHODS:
+            row = results[task][method]
+            assert 0 <= row["val_acc"] <= 1, (task, method)
+            assert row["train_seconds"] >= 0, (task, method)
+            assert isinstance(row["trainable_params"], int), (task, method)
+            assert f"{task} | {method} |" in md.read_text()
+    assert "val_acc" in r.stdout and "ptcli_best" in r.stdout  # the table is printed

@@ -116,7 +116,7 @@ def add_task(
 @app.command()
 @handled
 def tune(
-    tag: Annotated[list[str], typer.Option("--tag", help="Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed batches.", autocompletion=_complete_task_tags)],
+    tag: Annotated[list[str], typer.Option("--tag", metavar="<str>", help="Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed batches.", autocompletion=_complete_task_tags)],
     train: Train = None,
     valid: Valid = None,
     init: Init = None,

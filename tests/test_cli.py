@@ -431,6 +431,14 @@ def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> Non
     assert [r["tag"] for r in doc] == ["sent", "topic"] and all(r["steps"] == 2 for r in doc)
     assert "tuned 'sent': val_acc_rank" in result.stderr and "tuned 'topic': val_acc " in result.stderr
     assert bank.tags(proj.load(root)) == ["sent", "topic"]
+    prompt, meta = bank.get(proj.load(root), "sent")
+    assert prompt.shape[0] == 2 and meta["ensemble"] == 2  # both members in one file
+    rows = [{"prompt_tag": t, "text": text} for t, text in (("sent", "i love it"), ("topic", "the team won"), ("sent", "i hate it"))]
+    path = _jsonl(tmp_path / "ens.jsonl", rows)
+    voted = _infer(root, path)  # the members vote
+    assert [r["text"] for r in voted] == [r["text"] for r in rows] and all(isinstance(r["prediction"], str) for r in voted)
+    ranked = _infer(root, path, "--mode", "rank", "--choices", "sports,food,science")  # the members' scores averaged
+    assert all(r["prediction"] in {"sports", "food", "science"} for r in ranked)
     err = failed(cli("tune", "--tag", "sent", "--train", both, "--valid", valid, *FAST, "-p", root, "--overwrite"), 2)
     assert "prompt_tag 'topic' does not match the tag being tuned ('sent')" in err
 

@@ -187,6 +187,7 @@ def tune(
     else:
         results = run()
     if not is_main_process():
+        dist.exit_launched_worker()
         return
     if as_json:
         records = [{k: v for k, v in dataclasses.asdict(r).items() if k != "history"} for r in results]
@@ -199,6 +200,7 @@ def tune(
             f"{r.seconds:.0f} s; saved {r.path}",
             quiet,
         )
+    dist.exit_launched_worker()
 
 
 @app.command()

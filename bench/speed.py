@@ -59,7 +59,8 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
 
     from ptcli.data import Record, encode
     from ptcli.forward import lm_loss
-    from ptcli.model import SoftPrompt, init_prompt, load_base
+    from ptcli.model import init_prompt, load_base
+    from ptcli.reparam import SoftPrompt
 
     model, tok = load_base("default")
     rows = load_rows("SST2", "train", steps * batch + batch)

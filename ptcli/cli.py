@@ -18,10 +18,12 @@ import typer
 
 from ptcli import __version__
 from ptcli.cli_args import (AnswerOnly, BatchSize, Constant, DtypeOpt, Ensemble, Grouped, Init, InitText, JsonOpt, Lr, MaxMinutes,
-                            MaxSeq, MaxSteps, MinLr, ProjectOpt, QuietOpt, Seed, Train, TrustOpt, Valid, ValEvery, Warmup,
+                            MaxSeq, MaxSteps, MinLr, ProjectOpt, QuietOpt, Reparam, ReparamLr, Seed, Template, Train, TrustOpt,
+                            Valid, ValEvery, Warmup,
                             _check_dtype, _complete_task_tags, _given, handled)
 from ptcli.config import check_prompt_length, check_tag, merge_task
 from ptcli.errors import PtcliError, UsageError
+from ptcli.template import parse as parse_template
 
 app = typer.Typer(
     name="ptcli",
@@ -87,6 +89,9 @@ def add_task(
     group_by_length: Grouped = None,
     ensemble: Ensemble = None,
     max_minutes: MaxMinutes = None,
+    template: Template = None,
+    reparam: Reparam = None,
+    reparam_lr: ReparamLr = None,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -101,8 +106,10 @@ def add_task(
     p = proj.load(project)
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
                    warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes)
+                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes, template=template,
+                   reparam=reparam, reparam_lr=reparam_lr)
     cfg = merge_task(p.tasks.get(tag), given)
+    parse_template(cfg.template, p.num_prompt_tokens)
     read_jsonl(cfg.train, training=True, tag=tag)
     read_jsonl(cfg.valid, training=True, tag=tag)
     with project_lock(p.root, f"ptcli add-task {tag}"):
@@ -134,6 +141,9 @@ def tune(
     group_by_length: Grouped = None,
     ensemble: Ensemble = None,
     max_minutes: MaxMinutes = None,
+    template: Template = None,
+    reparam: Reparam = None,
+    reparam_lr: ReparamLr = None,
     num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
@@ -160,8 +170,11 @@ def tune(
         )
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
                    warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes)
+                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes, template=template,
+                   reparam=reparam, reparam_lr=reparam_lr)
     cfgs = {t: merge_task(p.tasks.get(t), given) for t in tags}
+    for cfg in cfgs.values():
+        parse_template(cfg.template, p.num_prompt_tokens)
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
     from ptcli import dist

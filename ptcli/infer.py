@@ -19,6 +19,7 @@ from ptcli.errors import CompatibilityError, ProjectError, UsageError
 from ptcli.forward import answer
 from ptcli.model import fingerprint, load_base
 from ptcli.project import Project
+from ptcli.template import PREFIX, Layout
 
 
 @dataclass
@@ -98,14 +99,15 @@ def infer(
         prompt, meta = bank.get(project, tag)
         options = choices or meta.get("choices")
         room = tokens_to_generate if mode == "generate" else max(map(len, answer_ids(tok, options)))
-        budget = meta["config"]["max_seq_length"] - P - room
+        layout = Layout(tok, meta["config"].get("template", PREFIX), P)
+        budget = meta["config"]["max_seq_length"] - layout.overhead() - room
         if budget < 1:
             raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
         idx = sorted((i for i, r in enumerate(records) if r.tag == tag), key=lambda i: len(texts[i]))
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             with torch.inference_mode():
-                outs = predict(model, tok, prompt, [texts[i][-budget:] for i in chunk], mode, options, tokens_to_generate)
+                outs = predict(model, tok, prompt, [layout.context(texts[i][-budget:]) for i in chunk], mode, options, tokens_to_generate)
             for i, out in zip(chunk, outs):
                 predictions[i] = out
     rows = [{**r.row, "prediction": p} for r, p in zip(records, predictions)]

@@ -217,7 +217,8 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
     ok(result)
     expected = {"train": str(data.sent_train), "valid": str(data.sent_valid), "init": "random", "init_text": None, "answer_only": False,
                 "batch_size": 3, "lr": 0.05, "min_lr": 0.001, "warmup_steps": 1, "constant_steps": 1, "max_steps": 3,
-                "val_check_interval": 3, "max_seq_length": 48, "seed": 9, "group_by_length": True, "ensemble": 1, "max_minutes": None}
+                "val_check_interval": 3, "max_seq_length": 48, "seed": 9, "group_by_length": True, "ensemble": 1, "max_minutes": None,
+                "template": "prefix", "reparam": "none", "reparam_lr": 1e-3}
     assert json.loads(result.stdout) == {"tag": "sent", "config": expected}
     assert json.loads((root / "ptcli.json").read_text())["tasks"] == {"sent": expected}
     assert not (root / "bank" / "sent.safetensors").exists()

@@ -2,8 +2,8 @@
 
 Two modes: `generate` decodes greedily; `rank` scores each candidate of the tag's closed
 answer set (found in its training data, or given) and picks the likeliest, optionally after
-contextual calibration. A tag's default mode is the one its validation kept the prompt by. An ensemble's
-members run in the same batch and vote (generate) or average their scores (rank).
+contextual calibration. A tag's default mode is the one its validation kept the prompt by.
+An ensemble's members run in the same batch and vote (generate) or average their scores (rank).
 """
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
     return scores - calibration_bias(content_free)
 
 
+@torch.inference_mode()
+def content_free_bias(model, tok, prompts: torch.Tensor, choices: list[str]) -> torch.Tensor:
+    """`calibration_bias` of one tag's prompts (K, P, H) or (P, H) over its answer set: (K, C)."""
+    free = answers(model, tok, prompts, tok(list(CONTENT_FREE), add_special_tokens=False).input_ids, choices=choices)[2]  # (N, K, C)
+    return calibration_bias(free)
+
+
 def infer(
     project: Project,
     path: str,
@@ -116,11 +123,7 @@ def infer(
         budget = meta["config"]["max_seq_length"] - P - room
         if budget < 1:
             raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
-        bias = None
-        if calibrated and how == "rank":
-            with torch.inference_mode():
-                free = answers(model, tok, prompt, tok(list(CONTENT_FREE), add_special_tokens=False).input_ids, choices=options)[2]
-            bias = calibration_bias(free)  # (N, K, C) -> (K, C)
+        bias = content_free_bias(model, tok, prompt, options) if calibrated and how == "rank" else None
         idx = sorted((i for i, r in enumerate(records) if r.tag == tag), key=lambda i: len(texts[i]))
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]

@@ -22,7 +22,7 @@ def test_quality_bench_quick_configuration_runs(tmp_path, monkeypatch, default_c
     out, md = tmp_path / "quality.json", tmp_path / "quality.md"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--calibrate", "--recipe", "ptcli_x=--init labels",
                         "--out", str(out), "--markdown", str(md)],
-                       capture_output=True, text=True, timeout=1800, check=False)
+                       capture_output=True, text=True, timeout=3600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())
     assert {"machine", "date", "config"} <= set(results)

@@ -287,6 +287,7 @@ def tune_many(
                 "init": t.cfg.init,
                 "init_text": t.init_text if t.cfg.init == "text" else None,
                 "choices": t.choices,
+                "mode": "rank" if t.choices else "generate",  # what `better` kept the prompt by; infer's default
                 "ensemble": K,
                 "tuned_with": [o for o in cfgs if o != t.tag],
                 "config": t.cfg.to_dict(),

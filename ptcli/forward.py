@@ -7,17 +7,23 @@ one mixed batch. A single prompt (P, H) is the same as K=1.
 The fast path (`prefixed`) runs each prompt once per batch and shares its key/value cache
 with the rows that use it: in a causal LM a prompt's activations do not depend on what
 follows. Layout per row: [prompt (P)][pad ...][tokens], pads masked out, token positions
-continuing from P. `assemble` is the plain layout [pad ...][prompt][tokens] that runs every
-row in full; it is kept so tests can hold the fast path to it.
+continuing from P. The plain layout (`plain`, built by `assemble`) is [pad ...][prompt][tokens]
+and runs every row in full. `read` picks the fast path unless the base has a sliding window
+that a padded row could cross (pads between prompt and text count against the window; see
+arch.py), and the plain layout then, which is exact under any window.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ptcli.arch import shared_prefix_exact
 
 IGNORE = -100
 
@@ -70,12 +76,34 @@ def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
+@dataclass
+class Read:
+    """A batch of rows read behind their prompts, ready for a loss, decoding or candidate scoring."""
+
+    hidden: torch.Tensor  # (B, T, H): the body's output over the tokens, aligned with left_pad(seqs)
+    prompt_end: torch.Tensor  # (B, H): each row's last prompt slot, which predicts its first token
+    tok_mask: torch.Tensor  # (B, T): 1 on real tokens
+    mask: torch.Tensor  # (B, S): attention mask over the cache
+    pos: torch.Tensor  # (B, 1): position of each row's last token
+    cache: Any
+
+
+def read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, extra: int = 0) -> Read:
+    """Read every row behind its prompt: the shared-prefix fast path where it is exact, else the plain layout.
+
+    extra: tokens that will be appended to the cache afterwards (decoding, candidates); they
+    count toward the width that a sliding window must cover (see arch.shared_prefix_exact).
+    """
+    width = prompts.shape[-2] + max(len(s) for s in seqs) + extra
+    if shared_prefix_exact(model, width):
+        return prefixed(model, prompts, seqs, pad_id, which)
+    return plain(model, prompts, seqs, pad_id, which)
+
+
+def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None) -> Read:
     """Run each prompt once and share its cache with the rows that use it: the fast path.
 
-    Gradients reach the prompts through the cache. Returns the body's output over the tokens
-    (B, T, H), each row's prompt-end hidden state (B, H), the attention mask (B, P+T) and
-    the token positions (B, T).
+    Layout [prompt][pad ...][tokens]; gradients reach the prompts through the cache.
     """
     prompts, which = stack(prompts, len(seqs), which)
     K, P, _ = prompts.shape
@@ -98,7 +126,19 @@ def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, w
     mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), tok_mask], dim=1)  # (B, P+T)
     pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, cache))
-    return out, head.last_hidden_state[:, -1][which], mask, pos
+    return Read(out.last_hidden_state, head.last_hidden_state[:, -1][which], tok_mask, mask, pos[:, -1:], _cache_of(out))
+
+
+def plain(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None) -> Read:
+    """Run every row in full, [pad ...][prompt][tokens]: each row's real tokens contiguous, exact under any window."""
+    P = prompts.shape[-2]
+    embeds, mask, pos = assemble(model, prompts, seqs, pad_id, which)  # (B, S, H), (B, S), (B, S)
+    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+    hidden = out.last_hidden_state  # (B, S, H)
+    lengths = torch.tensor([len(s) for s in seqs], device=hidden.device)  # (B,)
+    prompt_end = hidden[torch.arange(len(seqs), device=hidden.device), hidden.shape[1] - 1 - lengths]  # (B, H)
+    tok_mask = left_pad([[1] * len(s) for s in seqs], 0, hidden.shape[1] - P).to(hidden.device)  # (B, T)
+    return Read(hidden[:, P:], prompt_end, tok_mask, mask, pos[:, -1:], _cache_of(out))
 
 
 def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):
@@ -107,15 +147,14 @@ def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: 
     labels[i] is aligned with seqs[i] (IGNORE where nothing is scored). The vocabulary
     projection runs only at the positions that predict a labelled token.
     """
-    P = prompts.shape[-2]
-    out, last_prompt, mask, _ = prefixed(model, prompts, seqs, pad_id, which)
-    hidden = out.last_hidden_state  # (B, T, H)
+    r = read(model, prompts, seqs, pad_id, which)
+    hidden = r.hidden  # (B, T, H)
     lab = left_pad(labels, IGNORE).to(hidden.device)  # (B, T)
     targets = lab[:, 1:]  # (B, T-1): token t predicts token t+1
-    sel = (targets != IGNORE) & mask[:, P:-1].bool()  # a pad predicts nothing
+    sel = (targets != IGNORE) & r.tok_mask[:, :-1].bool()  # a pad predicts nothing
     firsts = torch.tensor([row[0] for row in labels], device=hidden.device)  # (B,): predicted by the prompt's end
     first_sel = firsts != IGNORE
-    h = torch.cat([hidden[:, :-1][sel], last_prompt[first_sel]])  # (N, H)
+    h = torch.cat([hidden[:, :-1][sel], r.prompt_end[first_sel]])  # (N, H)
     t = torch.cat([targets[sel], firsts[first_sel]])  # (N,)
     rows = torch.arange(len(seqs), device=hidden.device)
     row_of = torch.cat([rows.unsqueeze(1).expand_as(sel)[sel], rows[first_sel]])  # (N,)
@@ -165,13 +204,13 @@ def answer(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos
     the texts, not C. `agree(flag)` makes the stop decision common to all processes (a
     sharded base needs every process to make the same calls).
     """
-    out, _, mask, pos = prefixed(model, prompts, seqs, pad_id, which)
-    last = out.last_hidden_state[:, -1]  # (B, H): predicts each row's next token
-    cache = _cache_of(out)
+    extra = max(max_new, max(map(len, choices or [[]]))) - 1  # tokens fed after the texts: decoded, or candidates' own
+    r = read(model, prompts, seqs, pad_id, which, max(extra, 0))
+    last = r.hidden[:, -1]  # (B, H): predicts each row's next token
     scores = None
     if choices:
-        scores = _score_choices(model, copy.deepcopy(cache) if max_new else cache, last, mask, pos, choices, pad_id)
-    return (_decode(model, cache, last, mask, pos, eos_id, max_new, agree or bool) if max_new else None), scores
+        scores = _score_choices(model, copy.deepcopy(r.cache) if max_new else r.cache, last, r.mask, r.pos, choices, pad_id)
+    return (_decode(model, r.cache, last, r.mask, r.pos, eos_id, max_new, agree or bool) if max_new else None), scores
 
 
 def _score_choices(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, choices: list[list[int]], pad_id: int):

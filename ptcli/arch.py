@@ -1,0 +1,61 @@
+"""What ptcli needs of a base model's architecture, and the one rule for sliding-window attention.
+
+ptcli feeds the frozen base `inputs_embeds` (the soft prompt is a run of vectors, not tokens)
+and reads it as a decoder-only stack; bases without that are refused at `ptcli init`
+(`check_supported`), before any prompt is tuned on them.
+
+Sliding windows (Mistral, Gemma-2/3 local layers, Qwen2/3 with use_sliding_window, Phi-3,
+Starcoder2, ...; chunked attention alike) are counted in cache slots, not positions: every
+slot in the key/value cache between a query and a key counts against the window, pads
+included. Any layout that puts pads between a row's tokens (the shared-prefix layout
+`[prompt][pads][tokens]`, or a template's gaps) is therefore exact only while the whole
+padded row fits in the window: then every key is visible with pads or without.
+`shared_prefix_exact` is that test; callers that fail it run the plain layout, which keeps
+each row's real tokens contiguous (all pads on the left), and is exact for any window.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from ptcli.errors import ModelError
+
+WINDOWED_LAYERS = ("sliding_attention", "chunked_attention")
+
+
+def window_of(model) -> int | None:
+    """The attention window of the base in cache slots (sliding or chunked), or None when attention is global.
+
+    Conservative: a window in the config counts unless the config says it is off
+    (`use_sliding_window: false`) or lists no windowed layer in `layer_types`.
+    """
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+    if not isinstance(window, int) or window <= 0 or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types and not any(t in WINDOWED_LAYERS for t in types):
+        return None
+    return window
+
+
+def shared_prefix_exact(model, width: int) -> bool:
+    """Whether a layout with pads inside rows gives the unpadded answer, for rows `width` cache slots wide.
+
+    width counts everything a row occupies in the cache, pads included: prompt + longest
+    row (+ tokens appended later: decoded tokens, candidate answers).
+    """
+    window = window_of(model)
+    return window is None or width <= window
+
+
+def check_supported(model, ref: str) -> None:
+    """Refuse a base ptcli cannot prompt-tune: an encoder-decoder, or a body that takes no `inputs_embeds`."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only models",
+                         hint="pick a causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)")
+    params = inspect.signature(model.base_model.forward).parameters
+    if "inputs_embeds" not in params:
+        raise ModelError(f"{ref!r} ({config.model_type}) does not accept inputs_embeds, so a soft prompt cannot be fed to it",
+                         hint="pick a causal LM whose forward takes inputs_embeds (most Hugging Face models do)")

@@ -1,0 +1,216 @@
+"""The architecture matrix: every model family ptcli is tested on, against a one-row, unpadded reference.
+
+Each family is a tiny random model (2 layers, hidden 64, the tiny tokenizer) with weights at
+std 0.2 so its answers depend on the whole context. Families with sliding-window attention
+get a window of 8, shorter than every row here, so any pad between prompt and text would
+change the answer. The reference is written here, apart from ptcli's code: one row at a time,
+no padding, `model(inputs_embeds=[prompt][text][answer])`, logits everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import transformers
+from ptcli import bank, peft_io
+from ptcli import project as proj
+from ptcli.arch import window_of
+from ptcli.config import TaskConfig
+from ptcli.data import ANSWER_PREFIX
+from ptcli.forward import IGNORE, choice_scores, greedy, token_logprobs
+from ptcli.model import load_base
+from ptcli.train import tune_many
+from conftest import make_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WINDOW = 8
+P = 4
+DENSE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+GQA = dict(DENSE, num_key_value_heads=2)
+# family: (config class, its settings); sliding-window families get WINDOW, with windowed layers switched on
+FAMILIES = {
+    "llama": ("LlamaConfig", GQA),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "qwen2": ("Qwen2Config", dict(GQA, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(GQA, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "gemma2": ("Gemma2Config", dict(GQA, head_dim=16, sliding_window=WINDOW)),
+    "gemma3": ("Gemma3TextConfig", dict(GQA, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", dict(GQA, sliding_window=WINDOW)),
+    "mistral": ("MistralConfig", dict(GQA, sliding_window=WINDOW)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                              max_position_embeddings=256)),
+    "gpt_neox": ("GPTNeoXConfig", DENSE),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "starcoder2": ("Starcoder2Config", dict(GQA, sliding_window=WINDOW)),
+    "olmo2": ("Olmo2Config", DENSE),
+}
+PRESENT = [f for f, (cls, _) in FAMILIES.items() if hasattr(transformers, cls)]
+
+TEXTS = ["i love it", "the food was terrible and i hated it , a negative review .", "sports news : the team won the game",
+         "this phone is good , i like it . that one is bad , i dislike it . the movie was great"]
+ANSWERS = ["positive", "negative", "sports", "entailment"]
+CHOICES = ["positive", "negative", "entailment"]  # "entailment" is several tokens
+WHICH = [1, 0, 0, 1]  # two prompts in one batch: an ensemble, or two tags
+
+
+@pytest.fixture(scope="module", params=PRESENT)
+def family(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_json: str):
+    """(name, folder, model, tokenizer) of one family, built and loaded once per module."""
+    cls, settings = FAMILIES[request.param]
+    tok = make_tokenizer(tiny_tokenizer_json)
+    config = getattr(transformers, cls)(**settings, vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                                        pad_token_id=None, initializer_range=0.2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(request.param)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    model, tok = load_base(str(path))
+    return request.param, path, model, tok
+
+
+def _prompts(model, k: int = 2) -> torch.Tensor:
+    H = model.get_input_embeddings().weight.shape[1]
+    return torch.randn(k, P, H, generator=torch.Generator().manual_seed(0)) * 0.5  # (K, P, H)
+
+
+def _answer_ids(tok, answer: str) -> list[int]:
+    return tok(ANSWER_PREFIX + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def _reference_logprobs(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """log p(ids[i] | prompt, ids[:i]) for every i, one unpadded row: (T,)."""
+    x = torch.tensor([ids])  # (1, T)
+    embeds = torch.cat([prompt.unsqueeze(0), model.get_input_embeddings()(x)], dim=1)  # (1, P+T, H)
+    logits = model(inputs_embeds=embeds).logits[0, P - 1 : -1].float()  # (T, V): slot j predicts token j+1
+    return logits.log_softmax(-1).gather(1, x.T).squeeze(1)  # (T,)
+
+
+def _reference_greedy(model, prompt: torch.Tensor, ids: list[int], eos: int, max_new: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(max_new):
+        x = torch.tensor([ids + out])
+        embeds = torch.cat([prompt.unsqueeze(0), model.get_input_embeddings()(x)], dim=1)  # (1, P+T, H)
+        nxt = int(model(inputs_embeds=embeds).logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+    return out
+
+
+def _crosses_the_window(model, rows: list[list[int]]) -> None:
+    """The test is only worth its name if the padded rows are wider than the window and padded differently."""
+    window = window_of(model)
+    assert len({len(r) for r in rows}) > 1
+    assert window is None or (window == WINDOW and P + max(map(len, rows)) > 2 * window)
+
+
+def test_window_is_read_from_the_config(family) -> None:
+    name, _, model, _ = family
+    assert window_of(model) == (WINDOW if "sliding_window" in FAMILIES[name][1] else None)
+
+
+def test_loss_and_gradient_equal_the_unpadded_reference(family) -> None:
+    _, _, model, tok = family
+    texts = tok(TEXTS, add_special_tokens=False).input_ids
+    seqs = [t + _answer_ids(tok, a) for t, a in zip(texts, ANSWERS)]
+    labels = [[IGNORE] * len(t) + _answer_ids(tok, a) for t, a in zip(texts, ANSWERS)]
+    _crosses_the_window(model, seqs)
+    prompts = _prompts(model).requires_grad_()
+    logp, row_of = token_logprobs(model, prompts, seqs, labels, tok.pad_token_id, which=WHICH)
+    ours = torch.zeros(len(seqs)).index_add(0, row_of, logp)  # (B,)
+    ours.sum().backward()
+    ref_prompts = _prompts(model).requires_grad_()
+    ref = torch.stack([_reference_logprobs(model, ref_prompts[w], s)[len(t):].sum() for w, s, t in zip(WHICH, seqs, texts)])  # (B,)
+    ref.sum().backward()
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(prompts.grad, ref_prompts.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_greedy_answers_equal_the_unpadded_reference(family) -> None:
+    _, _, model, tok = family
+    texts = tok(TEXTS, add_special_tokens=False).input_ids
+    _crosses_the_window(model, texts)
+    prompts = _prompts(model)
+    with torch.no_grad():
+        ours = greedy(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, 6, which=WHICH)
+        ref = [_reference_greedy(model, prompts[w], t, tok.eos_token_id, 6) for w, t in zip(WHICH, texts)]
+    assert ours == ref and any(ref)
+
+
+def test_ranked_scores_equal_the_unpadded_reference(family) -> None:
+    _, _, model, tok = family
+    texts = tok(TEXTS, add_special_tokens=False).input_ids
+    options = [_answer_ids(tok, c) for c in CHOICES]
+    _crosses_the_window(model, texts)
+    prompts = _prompts(model)
+    with torch.no_grad():
+        ours = choice_scores(model, prompts, texts, options, tok.pad_token_id, WHICH)  # (B, C)
+        ref = torch.tensor([[_reference_logprobs(model, prompts[w], t + c)[len(t):].sum().item() for c in options]
+                            for w, t in zip(WHICH, texts)])  # (B, C)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_peft_export_gives_the_reference_logits(family, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    _, path, model, tok = family
+    project = proj.init(tmp_path / "p", str(path), P)
+    prompt = _prompts(model, 1)[0]  # (P, H)
+    bank.put(project, "t", prompt, {"config": TaskConfig().to_dict()})
+    peft_io.export(project, "t", tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(load_base(str(path))[0], str(tmp_path / "adapter"))
+    ids = tok(TEXTS[3], add_special_tokens=False).input_ids  # one unpadded row, longer than the window
+    x = torch.tensor([ids])  # (1, T)
+    with torch.no_grad():
+        theirs = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, P:]  # (T, V)
+        embeds = torch.cat([prompt.unsqueeze(0), model.get_input_embeddings()(x)], dim=1)  # (1, P+T, H)
+        ref = model(inputs_embeds=embeds).logits[0, P:]  # (T, V)
+    torch.testing.assert_close(theirs, ref, atol=1e-4, rtol=1e-4)
+
+
+VALID = [("i love it", "positive"), ("the food was terrible and i hated it , a negative review .", "negative"),
+         ("this phone is good , i like it", "positive"), ("i hate it", "negative"), ("the movie was great and i loved it", "positive")]
+
+
+def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) -> None:
+    """A real `tune` (0 steps) of two tags at once: one scored on the answer (its loss comes from ranking), one on text and answer."""
+    _, path, model, tok = family
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt_tag": tag, "text": t, "answer": a}) + "\n" for tag in ("ans", "all") for t, a in VALID))
+    init_text = "is this review positive or negative"
+    cfgs = {tag: TaskConfig(train=str(data), valid=str(data), init_text=init_text, answer_only=tag == "ans", max_steps=0, batch_size=8)
+            for tag in ("ans", "all")}
+    results = tune_many(proj.init(tmp_path / "p", str(path), P), cfgs, _Quiet())
+    ids = (tok(init_text, add_special_tokens=False).input_ids * P)[:P]
+    prompt = model.get_input_embeddings().weight.detach()[ids]  # (P, H): the text init
+    max_new = max(len(_answer_ids(tok, a)) for _, a in VALID)  # as validation decodes: the longest answer and eos
+    with torch.no_grad():
+        for result in results:
+            nll, count, greedy_ok, rank_ok = 0.0, 0, 0, 0
+            for text, answer in VALID:
+                t = tok(text, add_special_tokens=False).input_ids
+                logp = _reference_logprobs(model, prompt, t + _answer_ids(tok, answer))
+                scored = logp[len(t):] if result.tag == "ans" else logp
+                nll, count = nll - scored.sum().item(), count + len(scored)
+                out = tok.decode(_reference_greedy(model, prompt, t, tok.eos_token_id, max_new))
+                greedy_ok += out.strip() == answer
+                scores = [_reference_logprobs(model, prompt, t + _answer_ids(tok, c))[len(t):].sum() for c in ("negative", "positive")]
+                rank_ok += ("negative", "positive")[int(torch.stack(scores).argmax())] == answer
+            got = result.initial_metrics
+            assert got["val_loss"] == pytest.approx(nll / count, abs=1e-4)
+            assert got["val_acc_rank"] == rank_ok / len(VALID)
+            assert got["val_acc"] == greedy_ok / len(VALID)
+
+
+class _Quiet:
+    def status(self, message: str) -> None: ...
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, loss: float, lr: float, tokens: int) -> None: ...
+    def evaluated(self, step: int, metrics: dict[str, float], tag: str | None = None) -> None: ...

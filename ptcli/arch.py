@@ -2,7 +2,7 @@
 
 ptcli feeds the frozen base `inputs_embeds` (the soft prompt is a run of vectors, not tokens)
 and reads it as a decoder-only stack; bases without that are refused at `ptcli init`
-(`check_supported`), before any prompt is tuned on them.
+(`check_config` when loading, `check_supported` at init), before any prompt is tuned on them.
 
 Sliding windows (Mistral, Gemma-2/3 local layers, Qwen2/3 with use_sliding_window, Phi-3,
 Starcoder2, ...; chunked attention alike) are counted in cache slots, not positions: every
@@ -49,13 +49,19 @@ def shared_prefix_exact(model, width: int) -> bool:
     return window is None or width <= window
 
 
-def check_supported(model, ref: str) -> None:
-    """Refuse a base ptcli cannot prompt-tune: an encoder-decoder, or a body that takes no `inputs_embeds`."""
-    config = model.config
+def check_config(config, ref: str) -> None:
+    """Refuse an encoder-decoder checkpoint, read from its config before any weights load.
+
+    Its decoder alone (BART's causal-LM class, say) would load, but reads no encoder output:
+    not the model the checkpoint is.
+    """
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only models",
+        raise ModelError(f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only (causal) language models",
                          hint="pick a causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)")
-    params = inspect.signature(model.base_model.forward).parameters
-    if "inputs_embeds" not in params:
-        raise ModelError(f"{ref!r} ({config.model_type}) does not accept inputs_embeds, so a soft prompt cannot be fed to it",
+
+
+def check_supported(model, ref: str) -> None:
+    """Refuse a loaded base whose body takes no `inputs_embeds`: a soft prompt cannot be fed to it."""
+    if "inputs_embeds" not in inspect.signature(model.base_model.forward).parameters:
+        raise ModelError(f"{ref!r} ({model.config.model_type}) does not accept inputs_embeds, so a soft prompt cannot be fed to it",
                          hint="pick a causal LM whose forward takes inputs_embeds (most Hugging Face models do)")

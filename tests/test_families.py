@@ -24,6 +24,7 @@ from ptcli.data import ANSWER_PREFIX
 from ptcli.forward import IGNORE, choice_scores, greedy, token_logprobs
 from ptcli.model import load_base
 from ptcli.train import tune_many
+from clihelp import cli, failed
 from conftest import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -207,6 +208,26 @@ def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) 
             assert got["val_loss"] == pytest.approx(nll / count, abs=1e-4)
             assert got["val_acc_rank"] == rank_ok / len(VALID)
             assert got["val_acc"] == greedy_ok / len(VALID)
+
+
+UNSUPPORTED = {  # model class: (its tiny config, what `ptcli init` says)
+    "T5ForConditionalGeneration": (dict(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, decoder_start_token_id=0), "encoder-decoder"),
+    "BartForConditionalGeneration": (dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                          encoder_ffn_dim=64, decoder_ffn_dim=64), "encoder-decoder"),  # loadable as BartForCausalLM
+    "CpmAntForCausalLM": (dict(hidden_size=32, num_attention_heads=2, dim_head=16, dim_ff=64, num_hidden_layers=1), "does not accept inputs_embeds"),
+}
+
+
+@pytest.mark.parametrize("model_class", [m for m in UNSUPPORTED if hasattr(transformers, m)])
+def test_init_refuses_what_cannot_take_a_soft_prompt(model_class: str, tmp_path: Path, tiny_tokenizer_json: str) -> None:
+    settings, says = UNSUPPORTED[model_class]
+    cls = getattr(transformers, model_class)
+    tok = make_tokenizer(tiny_tokenizer_json)
+    cls(cls.config_class(vocab_size=len(tok), **settings)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    err = failed(cli("init", tmp_path / "p", "--base", tmp_path / "base"), 1)
+    assert says in err and "hint: pick a causal LM" in err
+    assert not (tmp_path / "p").exists()
 
 
 class _Quiet:

@@ -7,11 +7,11 @@ and reads it as a decoder-only stack; bases without that are refused at `ptcli i
 Sliding windows (Mistral, Gemma-2/3 local layers, Qwen2/3 with use_sliding_window, Phi-3,
 Starcoder2, ...; chunked attention alike) are counted in cache slots, not positions: every
 slot in the key/value cache between a query and a key counts against the window, pads
-included. Any layout that puts pads between a row's tokens (the shared-prefix layout
-`[prompt][pads][tokens]`, or a template's gaps) is therefore exact only while the whole
-padded row fits in the window: then every key is visible with pads or without.
-`shared_prefix_exact` is that test; callers that fail it run the plain layout, which keeps
-each row's real tokens contiguous (all pads on the left), and is exact for any window.
+included. So a layout is exact under any window when every row's real slots are contiguous
+(prompt, text, then whatever is appended; pads only before or after them), and a layout
+with pads inside a row (the shared-prefix layout `[prompt][pads][tokens]` that decoding
+extends, or a template's gaps) is exact only while the whole padded row fits in the window:
+then every key is visible with pads or without. `shared_prefix_exact` is that test.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ The fast path (`prefixed`) runs each prompt once per batch and shares its key/va
 with the rows that use it: in a causal LM a prompt's activations do not depend on what
 follows. Layout per row: [prompt (P)][pad ...][tokens], pads masked out, token positions
 continuing from P. The plain layout (`plain`, built by `assemble`) is [pad ...][prompt][tokens]
-and runs every row in full. `read` picks the fast path unless the base has a sliding window
-that a padded row could cross (pads between prompt and text count against the window; see
-arch.py), and the plain layout then, which is exact under any window.
+and runs every row in full. Under a sliding window, pads inside a row count against it
+(arch.py): the loss pads rows on the right instead ([prompt][tokens][pad ...], nothing is
+appended to them), and `read`, for rows that decoding or candidates extend, takes the plain
+layout whenever a padded row could cross the window.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def left_pad(rows: list[list[int]], fill: int, width: int | None = None) -> torc
         if r:
             out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+def right_pad(rows: list[list[int]], fill: int, width: int | None = None) -> torch.Tensor:
+    """(B, width) long tensor, each row left-aligned."""
+    return left_pad([r[::-1] for r in rows], fill, width).flip(1)  # (B, width)
 
 
 def assemble(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
@@ -80,7 +86,7 @@ def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 class Read:
     """A batch of rows read behind their prompts, ready for a loss, decoding or candidate scoring."""
 
-    hidden: torch.Tensor  # (B, T, H): the body's output over the tokens, aligned with left_pad(seqs)
+    hidden: torch.Tensor  # (B, T, H): the body's output over the tokens, aligned with left_pad(seqs) (or right_pad)
     prompt_end: torch.Tensor  # (B, H): each row's last prompt slot, which predicts its first token
     tok_mask: torch.Tensor  # (B, T): 1 on real tokens
     mask: torch.Tensor  # (B, S): attention mask over the cache
@@ -100,10 +106,13 @@ def read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which
     return plain(model, prompts, seqs, pad_id, which)
 
 
-def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None) -> Read:
+def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, right: bool = False) -> Read:
     """Run each prompt once and share its cache with the rows that use it: the fast path.
 
-    Layout [prompt][pad ...][tokens]; gradients reach the prompts through the cache.
+    Layout [prompt][pad ...][tokens], or with `right` [prompt][tokens][pad ...]: no pad
+    inside a row, so exact under any window, but nothing can be appended to the rows (their
+    hidden states are then aligned with right_pad(seqs)). Gradients reach the prompts
+    through the cache.
     """
     prompts, which = stack(prompts, len(seqs), which)
     K, P, _ = prompts.shape
@@ -121,8 +130,9 @@ def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, w
         cache.batch_repeat_interleave(B)  # (1, ...) -> (B, ...)
     else:
         cache.batch_select_indices(which)  # (K, ...) -> (B, ...)
-    ids = left_pad(seqs, pad_id).to(device)  # (B, T)
-    tok_mask = left_pad([[1] * len(s) for s in seqs], 0, ids.shape[1]).to(device)  # (B, T)
+    pad = right_pad if right else left_pad
+    ids = pad(seqs, pad_id).to(device)  # (B, T)
+    tok_mask = pad([[1] * len(s) for s in seqs], 0, ids.shape[1]).to(device)  # (B, T)
     mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), tok_mask], dim=1)  # (B, P+T)
     pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, cache))
@@ -145,11 +155,13 @@ def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: 
     """Log-probability of every labelled token, and the row it belongs to: (N,), (N,).
 
     labels[i] is aligned with seqs[i] (IGNORE where nothing is scored). The vocabulary
-    projection runs only at the positions that predict a labelled token.
+    projection runs only at the positions that predict a labelled token. Rows are padded on
+    the right, behind the shared prompt: nothing is appended to them, so no pad sits inside
+    a row and the fast path is exact under any attention window.
     """
-    r = read(model, prompts, seqs, pad_id, which)
+    r = prefixed(model, prompts, seqs, pad_id, which, right=True)
     hidden = r.hidden  # (B, T, H)
-    lab = left_pad(labels, IGNORE).to(hidden.device)  # (B, T)
+    lab = right_pad(labels, IGNORE).to(hidden.device)  # (B, T)
     targets = lab[:, 1:]  # (B, T-1): token t predicts token t+1
     sel = (targets != IGNORE) & r.tok_mask[:, :-1].bool()  # a pad predicts nothing
     firsts = torch.tensor([row[0] for row in labels], device=hidden.device)  # (B,): predicted by the prompt's end

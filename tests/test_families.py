@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import transformers
-from ptcli import bank, peft_io
+from ptcli import bank, forward, peft_io
 from ptcli import project as proj
 from ptcli.arch import window_of
 from ptcli.config import TaskConfig
@@ -76,9 +76,9 @@ def family(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_jso
     return request.param, path, model, tok
 
 
-def _prompts(model, k: int = 2) -> torch.Tensor:
+def _prompts(model, k: int = 2, n: int = P) -> torch.Tensor:
     H = model.get_input_embeddings().weight.shape[1]
-    return torch.randn(k, P, H, generator=torch.Generator().manual_seed(0)) * 0.5  # (K, P, H)
+    return torch.randn(k, n, H, generator=torch.Generator().manual_seed(0)) * 0.5  # (K, n, H)
 
 
 def _answer_ids(tok, answer: str) -> list[int]:
@@ -89,7 +89,7 @@ def _reference_logprobs(model, prompt: torch.Tensor, ids: list[int]) -> torch.Te
     """log p(ids[i] | prompt, ids[:i]) for every i, one unpadded row: (T,)."""
     x = torch.tensor([ids])  # (1, T)
     embeds = torch.cat([prompt.unsqueeze(0), model.get_input_embeddings()(x)], dim=1)  # (1, P+T, H)
-    logits = model(inputs_embeds=embeds).logits[0, P - 1 : -1].float()  # (T, V): slot j predicts token j+1
+    logits = model(inputs_embeds=embeds).logits[0, len(prompt) - 1 : -1].float()  # (T, V): slot j predicts token j+1
     return logits.log_softmax(-1).gather(1, x.T).squeeze(1)  # (T,)
 
 
@@ -117,45 +117,71 @@ def test_window_is_read_from_the_config(family) -> None:
     assert window_of(model) == (WINDOW if "sliding_window" in FAMILIES[name][1] else None)
 
 
-def test_loss_and_gradient_equal_the_unpadded_reference(family) -> None:
+@pytest.mark.parametrize("n", [P, 2 * WINDOW], ids=["short-prompt", "prompt-wider-than-window"])
+def test_loss_and_gradient_equal_the_unpadded_reference(family, n: int) -> None:
     _, _, model, tok = family
     texts = tok(TEXTS, add_special_tokens=False).input_ids
     seqs = [t + _answer_ids(tok, a) for t, a in zip(texts, ANSWERS)]
     labels = [[IGNORE] * len(t) + _answer_ids(tok, a) for t, a in zip(texts, ANSWERS)]
     _crosses_the_window(model, seqs)
-    prompts = _prompts(model).requires_grad_()
+    prompts = _prompts(model, n=n).requires_grad_()
     logp, row_of = token_logprobs(model, prompts, seqs, labels, tok.pad_token_id, which=WHICH)
     ours = torch.zeros(len(seqs)).index_add(0, row_of, logp)  # (B,)
     ours.sum().backward()
-    ref_prompts = _prompts(model).requires_grad_()
+    ref_prompts = _prompts(model, n=n).requires_grad_()
     ref = torch.stack([_reference_logprobs(model, ref_prompts[w], s)[len(t):].sum() for w, s, t in zip(WHICH, seqs, texts)])  # (B,)
     ref.sum().backward()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(prompts.grad, ref_prompts.grad, atol=1e-4, rtol=1e-3)
 
 
-def test_greedy_answers_equal_the_unpadded_reference(family) -> None:
-    _, _, model, tok = family
-    texts = tok(TEXTS, add_special_tokens=False).input_ids
-    _crosses_the_window(model, texts)
-    prompts = _prompts(model)
+def _greedy_matches(model, tok, texts: list[list[int]], prompts: torch.Tensor, max_new: int) -> list[list[int]]:
+    which = WHICH[: len(texts)]
     with torch.no_grad():
-        ours = greedy(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, 6, which=WHICH)
-        ref = [_reference_greedy(model, prompts[w], t, tok.eos_token_id, 6) for w, t in zip(WHICH, texts)]
-    assert ours == ref and any(ref)
+        ours = greedy(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, max_new, which=which)
+        ref = [_reference_greedy(model, prompts[w], t, tok.eos_token_id, max_new) for w, t in zip(which, texts)]
+    assert ours == ref
+    return ref
 
 
-def test_ranked_scores_equal_the_unpadded_reference(family) -> None:
-    _, _, model, tok = family
-    texts = tok(TEXTS, add_special_tokens=False).input_ids
-    options = [_answer_ids(tok, c) for c in CHOICES]
-    _crosses_the_window(model, texts)
-    prompts = _prompts(model)
+def _scores_match(model, tok, texts: list[list[int]], prompts: torch.Tensor, choices: list[str]) -> None:
+    which, options = WHICH[: len(texts)], [_answer_ids(tok, c) for c in choices]
     with torch.no_grad():
-        ours = choice_scores(model, prompts, texts, options, tok.pad_token_id, WHICH)  # (B, C)
+        ours = choice_scores(model, prompts, texts, options, tok.pad_token_id, which)  # (B, C)
         ref = torch.tensor([[_reference_logprobs(model, prompts[w], t + c)[len(t):].sum().item() for c in options]
-                            for w, t in zip(WHICH, texts)])  # (B, C)
+                            for w, t in zip(which, texts)])  # (B, C)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n", [P, 2 * WINDOW], ids=["short-prompt", "prompt-wider-than-window"])
+def test_greedy_answers_equal_the_unpadded_reference(family, n: int) -> None:
+    _, _, model, tok = family
+    texts = tok(TEXTS, add_special_tokens=False).input_ids
+    _crosses_the_window(model, texts)
+    assert any(_greedy_matches(model, tok, texts, _prompts(model, n=n), 6))
+
+
+@pytest.mark.parametrize("n", [P, 2 * WINDOW], ids=["short-prompt", "prompt-wider-than-window"])
+def test_ranked_scores_equal_the_unpadded_reference(family, n: int) -> None:
+    _, _, model, tok = family
+    texts = tok(TEXTS, add_special_tokens=False).input_ids
+    _crosses_the_window(model, texts)
+    _scores_match(model, tok, texts, _prompts(model, n=n), CHOICES)
+
+
+def test_rows_that_fit_the_window_share_the_prompt(family, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the rule's edge (prompt + padded row + appended tokens == window) the fast path runs, and is exact."""
+    _, _, model, tok = family
+    texts = tok(["i", "i love it"], add_special_tokens=False).input_ids  # 1 and 3 tokens: two pads in the short row
+    assert [len(t) for t in texts] == [1, 3] and all(len(c) == 2 for c in map(lambda a: _answer_ids(tok, a), ANSWERS[:2]))
+
+    def plain(*args, **kwargs):
+        raise AssertionError("the plain layout ran")
+
+    monkeypatch.setattr(forward, "plain", plain)
+    prompts = _prompts(model, n=2)
+    _greedy_matches(model, tok, texts, prompts, WINDOW - 2 - 3 + 1)  # decoding feeds all but the last new token
+    _scores_match(model, tok, texts, prompts, ANSWERS[:2])
 
 
 def test_peft_export_gives_the_reference_logits(family, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ included. So a layout is exact under any window when every row's real slots are 
 (prompt, text, then whatever is appended; pads only before or after them), and a layout
 with pads inside a row (the shared-prefix layout `[prompt][pads][tokens]` that decoding
 extends, or a template's gaps) is exact only while the whole padded row fits in the window:
-then every key is visible with pads or without. `shared_prefix_exact` is that test.
+then every key is visible with pads or without. `shared_prefix_exact` is that test; a
+layout that fails it can move its pads to a row's ends (forward.pads_first) instead.
 """
 
 from __future__ import annotations

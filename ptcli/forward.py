@@ -7,11 +7,12 @@ one mixed batch. A single prompt (P, H) is the same as K=1.
 The fast path (`prefixed`) runs each prompt once per batch and shares its key/value cache
 with the rows that use it: in a causal LM a prompt's activations do not depend on what
 follows. Layout per row: [prompt (P)][pad ...][tokens], pads masked out, token positions
-continuing from P. The plain layout (`plain`, built by `assemble`) is [pad ...][prompt][tokens]
-and runs every row in full. Under a sliding window, pads inside a row count against it
-(arch.py): the loss pads rows on the right instead ([prompt][tokens][pad ...], nothing is
-appended to them), and `read`, for rows that decoding or candidates extend, takes the plain
-layout whenever a padded row could cross the window.
+continuing from P. Under a sliding window, pads inside a row count against it (arch.py), so
+the loss pads rows on the right instead ([prompt][tokens][pad ...]; nothing is appended to
+them), and `read`, for rows that decoding or candidates extend, moves a right-padded batch's
+pads in front of the prompt (`pads_first`) whenever a padded row could cross the window.
+`assemble` is the plain layout [pad ...][prompt][tokens] that runs every row in full; it is
+kept so tests can hold the fast paths to it.
 """
 
 from __future__ import annotations
@@ -95,24 +96,28 @@ class Read:
 
 
 def read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, extra: int = 0) -> Read:
-    """Read every row behind its prompt: the shared-prefix fast path where it is exact, else the plain layout.
+    """Read rows that will be extended (decoding, candidates), sharing each prompt's cache, exactly under any window.
 
-    extra: tokens that will be appended to the cache afterwards (decoding, candidates); they
-    count toward the width that a sliding window must cover (see arch.shared_prefix_exact).
+    extra: tokens that will be appended afterwards; they count toward the width that a
+    sliding window must cover (arch.shared_prefix_exact). Rows that could cross the window
+    are read padded on the right, then their pads are moved in front of the prompt.
     """
     width = prompts.shape[-2] + max(len(s) for s in seqs) + extra
     if shared_prefix_exact(model, width):
         return prefixed(model, prompts, seqs, pad_id, which)
-    return plain(model, prompts, seqs, pad_id, which)
+    from transformers import DynamicCache
+
+    whole = DynamicCache()  # keeps every slot: the model's own cache would drop those a window has passed
+    return pads_first(prefixed(model, prompts, seqs, pad_id, which, right=True, cache=whole))
 
 
-def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, right: bool = False) -> Read:
+def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, right: bool = False, cache=None) -> Read:
     """Run each prompt once and share its cache with the rows that use it: the fast path.
 
     Layout [prompt][pad ...][tokens], or with `right` [prompt][tokens][pad ...]: no pad
     inside a row, so exact under any window, but nothing can be appended to the rows (their
-    hidden states are then aligned with right_pad(seqs)). Gradients reach the prompts
-    through the cache.
+    hidden states are then aligned with right_pad(seqs)) until `pads_first`. Gradients reach
+    the prompts through the cache. cache: an empty cache to fill, else the model's own.
     """
     prompts, which = stack(prompts, len(seqs), which)
     K, P, _ = prompts.shape
@@ -124,6 +129,7 @@ def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, w
         inputs_embeds=prompts.to(device=device, dtype=dtype),  # (K, P, H)
         position_ids=torch.arange(P, device=device).expand(K, P),
         use_cache=True,
+        **_with_cache(model, cache),
     )
     cache = _cache_of(head)
     if K == 1:
@@ -134,21 +140,27 @@ def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, w
     ids = pad(seqs, pad_id).to(device)  # (B, T)
     tok_mask = pad([[1] * len(s) for s in seqs], 0, ids.shape[1]).to(device)  # (B, T)
     mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), tok_mask], dim=1)  # (B, P+T)
-    pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+    pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T); a right pad repeats its row's last position
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **_with_cache(model, cache))
     return Read(out.last_hidden_state, head.last_hidden_state[:, -1][which], tok_mask, mask, pos[:, -1:], _cache_of(out))
 
 
-def plain(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None) -> Read:
-    """Run every row in full, [pad ...][prompt][tokens]: each row's real tokens contiguous, exact under any window."""
-    P = prompts.shape[-2]
-    embeds, mask, pos = assemble(model, prompts, seqs, pad_id, which)  # (B, S, H), (B, S), (B, S)
-    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-    hidden = out.last_hidden_state  # (B, S, H)
-    lengths = torch.tensor([len(s) for s in seqs], device=hidden.device)  # (B,)
-    prompt_end = hidden[torch.arange(len(seqs), device=hidden.device), hidden.shape[1] - 1 - lengths]  # (B, H)
-    tok_mask = left_pad([[1] * len(s) for s in seqs], 0, hidden.shape[1] - P).to(hidden.device)  # (B, T)
-    return Read(hidden[:, P:], prompt_end, tok_mask, mask, pos[:, -1:], _cache_of(out))
+def pads_first(r: Read) -> Read:
+    """[prompt][tokens][pad ...] -> [pad ...][prompt][tokens], cache and all, so the rows can be extended.
+
+    Keys and values already carry their positions (rotary or learned), so only their slots
+    move; every row's real slots stay contiguous, which a sliding window needs. The cache
+    must hold every slot (see `read`).
+    """
+    S, T = r.mask.shape[1], r.tok_mask.shape[1]
+    pads = (T - r.tok_mask.sum(1)).unsqueeze(1)  # (B, 1)
+    src = (torch.arange(S, device=r.mask.device) - pads) % S  # (B, S): the slot each slot is taken from
+    tok_src = (torch.arange(T, device=r.mask.device) - pads) % T  # (B, T): the same move over the tokens alone
+    for layer in r.cache.layers:
+        layer.keys, layer.values = (t.gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))  # (B, heads, S, d)
+                                    for t in (layer.keys, layer.values))
+    hidden = r.hidden.gather(1, tok_src.unsqueeze(-1).expand_as(r.hidden))  # (B, T, H), aligned with left_pad(seqs)
+    return Read(hidden, r.prompt_end, r.tok_mask.gather(1, tok_src), r.mask.gather(1, src), r.pos, r.cache)
 
 
 def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):

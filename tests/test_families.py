@@ -175,10 +175,10 @@ def test_rows_that_fit_the_window_share_the_prompt(family, monkeypatch: pytest.M
     texts = tok(["i", "i love it"], add_special_tokens=False).input_ids  # 1 and 3 tokens: two pads in the short row
     assert [len(t) for t in texts] == [1, 3] and all(len(c) == 2 for c in map(lambda a: _answer_ids(tok, a), ANSWERS[:2]))
 
-    def plain(*args, **kwargs):
-        raise AssertionError("the plain layout ran")
+    def pads_first(*args, **kwargs):
+        raise AssertionError("the rows were read for a window they could cross")
 
-    monkeypatch.setattr(forward, "plain", plain)
+    monkeypatch.setattr(forward, "pads_first", pads_first)
     prompts = _prompts(model, n=2)
     _greedy_matches(model, tok, texts, prompts, WINDOW - 2 - 3 + 1)  # decoding feeds all but the last new token
     _scores_match(model, tok, texts, prompts, ANSWERS[:2])

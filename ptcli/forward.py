@@ -157,8 +157,8 @@ def pads_first(r: Read) -> Read:
     src = (torch.arange(S, device=r.mask.device) - pads) % S  # (B, S): the slot each slot is taken from
     tok_src = (torch.arange(T, device=r.mask.device) - pads) % T  # (B, T): the same move over the tokens alone
     for layer in r.cache.layers:
-        layer.keys, layer.values = (t.gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))  # (B, heads, S, d)
-                                    for t in (layer.keys, layer.values))
+        at = src.to(layer.keys.device)[:, None, :, None]  # (B, 1, S, 1); layers may sit on several devices (--device-map)
+        layer.keys, layer.values = (t.gather(2, at.expand(-1, t.shape[1], -1, t.shape[3])) for t in (layer.keys, layer.values))  # (B, heads, S, d)
     hidden = r.hidden.gather(1, tok_src.unsqueeze(-1).expand_as(r.hidden))  # (B, T, H), aligned with left_pad(seqs)
     return Read(hidden, r.prompt_end, r.tok_mask.gather(1, tok_src), r.mask.gather(1, src), r.pos, r.cache)
 

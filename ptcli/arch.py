@@ -1,7 +1,7 @@
 """What ptcli needs of a base model's architecture, and the one rule for sliding-window attention.
 
 ptcli feeds the frozen base `inputs_embeds` (the soft prompt is a run of vectors, not tokens)
-and reads it as a decoder-only stack; bases without that are refused at `ptcli init`
+and reads it as a decoder-only stack of attention layers; bases without that are refused at `ptcli init`
 (`check_config` when loading, `check_supported` at init), before any prompt is tuned on them.
 
 Sliding windows (Mistral, Gemma-2/3 local layers, Qwen2/3 with use_sliding_window, Phi-3,
@@ -22,6 +22,7 @@ import inspect
 from ptcli.errors import ModelError
 
 WINDOWED_LAYERS = ("sliding_attention", "chunked_attention")
+RECURRENT_LAYERS = ("linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba")  # a state, not a key/value cache
 
 
 def window_of(model) -> int | None:
@@ -51,18 +52,49 @@ def shared_prefix_exact(model, width: int) -> bool:
 
 
 def check_config(config, ref: str) -> None:
-    """Refuse an encoder-decoder checkpoint, read from its config before any weights load.
+    """Refuse, from the config and before any weights load, a base ptcli cannot tune.
 
-    Its decoder alone (BART's causal-LM class, say) would load, but reads no encoder output:
-    not the model the checkpoint is.
+    An encoder-decoder's decoder alone (BART's causal-LM class, say) would load but read no
+    encoder output. Recurrent layers (Mamba, linear attention, short convolutions) keep a
+    state, not a key/value cache: it cannot be shared across rows or have its pads moved
+    (transformers fails on it at the first batch).
     """
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only (causal) language models",
                          hint="pick a causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)")
+    recurrent = sorted(set(getattr(config.get_text_config(), "layer_types", None) or []) & set(RECURRENT_LAYERS))
+    if recurrent:
+        raise ModelError(f"{ref!r} ({config.model_type}) has recurrent layers ({', '.join(recurrent)}); ptcli shares each prompt's "
+                         "key/value cache across rows and pads between them, which a recurrent state cannot take",
+                         hint="pick an attention-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)")
 
 
 def check_supported(model, ref: str) -> None:
-    """Refuse a loaded base whose body takes no `inputs_embeds`: a soft prompt cannot be fed to it."""
+    """Refuse a loaded base that takes no `inputs_embeds`, or on which ptcli's fast paths fail or disagree with a plain forward.
+
+    The probe: two rows of different lengths behind a 2-vector prompt, their loss (rows padded
+    on the right) and a 2-token answer's score after each (rows padded on the left, then
+    extended) must equal the same computed one row at a time without padding. It catches an
+    architecture whose cache, padding or positions ptcli's layouts do not fit, at init
+    rather than mid-tune. (Short rows: the window rule is `shared_prefix_exact`'s.)
+    """
+    import torch
+
+    from ptcli.forward import IGNORE, choice_scores, lm_loss
+
     if "inputs_embeds" not in inspect.signature(model.base_model.forward).parameters:
         raise ModelError(f"{ref!r} ({model.config.model_type}) does not accept inputs_embeds, so a soft prompt cannot be fed to it",
                          hint="pick a causal LM whose forward takes inputs_embeds (most Hugging Face models do)")
+    prompt = model.get_input_embeddings().weight[:2].detach().float()  # (2, H): two vocabulary rows
+    rows, answer = [[1, 2, 3], [4]], [5, 6]
+    try:
+        with torch.no_grad():
+            fast = lm_loss(model, prompt, rows, rows, 0)[0] - choice_scores(model, prompt, rows, [answer], 0).sum()
+            plain = sum(lm_loss(model, prompt, [r], [r], 0, fast=False)[0]
+                        + lm_loss(model, prompt, [r + answer], [[IGNORE] * len(r) + answer], 0, fast=False)[0] for r in rows)
+    except Exception as e:  # whatever breaks inside transformers, the user gets one clear refusal
+        raise ModelError(f"ptcli cannot run {ref!r} ({model.config.model_type}) behind a soft prompt: {type(e).__name__}: {e}",
+                         hint="pick an attention-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)") from e
+    if not torch.isclose(fast, plain.to(fast.device), rtol=1e-4, atol=1e-4):
+        raise ModelError(f"on {ref!r} ({model.config.model_type}) ptcli's batched forward gives a loss of {float(fast):.5f} where "
+                         f"one row at a time gives {float(plain):.5f}", hint="pick another causal LM, and report the model to ptcli")

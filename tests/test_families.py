@@ -21,6 +21,7 @@ from ptcli import project as proj
 from ptcli.arch import window_of
 from ptcli.config import TaskConfig
 from ptcli.data import ANSWER_PREFIX
+from ptcli.errors import ModelError
 from ptcli.forward import IGNORE, choice_scores, greedy, token_logprobs
 from ptcli.model import load_base
 from ptcli.train import tune_many
@@ -241,6 +242,8 @@ UNSUPPORTED = {  # model class: (its tiny config, what `ptcli init` says)
     "BartForConditionalGeneration": (dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
                                           encoder_ffn_dim=64, decoder_ffn_dim=64), "encoder-decoder"),  # loadable as BartForCausalLM
     "CpmAntForCausalLM": (dict(hidden_size=32, num_attention_heads=2, dim_head=16, dim_ff=64, num_hidden_layers=1), "does not accept inputs_embeds"),
+    "MambaForCausalLM": (dict(hidden_size=32, num_hidden_layers=1, state_size=4), "has recurrent layers (linear_attention)"),
+    "RwkvForCausalLM": (dict(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64), "cannot run"),
 }
 
 
@@ -252,8 +255,22 @@ def test_init_refuses_what_cannot_take_a_soft_prompt(model_class: str, tmp_path:
     cls(cls.config_class(vocab_size=len(tok), **settings)).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     err = failed(cli("init", tmp_path / "p", "--base", tmp_path / "base"), 1)
-    assert says in err and "hint: pick a causal LM" in err
+    assert says in err and "hint: pick a" in err and "causal LM" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_init_refuses_a_base_the_batched_forward_gets_wrong(tmp_path: Path, tiny_tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """init's probe, on the bug it exists for: a window of 2 and the shared prefix forced on padded rows that cross it."""
+    tok = make_tokenizer(tiny_tokenizer_json)
+    cls, settings = FAMILIES["mistral"]
+    config = getattr(transformers, cls)(**{**settings, "sliding_window": 2}, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                        initializer_range=0.2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    proj.init(tmp_path / "ok", str(tmp_path / "base"), P)  # as ptcli runs it: exact
+    monkeypatch.setattr(forward, "shared_prefix_exact", lambda model, width: True)
+    with pytest.raises(ModelError, match="batched forward gives a loss of .* where one row at a time gives"):
+        proj.init(tmp_path / "p", str(tmp_path / "base"), P)
 
 
 class _Quiet:

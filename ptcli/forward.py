@@ -77,9 +77,16 @@ def assemble(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, w
 
 
 def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Vocabulary projection of hidden states (..., H) -> (..., V), with the model's logit soft-capping if any."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    """Vocabulary projection of hidden states (..., H) -> (..., V), scaled as the model's own head scales it.
+
+    Cohere's logit_scale, Granite's logits_scaling, Gemma's soft-capping; init's probe
+    (arch.check_supported) refuses a base whose head does anything else.
+    """
+    config = model.config.get_text_config()
+    logits = model.get_output_embeddings()(hidden) * (getattr(config, "logit_scale", None) or 1.0)  # (..., V)
+    if config.model_type.startswith("granite"):
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
 

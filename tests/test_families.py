@@ -52,6 +52,11 @@ FAMILIES = {
     "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
     "starcoder2": ("Starcoder2Config", dict(GQA, sliding_window=WINDOW)),
     "olmo2": ("Olmo2Config", DENSE),
+    "cohere2": ("Cohere2Config", dict(GQA, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),  # logit_scale
+    "granite": ("GraniteConfig", dict(GQA, logits_scaling=4.0)),
+    "gpt_oss": ("GptOssConfig", dict(GQA, head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+                                     layer_types=["sliding_attention", "full_attention"])),  # attention sinks
+    "mixtral": ("MixtralConfig", dict(GQA, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
 }
 PRESENT = [f for f, (cls, _) in FAMILIES.items() if hasattr(transformers, cls)]
 

@@ -1,8 +1,9 @@
 """What ptcli needs of a base model's architecture, and the one rule for sliding-window attention.
 
 ptcli feeds the frozen base `inputs_embeds` (the soft prompt is a run of vectors, not tokens)
-and reads it as a decoder-only stack of attention layers; bases without that are refused at `ptcli init`
-(`check_config` when loading, `check_supported` at init), before any prompt is tuned on them.
+and reads it as a decoder-only stack of attention layers; bases without that are refused
+(`check_config` whenever a base loads, `check_supported` with its probe at `ptcli init`),
+before any prompt is tuned on them.
 
 Sliding windows (Mistral, Gemma-2/3 local layers, Qwen2/3 with use_sliding_window, Phi-3,
 Starcoder2, ...; chunked attention alike) are counted in cache slots, not positions: every

@@ -56,7 +56,8 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------- workers (run in a child process)
 
 
-def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
+def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str = "SST2") -> dict:
+    """tool: ptcli (the prompt first), ptcli-suffix (--template suffix: the text runs without gradient) or peft."""
     import torch
 
     from ptcli.data import Record, encode
@@ -65,13 +66,15 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
     from ptcli.reparam import SoftPrompt
 
     model, tok = load_base("default")
-    rows = load_rows("SST2", "train", steps * batch + batch)
+    rows = load_rows(task, "train", steps * batch + batch)
     records = [Record(i, r["prompt_tag"], r["text"], r["answer"], r) for i, r in enumerate(rows)]
-    enc = encode(tok, records, prompt_len, 512, answer_only=True)
+    template = "suffix" if tool == "ptcli-suffix" else "prefix"
+    enc = encode(tok, records, prompt_len, 512, answer_only=True, template=template)
+    size = [len(ids) + (prompt_len if template == "prefix" else 0) for ids in enc.ids]  # real positions of each row
     batches = [list(range(s * batch, (s + 1) * batch)) for s in range(steps + 1)]
-    init = init_prompt(model, tok, prompt_len, "text", "positive negative", 0)
+    init = init_prompt(model, tok, prompt_len, "text", " ".join(sorted({r["answer"] for r in rows})), 0)
     times, tokens, positions = [], [], []
-    if tool == "ptcli":
+    if tool.startswith("ptcli"):
         prompt = SoftPrompt(init)
         opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
 
@@ -108,9 +111,9 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
         step(idx)
         if s > 0:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
-            tokens.append(sum(len(enc.ids[i]) + prompt_len for i in idx))
-            T = max(len(enc.ids[i]) for i in idx)  # padded text length
-            positions.append(len(idx) * T + prompt_len if tool == "ptcli" else len(idx) * (T + prompt_len))
+            tokens.append(sum(size[i] for i in idx))
+            T = max(len(enc.ids[i]) for i in idx)  # padded row length (prompt slots included for the suffix)
+            positions.append(len(idx) * T + prompt_len if tool == "ptcli" else len(idx) * (T + prompt_len * (tool == "peft")))
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     return {"step_s": times, "tokens": tokens, "positions": positions, "peak_rss_mb": peak_rss_mb(), "n_params_non_embedding": n_params}
 
@@ -205,7 +208,7 @@ def main() -> None:
     datadir.add_flag(ap)
     args = ap.parse_args()
     global DATA
-    DATA = datadir.check(args.data_dir, ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/val.jsonl"])
+    DATA = datadir.check(args.data_dir, ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/train.jsonl", "RTE/val.jsonl"])
     if args.worker:
         kind, *rest = args.worker
         fn = {"train": worker_train, "infer": worker_infer, "matmul": worker_matmul}[kind]
@@ -220,11 +223,13 @@ def main() -> None:
     peak = statistics.median(run_worker("matmul")["flops"] for _ in range(3))
     results["matmul_gflops"] = peak / 1e9
     rows = []
-    for P in lengths:
-        runs: dict[str, list[dict]] = {"ptcli": [], "peft": []}
+
+    def train(label: str, key: str, tools: tuple[str, ...], P: int, task: str) -> dict[str, float]:
+        """Alternate the tools' workers `reps` times; record each tool's medians; return its tokens/s."""
+        runs: dict[str, list[dict]] = {tool: [] for tool in tools}
         for _ in range(reps):
-            for tool in ("ptcli", "peft"):
-                runs[tool].append(run_worker("train", tool, str(P), str(steps), str(args.batch)))
+            for tool in tools:
+                runs[tool].append(run_worker("train", tool, str(P), str(steps), str(args.batch), task))
         tps = {}
         for tool, rs in runs.items():
             step_s = statistics.median(s for r in rs for s in r["step_s"])
@@ -233,9 +238,17 @@ def main() -> None:
             pos_per_s = statistics.median(p / s for r in rs for p, s in zip(r["positions"], r["step_s"]))
             flops = 4 * rs[0]["n_params_non_embedding"] * pos_per_s
             tps[tool] = tok_per_s
-            results[f"train_p{P}_{tool}"] = {"tokens_per_s": tok_per_s, "step_s": step_s, "peak_rss_mb": rss, "flops_fraction": flops / peak}
-            rows.append((f"train P={P}", tool, f"{tok_per_s:,.0f} tok/s", f"{step_s:.2f} s/step", f"{rss:,.0f} MB", f"{flops / peak:.1%} of peak"))
+            results[f"{key}_{tool}"] = {"tokens_per_s": tok_per_s, "step_s": step_s, "peak_rss_mb": rss, "flops_fraction": flops / peak}
+            rows.append((label, tool, f"{tok_per_s:,.0f} tok/s", f"{step_s:.2f} s/step", f"{rss:,.0f} MB", f"{flops / peak:.1%} of peak"))
+        return tps
+
+    for P in lengths:
+        tps = train(f"train P={P}", f"train_p{P}", ("ptcli", "peft"), P, "SST2")
         results[f"train_ratio_p{P}"] = tps["ptcli"] / tps["peft"]
+    for task in ("SST2", "RTE"):  # where the prompt sits: the suffix runs the text before it without gradient
+        tps = train(f"{task} P=20", f"layout_{task}", ("ptcli", "ptcli-suffix", "peft"), 20, task)
+        results[f"suffix_vs_prefix_ratio_{task}"] = tps["ptcli-suffix"] / tps["ptcli"]
+        results[f"suffix_vs_peft_ratio_{task}"] = tps["ptcli-suffix"] / tps["peft"]
     infer_P = 20 if args.quick else 100
     n_per_tag = 16 if args.quick else 48
     inf: dict[str, list[float]] = {"ptcli": [], "peft": []}
@@ -252,9 +265,9 @@ def main() -> None:
     results["rss_ratio"] = results[f"train_p{P0}_ptcli"]["peak_rss_mb"] / results[f"train_p{P0}_peft"]["peak_rss_mb"]
     results["list_tags_seconds"] = list_tags_seconds()
 
-    print(f"{'measurement':<20}{'tool':<7}{'throughput':>16}{'step':>13}{'peak RSS':>11}{'FLOP/s':>16}")
+    print(f"{'measurement':<20}{'tool':<14}{'throughput':>16}{'step':>13}{'peak RSS':>11}{'FLOP/s':>16}")
     for r in rows:
-        print(f"{r[0]:<20}{r[1]:<7}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
+        print(f"{r[0]:<20}{r[1]:<14}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
     print(f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; list-tags on 50 prompts {results['list_tags_seconds']:.3f} s")
     for key in [k for k in results if "ratio" in k] + ["train_peak_fraction"]:
         print(f"{key}: {results[key]:.3f}")

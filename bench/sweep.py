@@ -9,6 +9,12 @@ machine.
     python bench/sweep.py --budget-minutes 4 --grid lr       # lr 0.03 / 0.1 / 0.3
     python bench/sweep.py --budget-minutes 4 --grid shape --tasks SST2 --valid-rows 200 --val-every '{"SST2": 100}'
                                                              # init text / labels, prompt length 20 / 100
+    python bench/sweep.py --budget-minutes 10 --grid placement --tasks RTE
+                                                             # where the prompt sits, and its reparameterization
+    python bench/sweep.py --budget-minutes 10 --grid rte --tasks RTE
+                                                             # lr, batch size, prompt length, --max-seq-length
+
+SST-2 is validated on val_sentences.jsonl (whole sentences, like the sets users care about).
 
 Writes bench/results/sweep.json (every run appended under its grid) and prints a table.
 """
@@ -30,20 +36,29 @@ import datadir
 
 ROOT = Path(__file__).resolve().parent.parent
 
-GRIDS = {
+GRIDS: dict[str, list[dict]] = {
     "lr": [{"lr": lr, "init": "labels"} for lr in (0.03, 0.1, 0.3)],
     "shape": [{"lr": 0.1, "init": "labels"}, {"lr": 0.1, "init": "text"}, {"lr": 0.1, "init": "labels", "prompt_tokens": 100},
               {"lr": 0.3, "init": "labels", "prompt_tokens": 100}],
+    "placement": [{"lr": 0.1, "init": "text", "template": t, "reparam": r} for t, r in
+                  (("prefix", "none"), ("suffix", "none"), ("{text}\nAnswer:{prompt}{answer}", "none"),
+                   ("{prompt:10}{text}{prompt}{answer}", "none"), ("suffix", "residual"), ("suffix", "mlp"), ("prefix", "residual"))],
+    "rte": [{"lr": lr, "init": "text", "template": "suffix", "batch_size": b, "prompt_tokens": n, "max_seq_length": m}
+            for lr, b, n, m in ((0.1, 16, 20, 512), (0.3, 16, 20, 512), (0.03, 16, 20, 512), (0.1, 8, 20, 512), (0.1, 32, 20, 512),
+                                (0.1, 16, 10, 512), (0.1, 16, 50, 512), (0.1, 16, 20, 128))],
 }
+VAL = {"SST2": "val_sentences.jsonl"}  # every other task: val.jsonl
+EXTRA = ("template", "reparam", "reparam_lr", "batch_size", "max_seq_length")  # grid keys passed as --flags
 
 
 def run_one(data: Path, task: str, cfg: dict, budget: float, val_every: int, lr_default: float, valid_rows: int | None) -> dict:
     flags = ["--init", cfg["init"], "--lr", str(cfg["lr"] or lr_default)]
+    flags += [x for k in EXTRA if k in cfg for x in (f"--{k.replace('_', '-')}", str(cfg[k]))]
     with tempfile.TemporaryDirectory(prefix="ptcli-sweep-") as tmp:
-        proj, valid = Path(tmp) / "proj", data / task / "val.jsonl"
+        proj, valid = Path(tmp) / "proj", data / task / VAL.get(task, "val.jsonl")
         if valid_rows:  # validation costs wall time inside the budget: a smaller slice of val
             valid = Path(tmp) / "valid.jsonl"
-            valid.write_text("".join((data / task / "val.jsonl").read_text().splitlines(keepends=True)[:valid_rows]))
+            valid.write_text("".join((data / task / VAL.get(task, "val.jsonl")).read_text().splitlines(keepends=True)[:valid_rows]))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "ptcli", "init", str(proj), "--num-prompt-tokens", str(cfg.get("prompt_tokens", 20)), "-q"],
                        check=True, env=env)
@@ -75,7 +90,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep.json")
     datadir.add_flag(ap)
     args = ap.parse_args()
-    data = datadir.check(args.data_dir, [f"{t}/{s}.jsonl" for t in args.tasks for s in ("train", "val")])
+    data = datadir.check(args.data_dir, [f"{t}/{s}" for t in args.tasks for s in ("train.jsonl", VAL.get(t, "val.jsonl"))])
 
     jobs = [(task, cfg) for cfg in GRIDS[args.grid] for task in args.tasks]
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -86,9 +101,10 @@ def main() -> None:
                       "val_every": args.val_every, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print("| task | init | lr | P | val_acc_rank | val_acc | steps | best step | seconds |\n|---|---|---|---|---|---|---|---|---|")
+    print("| task | init | lr | P | other | val_acc_rank | val_acc | steps | best step | seconds |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['task']} | {r['init']} | {r['lr']} | {r.get('prompt_tokens', 20)} | {r['val_acc_rank']:.3f} | {r['val_acc']:.3f} "
+        other = " ".join(f"{k}={r[k]}" for k in EXTRA if k in r)
+        print(f"| {r['task']} | {r['init']} | {r['lr']} | {r.get('prompt_tokens', 20)} | {other} | {r['val_acc_rank']:.3f} | {r['val_acc']:.3f} "
               f"| {r['steps']} | {r['best_step']} | {r['seconds']} |")
 
 

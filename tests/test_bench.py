@@ -23,6 +23,7 @@ def test_speed_bench_quick_configuration_runs(tmp_path, monkeypatch, default_cac
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())
-    for key in ("train_ratio_p20", "infer_ratio_p20", "train_peak_fraction", "rss_ratio", "list_tags_seconds"):
+    for key in ("train_ratio_p20", "infer_ratio_p20", "train_peak_fraction", "rss_ratio", "list_tags_seconds",
+                "suffix_vs_prefix_ratio_RTE", "suffix_vs_peft_ratio_SST2"):
         assert results[key] > 0, key
     assert "train_ratio_p20" in r.stdout  # the table is printed

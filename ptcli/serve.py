@@ -251,10 +251,11 @@ def serve(project: Project, cfg: ServeConfig, status: Callable[[str], None] = la
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=cfg.graceful_timeout_s))
     host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     if not cfg.api_key and host not in ("127.0.0.1", "::1", "localhost"):
         status(f"warning: listening on {host} without an API key; anyone who reaches it can use it (--api-key)")
     batcher.start()
-    status(f"listening on http://{host}:{port} ({len(bank.tags())} tags; batches of up to {cfg.max_batch_size}, "
+    status(f"listening on {url} ({len(bank.tags())} tags; batches of up to {cfg.max_batch_size}, "
            f"waiting up to {cfg.max_wait_ms:g} ms)")
     try:
         with _signals_end_quietly():

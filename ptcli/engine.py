@@ -1,15 +1,15 @@
-"""Mixed-tag batches for the server: rows of any tags, modes and lengths, one pass of the base per mode.
+"""Mixed-tag batches for the server: rows of any tags and requests, answered together.
 
 `ptcli infer` reads a file one tag at a time; a server's queue holds rows of many tags at
 once. Here every prompt of a batch (each ensemble member too) is stacked into one (M, P, H)
 tensor and each row points at its members, so one pass of the frozen base serves them all
-(`forward.prefixed` runs each prompt once and shares its cache with its rows).
+(`forward.prefixed` runs each prompt once and shares its cache with its rows). A batch runs
+one pass per mode and generation length.
 
 A row gets the answer `ptcli infer` gives it: the same cut of its text, the same greedy
-tokens (decoding longer and keeping the row's first `max_new` tokens gives the tokens a
-`max_new` decode gives), the same ranking (a candidate's score does not depend on the other
-candidates of the pass, so scoring the union of the batch's answer sets and taking the
-argmax over the row's own set agrees).
+tokens, the same ranking (a candidate's score does not depend on the other candidates of
+the pass, so scoring the union of the batch's answer sets and taking the argmax over the
+row's own set agrees).
 """
 
 from __future__ import annotations
@@ -63,12 +63,15 @@ class Engine:
         """Answers in item order; an item that cannot run (no room for its text) gets its error instead."""
         seqs = self.texts(items)
         results: list[Answer | PtcliError | None] = [s if isinstance(s, PtcliError) else None for s in seqs]
-        for mode, run in (("generate", self._generate), ("rank", self._rank)):
-            idx = [i for i, it in enumerate(items) if it.mode == mode and results[i] is None]
-            if idx:
-                with torch.inference_mode():
-                    for i, out in zip(idx, run([items[i] for i in idx], [seqs[i] for i in idx])):
-                        results[i] = out
+        passes: dict[tuple[str, int], list[int]] = {}  # one pass per mode and generation length
+        for i, it in enumerate(items):
+            if results[i] is None:
+                passes.setdefault((it.mode, it.max_new if it.mode == "generate" else 0), []).append(i)
+        for (mode, _), idx in passes.items():
+            run = self._generate if mode == "generate" else self._rank
+            with torch.inference_mode():
+                for i, out in zip(idx, run([items[i] for i in idx], [seqs[i] for i in idx])):
+                    results[i] = out
         return results  # type: ignore[return-value]
 
     def texts(self, items: list[Item]) -> list[list[int] | PtcliError]:
@@ -103,14 +106,15 @@ class Engine:
     def _generate(self, items: list[Item], seqs: list[list[int]]) -> list[Answer]:
         prompts, rows, which, spans = self._expand(items, seqs)
         tok = self.tok
-        outs, _ = answer(self.model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max(it.max_new for it in items))
+        max_new = items[0].max_new  # the same for the whole pass: a row never decodes past the room its text was cut for
+        outs, _ = answer(self.model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new)
         answers = []
         for it, s, span in zip(items, seqs, spans):
-            members = [outs[r][: it.max_new] for r in span]
+            members = [outs[r] for r in span]
             texts = [tok.decode(m, skip_special_tokens=True).strip() for m in members]
             voted = Counter(texts).most_common(1)[0][0]  # ties go to the first member, as in `ptcli infer`
             kept = members[texts.index(voted)]
-            answers.append(Answer(voted, len(s), len(kept), len(kept) < it.max_new))
+            answers.append(Answer(voted, len(s), len(kept), len(kept) < max_new))
         return answers
 
     def _rank(self, items: list[Item], seqs: list[list[int]]) -> list[Answer]:

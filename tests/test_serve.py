@@ -147,15 +147,19 @@ def test_rows_endpoint_mixes_tags_and_equals_infer(server: Server, project: Path
 
 
 def test_concurrent_requests_of_mixed_tags_equal_infer(server: Server, project: Path) -> None:
-    want = infer(project, ROWS, "--tokens-to-generate", "4")
+    """Rows of both tags, two generation lengths and both modes, in flight together."""
+    kinds = [{"tokens_to_generate": 4}, {"tokens_to_generate": 6}, {"mode": "rank"}]
+    want = [infer(project, ROWS, "--tokens-to-generate", "4"), infer(project, ROWS, "--tokens-to-generate", "6"),
+            infer(project, ROWS, "--mode", "rank")]
     before = server.call("/health")[2]
+    requests = [(k, i) for i in range(len(ROWS)) for k in range(len(kinds))]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda row: server.call("/v1/ptcli/infer", {"rows": [row], "tokens_to_generate": 4}), ROWS * 2))
+        got = list(pool.map(lambda ki: server.call("/v1/ptcli/infer", {"rows": [ROWS[ki[1]]], **kinds[ki[0]]}), requests))
     assert all(status == 200 for status, _, _ in got)
-    assert [body["rows"][0] for _, _, body in got] == want * 2
+    assert [body["rows"][0] for _, _, body in got] == [want[k][i] for k, i in requests]
     after = server.call("/health")[2]
-    assert after["rows"] - before["rows"] == 16
-    assert after["batches"] - before["batches"] < 16, "concurrent requests shared batches"
+    assert after["rows"] - before["rows"] == len(requests)
+    assert after["batches"] - before["batches"] < len(requests), "concurrent requests shared batches"
 
 
 def test_bad_input_gets_its_status_and_the_server_keeps_serving(server: Server) -> None:

@@ -110,14 +110,16 @@ def endpoint(handler: Callable[[Request, Service], Awaitable[Response]], public:
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object: 413 past `limit` bytes (declared or sent), 400 if it is not JSON."""
     declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
     size, chunks = 0, []
-    async for chunk in request.stream():
+    async for chunk in request.stream():  # read to the end even when too big (up to DRAIN_LIMIT), so the client hears 413
         size += len(chunk)
+        too_big = too_big or size > limit
         if size > DRAIN_LIMIT:
             break
-        if size <= limit and not (declared.isdigit() and int(declared) > limit):
+        if not too_big:
             chunks.append(chunk)
-    if size > limit or (declared.isdigit() and int(declared) > limit):
+    if too_big:
         raise ServeError(f"the body is larger than this server's limit of {limit} bytes (--max-body-bytes)", status=413)
     try:
         body = json.loads(b"".join(chunks))

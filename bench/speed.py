@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import datadir
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("PTCLI_DATA", ROOT.parent / "shared" / "data"))
+DATA = datadir.DEFAULT  # --data-dir; workers get it on their command line
 
 
 def load_rows(task: str, split: str, n: int) -> list[dict]:
@@ -59,7 +61,8 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
 
     from ptcli.data import Record, encode
     from ptcli.forward import lm_loss
-    from ptcli.model import SoftPrompt, init_prompt, load_base
+    from ptcli.model import init_prompt, load_base
+    from ptcli.reparam import SoftPrompt
 
     model, tok = load_base("default")
     rows = load_rows("SST2", "train", steps * batch + batch)
@@ -166,7 +169,7 @@ def worker_matmul() -> dict:
 
 
 def run_worker(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, __file__, "--data-dir", str(DATA), "--worker", *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -199,7 +202,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    datadir.add_flag(ap)
     args = ap.parse_args()
+    global DATA
+    DATA = datadir.check(args.data_dir, ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/val.jsonl"])
     if args.worker:
         kind, *rest = args.worker
         fn = {"train": worker_train, "infer": worker_infer, "matmul": worker_matmul}[kind]

@@ -26,8 +26,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import datadir
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("PTCLI_DATA", ROOT.parent / "shared" / "data"))
 
 GRIDS = {
     "lr": [{"lr": lr, "init": "labels"} for lr in (0.03, 0.1, 0.3)],
@@ -36,18 +37,18 @@ GRIDS = {
 }
 
 
-def run_one(task: str, cfg: dict, budget: float, val_every: int, lr_default: float, valid_rows: int | None) -> dict:
+def run_one(data: Path, task: str, cfg: dict, budget: float, val_every: int, lr_default: float, valid_rows: int | None) -> dict:
     flags = ["--init", cfg["init"], "--lr", str(cfg["lr"] or lr_default)]
     with tempfile.TemporaryDirectory(prefix="ptcli-sweep-") as tmp:
-        proj, valid = Path(tmp) / "proj", DATA / task / "val.jsonl"
+        proj, valid = Path(tmp) / "proj", data / task / "val.jsonl"
         if valid_rows:  # validation costs wall time inside the budget: a smaller slice of val
             valid = Path(tmp) / "valid.jsonl"
-            valid.write_text("".join((DATA / task / "val.jsonl").read_text().splitlines(keepends=True)[:valid_rows]))
+            valid.write_text("".join((data / task / "val.jsonl").read_text().splitlines(keepends=True)[:valid_rows]))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "ptcli", "init", str(proj), "--num-prompt-tokens", str(cfg.get("prompt_tokens", 20)), "-q"],
                        check=True, env=env)
         r = subprocess.run(
-            [sys.executable, "-m", "ptcli", "tune", "-p", str(proj), "--tag", task, "--train", str(DATA / task / "train.jsonl"),
+            [sys.executable, "-m", "ptcli", "tune", "-p", str(proj), "--tag", task, "--train", str(data / task / "train.jsonl"),
              "--valid", str(valid), "--max-steps", "100000", "--max-minutes", str(budget),
              "--val-check-interval", str(val_every), *flags, "--json", "-q"],
             capture_output=True, text=True, env=env,
@@ -72,11 +73,13 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--valid-rows", type=int, default=None, help="validate on the first N val rows only")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep.json")
+    datadir.add_flag(ap)
     args = ap.parse_args()
+    data = datadir.check(args.data_dir, [f"{t}/{s}.jsonl" for t in args.tasks for s in ("train", "val")])
 
     jobs = [(task, cfg) for cfg in GRIDS[args.grid] for task in args.tasks]
     with ThreadPoolExecutor(args.parallel) as pool:
-        runs = list(pool.map(lambda j: run_one(j[0], j[1], args.budget_minutes, args.val_every[j[0]], args.lr, args.valid_rows), jobs))
+        runs = list(pool.map(lambda j: run_one(data, j[0], j[1], args.budget_minutes, args.val_every[j[0]], args.lr, args.valid_rows), jobs))
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     doc[args.grid] = {"date": dt.date.today().isoformat(), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                       "budget_minutes": args.budget_minutes, "threads_per_run": 1, "valid_rows": args.valid_rows,

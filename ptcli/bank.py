@@ -73,6 +73,15 @@ def read_meta(project: Project, tag: str) -> Entry:
     return Entry(tag, header["__metadata__"]["ptcli"], path)
 
 
+def mode_of(meta: dict[str, Any]) -> str:
+    """The infer mode a prompt was chosen by: `rank` where validation ranked a closed answer set, else `generate`.
+
+    Records from before `mode` was stored (and imported prompts) get the mode today's validation
+    would have used: rank exactly when the record has an answer set (`choices`).
+    """
+    return meta.get("mode") or ("rank" if meta.get("choices") else "generate")
+
+
 def check_compatible(project: Project, meta: dict[str, Any], source: str) -> None:
     """Refuse a prompt made for another base model or prompt length, naming both."""
     base = project.base

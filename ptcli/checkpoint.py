@@ -43,15 +43,21 @@ def path(project: Project, tags: list[str] | str) -> Path:
 
 
 def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, state: State) -> None:
+    """Every trainable tensor of the prompt module (the prompts, and an encoder's weights) with its AdamW moments."""
     from safetensors.torch import save as st_save
 
-    adam = opt.state.get(prompt.weight, {})
-    tensors = {"prompt": prompt.weight.detach().cpu().contiguous(), "best_prompt": state.best_prompt.cpu().contiguous()}
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in adam:
-            tensors[key] = adam[key].detach().cpu().contiguous()
+    tensors = {"best_prompt": state.best_prompt.cpu().contiguous()}
+    steps = {}
+    for name, param in prompt.named_parameters():
+        tensors[f"param.{name}"] = param.detach().cpu().contiguous()
+        adam = opt.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in adam:
+                tensors[f"{key}.{name}"] = adam[key].detach().cpu().contiguous()
+        if "step" in adam:
+            steps[name] = float(adam["step"])
     record = {k: v for k, v in asdict(state).items() if k != "best_prompt"}
-    record["adam_step"] = float(adam["step"]) if "step" in adam else 0.0
+    record["adam_steps"] = steps
     atomic_write(target, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
 
 
@@ -71,20 +77,22 @@ def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfgs
             f"the interrupted run used other settings ({', '.join(changed)})",
             hint="resume with the same flags, or start over with --overwrite",
         )
-    device = prompt.weight.device
-    if tuple(tensors["prompt"].shape) != tuple(prompt.weight.shape):
-        raise ProjectError(f"checkpoint {source} holds prompts of shape {tuple(tensors['prompt'].shape)}, not {tuple(prompt.weight.shape)}",
+    params = dict(prompt.named_parameters())
+    shapes = {n: tuple(t.shape) for n, t in tensors.items() if n.startswith("param.")}
+    if shapes != {f"param.{n}": tuple(p.shape) for n, p in params.items()}:
+        raise ProjectError(f"checkpoint {source} holds other prompt tensors ({shapes}) than this run trains",
                            hint="start over with --overwrite")
+    steps = record.pop("adam_steps", {})
     with torch.no_grad():
-        prompt.weight.copy_(tensors["prompt"].to(device))
-    if "exp_avg" in tensors:
-        opt.state[prompt.weight] = {
-            "step": torch.tensor(record.pop("adam_step")),
-            "exp_avg": tensors["exp_avg"].to(device),
-            "exp_avg_sq": tensors["exp_avg_sq"].to(device),
-        }
-    record.pop("adam_step", None)
-    return State(**record, best_prompt=tensors["best_prompt"].to(device))
+        for name, param in params.items():
+            param.copy_(tensors[f"param.{name}"].to(param.device))
+            if f"exp_avg.{name}" in tensors:
+                opt.state[param] = {
+                    "step": torch.tensor(steps[name]),
+                    "exp_avg": tensors[f"exp_avg.{name}"].to(param.device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
+                }
+    return State(**record, best_prompt=tensors["best_prompt"].to(prompt.weight.device))
 
 
 def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:

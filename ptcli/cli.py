@@ -18,10 +18,12 @@ import typer
 
 from ptcli import __version__
 from ptcli.cli_args import (AnswerOnly, BatchSize, Constant, DtypeOpt, Ensemble, Grouped, Init, InitText, JsonOpt, Lr, MaxMinutes,
-                            MaxSeq, MaxSteps, MinLr, ProjectOpt, QuietOpt, Seed, Train, TrustOpt, Valid, ValEvery, Warmup,
+                            MaxSeq, MaxSteps, MinLr, ProjectOpt, QuietOpt, Reparam, ReparamLr, Seed, Template, Train, TrustOpt,
+                            Valid, ValEvery, Warmup,
                             _check_dtype, _complete_task_tags, _given, handled)
 from ptcli.config import check_prompt_length, check_tag, merge_task
 from ptcli.errors import PtcliError, UsageError
+from ptcli.template import parse as parse_template
 
 app = typer.Typer(
     name="ptcli",
@@ -87,6 +89,9 @@ def add_task(
     group_by_length: Grouped = None,
     ensemble: Ensemble = None,
     max_minutes: MaxMinutes = None,
+    template: Template = None,
+    reparam: Reparam = None,
+    reparam_lr: ReparamLr = None,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -101,8 +106,10 @@ def add_task(
     p = proj.load(project)
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
                    warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes)
+                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes, template=template,
+                   reparam=reparam, reparam_lr=reparam_lr)
     cfg = merge_task(p.tasks.get(tag), given)
+    parse_template(cfg.template, p.num_prompt_tokens)
     read_jsonl(cfg.train, training=True, tag=tag)
     read_jsonl(cfg.valid, training=True, tag=tag)
     with project_lock(p.root, f"ptcli add-task {tag}"):
@@ -134,6 +141,9 @@ def tune(
     group_by_length: Grouped = None,
     ensemble: Ensemble = None,
     max_minutes: MaxMinutes = None,
+    template: Template = None,
+    reparam: Reparam = None,
+    reparam_lr: ReparamLr = None,
     num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
@@ -160,8 +170,11 @@ def tune(
         )
     given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
                    warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes)
+                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes, template=template,
+                   reparam=reparam, reparam_lr=reparam_lr)
     cfgs = {t: merge_task(p.tasks.get(t), given) for t in tags}
+    for cfg in cfgs.values():
+        parse_template(cfg.template, p.num_prompt_tokens)
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
     from ptcli import dist
@@ -207,8 +220,9 @@ def tune(
 @handled
 def infer(
     file: Annotated[str, typer.Argument(help="jsonl with prompt_tag and text per line (tags may mix); '-' reads stdin.")],
-    mode: Annotated[str, typer.Option("--mode", help="generate: greedy answers; rank: the likeliest of the tag's answer set (classification).")] = "generate",
+    mode: Annotated[Optional[str], typer.Option("--mode", help="generate: greedy answers; rank: the likeliest of the tag's answer set (classification). Default: per tag, the mode its prompt was chosen by (list-tags shows it).", show_default=False)] = None,
     choices: Annotated[Optional[str], typer.Option("--choices", help="Comma-separated answer set for --mode rank (default: the answers seen in training).")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Ranked tags: correct each answer's score by its score after a content-free input ('N/A'), contextual calibration.")] = False,
     tokens_to_generate: Annotated[int, typer.Option("--tokens-to-generate", help="Most tokens generated per line (stops at end of sequence).")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")] = 16,
     dtype: DtypeOpt = "float32",
@@ -232,25 +246,26 @@ def infer(
     options = [c.strip() for c in choices.split(",") if c.strip()] if choices is not None else None
     if options is not None and len(options) < 2:
         raise UsageError(f"--choices needs at least two comma-separated answers, got {choices!r}")
-    result = run_infer(p, file, mode=mode, choices=options, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
+    result = run_infer(p, file, mode=mode, choices=options, calibrated=calibrate, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
                        trust_remote_code=trust_remote_code, device_map=device_map, status=lambda m: say(m, quiet))
     if as_json:
-        emit_json({"predictions": result.rows, "accuracy": result.accuracy})
+        emit_json({"predictions": result.rows, "accuracy": result.accuracy, "modes": result.modes})
     else:
         emit_jsonl(result.rows)
     if result.accuracy and not quiet:
         from rich.table import Table
 
-        table = Table("tag", "correct", "total", "accuracy", title=f"accuracy ({'exact match' if mode == 'generate' else 'ranked answer set'})")
+        how = {"generate": "generated, exact match", "rank": "ranked answer set" + (", calibrated" if calibrate else "")}
+        table = Table("tag", "mode", "correct", "total", "accuracy", title="accuracy")
         for tag, s in sorted(result.accuracy.items()):
-            table.add_row(tag, str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}")
+            table.add_row(tag, how[result.modes[tag]], str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}")
         err.print(table)
 
 
 @app.command("list-tags")
 @handled
 def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
-    """The prompts in the bank: length, steps, best validation metric, init, created."""
+    """The prompts in the bank: length, infer mode, steps, best validation metric, init, created."""
     from ptcli import bank
     from ptcli import project as proj
     from ptcli.console import emit_json, err
@@ -258,15 +273,16 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     p = proj.load(project)
     entries = [bank.read_meta(p, t) for t in bank.tags(p)]
     if as_json:
-        emit_json([{"tag": e.tag, **{k: e.meta.get(k) for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")}} for e in entries])
+        emit_json([{"tag": e.tag, "mode": bank.mode_of(e.meta),
+                    **{k: e.meta.get(k) for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")}} for e in entries])
         return
     from rich.table import Table
 
-    table = Table("tag", "tokens", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}")
+    table = Table("tag", "tokens", "mode", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}")
     for e in entries:
         m = e.meta.get("metrics") or {}
         steps = e.meta.get("steps")
-        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), "-" if steps is None else str(steps), f"{m.get('val_acc', float('nan')):.3f}",
+        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), bank.mode_of(e.meta), "-" if steps is None else str(steps), f"{m.get('val_acc', float('nan')):.3f}",
                       f"{m.get('val_loss', float('nan')):.4f}", str(e.meta.get("init")), str(e.meta.get("created")))
     err.print(table)
 

@@ -44,6 +44,9 @@ Seed = Annotated[Optional[int], _opt("seed", "--seed")]
 Grouped = Annotated[Optional[bool], _opt("group_by_length", "--group-by-length/--no-group-by-length")]
 Ensemble = Annotated[Optional[int], _opt("ensemble", "--ensemble")]
 MaxMinutes = Annotated[Optional[float], _opt("max_minutes", "--max-minutes")]
+Template = Annotated[Optional[str], _opt("template", "--template")]
+Reparam = Annotated[Optional[str], _opt("reparam", "--reparam")]
+ReparamLr = Annotated[Optional[float], _opt("reparam_lr", "--reparam-lr")]
 
 
 def _completion_project(ctx: typer.Context):

@@ -30,6 +30,7 @@ def show(
     """A prompt's settings, metrics and base (from its bank header) and its training/validation curves."""
     from ptcli import project as proj
     from ptcli import report
+    from ptcli.bank import mode_of
     from ptcli.console import emit_json, say, show_prompt
 
     p = proj.load(project)
@@ -38,7 +39,7 @@ def show(
         report.plot(tag, shown.curves, plot, shown.record.get("best_step"))
     if as_json:
         c = shown.curves
-        emit_json({"tag": tag, "path": shown.path, "checksum_ok": shown.checksum_ok, "record": shown.record,
+        emit_json({"tag": tag, "path": shown.path, "checksum_ok": shown.checksum_ok, "mode": mode_of(shown.record), "record": shown.record,
                    "curves": {"train": c.train, "valid": c.valid, "source": c.source}})
     else:
         show_prompt(shown)

@@ -12,6 +12,7 @@ from typing import Any
 from ptcli.errors import UsageError
 
 INIT_METHODS = ("text", "labels", "vocab", "random")
+REPARAMS = ("none", "residual", "mlp", "lstm")  # kept in step with ptcli.reparam, which imports torch
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
@@ -44,6 +45,16 @@ class TaskConfig:
         default=True, metadata=_flag("--group-by-length", "Batch rows of similar length together (less padding); the batches still come in random order.")
     )
     ensemble: int = field(default=1, metadata=_flag("--ensemble", "Prompts trained for the tag (own data order each); infer combines them."))
+    template: str = field(
+        default="prefix",
+        metadata=_flag("--template", "Where the prompt sits: prefix, suffix, or a template such as '{text}{prompt}{answer}' or "
+                                     "'{prompt:10}{text} Answer:{prompt}{answer}' (slots add up to the prompt length)."),
+    )
+    reparam: str = field(
+        default="none",
+        metadata=_flag("--reparam", "Train the prompt through an encoder, dropped after training: none, residual (P + MLP(P)), mlp or lstm (P-tuning)."),
+    )
+    reparam_lr: float = field(default=1e-3, metadata=_flag("--reparam-lr", "Peak learning rate of the --reparam encoder's weights."))
     max_minutes: float | None = field(
         default=None, metadata=_flag("--max-minutes", "Stop training after this much wall time; the decay then runs over the time budget.")
     )
@@ -62,6 +73,10 @@ class TaskConfig:
         for name in ("warmup_steps", "constant_steps", "max_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_of(name)} must be 0 or more, got {getattr(self, name)}")
+        if self.reparam not in REPARAMS:
+            problems.append(f"--reparam must be one of {', '.join(REPARAMS)}, got {self.reparam!r}")
+        if not self.reparam_lr > 0:
+            problems.append(f"--reparam-lr must be positive, got {self.reparam_lr}")
         if not self.lr > 0:
             problems.append(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -83,7 +98,7 @@ class TaskConfig:
 
 # What shapes the steps of a run: tags tuned together in one run must agree on these.
 RUN_SETTINGS = ("batch_size", "lr", "min_lr", "warmup_steps", "constant_steps", "max_steps", "val_check_interval",
-                "max_seq_length", "seed", "group_by_length", "ensemble", "max_minutes")
+                "max_seq_length", "seed", "group_by_length", "ensemble", "max_minutes", "template", "reparam", "reparam_lr")
 
 
 def check_run_together(cfgs: dict[str, TaskConfig]) -> None:

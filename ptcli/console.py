@@ -96,6 +96,7 @@ def show_prompt(shown: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from ptcli.bank import mode_of
     from ptcli.report import sparkline
 
     r = shown.record
@@ -110,6 +111,7 @@ def show_prompt(shown: Any) -> None:
         ("base", f"{r.get('base_ref')} (fingerprint {str(r.get('base_fingerprint'))[:12]})"),
         ("prompt", f"{r.get('num_prompt_tokens')} tokens x {r.get('hidden_size')}"),
         ("init", str(r.get("init")) + (f": {r['init_text']!r}" if r.get("init_text") else "")),
+        ("mode", f"{mode_of(r)} (infer's default)"),
         ("steps", f"{r.get('steps')} (best at step {r.get('best_step')})" if r.get("steps") is not None else "-"),
         ("val_acc", metric("val_acc", ".3f")),
         ("val_loss", metric("val_loss", ".4f")),

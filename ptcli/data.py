@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ptcli.errors import InputError
+from ptcli.template import PREFIX, Layout
 
 ANSWER_PREFIX = " "
 MAX_CHOICES = 32  # more distinct answers than this is free-form generation, not a closed set
@@ -131,30 +132,37 @@ def _lone_surrogates(row: dict[str, Any]) -> list[str]:
 class Encoded:
     ids: list[list[int]]  # text + answer + eos, per example
     labels: list[list[int]]  # aligned with ids; -100 where no loss is taken
-    prompts: list[list[int]]  # text tokens only (what generation starts from)
+    prompts: list[list[int]]  # the row before its answer (what generation starts from)
     answers: list[str]
     truncated: int
 
 
 def encode(
-    tok, records: list[Record], num_prompt_tokens: int, max_seq_length: int, answer_only: bool, source: str | None = None
+    tok, records: list[Record], num_prompt_tokens: int, max_seq_length: int, answer_only: bool, source: str | None = None,
+    template: str = PREFIX,
 ) -> Encoded:
-    """Tokenize text and answer separately (batched), cutting long texts from the left. `source` names the file in errors."""
+    """Tokenize text and answer separately (batched) and lay them out by the template, cutting long texts from the left.
+
+    `source` names the file in errors.
+    """
+    layout = Layout(tok, template, num_prompt_tokens)
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
     out = Encoded([], [], [], [r.answer or "" for r in records], 0)
     for rec, t, a in zip(records, texts, answer_ids(tok, out.answers)):
-        budget = max_seq_length - num_prompt_tokens - len(a)
+        budget = max_seq_length - layout.overhead() - len(a)
         if budget < 1:
             where = f"{source}:{rec.line}" if source else f"line {rec.line}"
             raise InputError(
-                f"{where}: the answer alone ({len(a)} tokens) plus the prompt ({num_prompt_tokens}) "
+                f"{where}: the answer alone ({len(a)} tokens) plus the prompt{' and template' * (layout.overhead() > num_prompt_tokens)} "
+                f"({layout.overhead()}) "
                 f"exceed --max-seq-length {max_seq_length}"
             )
         if len(t) > budget:
             t, out.truncated = t[-budget:], out.truncated + 1
-        out.ids.append(t + a)
-        out.labels.append(([-100] * len(t) if answer_only else t) + a)
-        out.prompts.append(t)
+        ids, labels, context = layout.row(t, a, answer_only)
+        out.ids.append(ids)
+        out.labels.append(labels)
+        out.prompts.append(context)
     return out
 
 

@@ -4,7 +4,7 @@
 once. Here every prompt of a batch (each ensemble member too) is stacked into one (M, P, H)
 tensor and each row points at its members, so one pass of the frozen base serves them all
 (`forward.prefixed` runs each prompt once and shares its cache with its rows). A batch runs
-one pass per mode and generation length.
+one pass per mode, generation length and prompt placement (prefix templates or others).
 
 A row gets the answer `ptcli infer` gives it: the same cut of its text, the same greedy
 tokens, the same ranking (a candidate's score does not depend on the other candidates of
@@ -23,6 +23,7 @@ import torch
 from ptcli.data import answer_ids
 from ptcli.errors import PtcliError, UsageError
 from ptcli.forward import answer
+from ptcli.template import PREFIX, Layout
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,33 +59,42 @@ class Engine:
 
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
+        self._layouts: dict[tuple[str, int], Layout] = {}  # (template, prompt length) -> its layout for this tokenizer
 
     def __call__(self, items: list[Item]) -> list[Answer | PtcliError]:
         """Answers in item order; an item that cannot run (no room for its text) gets its error instead."""
         seqs = self.texts(items)
         results: list[Answer | PtcliError | None] = [s if isinstance(s, PtcliError) else None for s in seqs]
-        passes: dict[tuple[str, int], list[int]] = {}  # one pass per mode and generation length
+        passes: dict[tuple[str, int, bool], list[int]] = {}  # one pass per mode, generation length and prompt placement
         for i, it in enumerate(items):
             if results[i] is None:
-                passes.setdefault((it.mode, it.max_new if it.mode == "generate" else 0), []).append(i)
-        for (mode, _), idx in passes.items():
+                passes.setdefault((it.mode, it.max_new if it.mode == "generate" else 0, self.layout(it.prompt).prefix), []).append(i)
+        for (mode, _, _), idx in passes.items():
             run = self._generate if mode == "generate" else self._rank
             with torch.inference_mode():
                 for i, out in zip(idx, run([items[i] for i in idx], [seqs[i] for i in idx])):
                     results[i] = out
         return results  # type: ignore[return-value]
 
+    def layout(self, prompt: Prompt) -> Layout:
+        """Where the tag's template puts the prompt around the text."""
+        key = (prompt.meta["config"].get("template", PREFIX), prompt.members.shape[1])
+        if key not in self._layouts:
+            self._layouts[key] = Layout(self.tok, *key)
+        return self._layouts[key]
+
     def texts(self, items: list[Item]) -> list[list[int] | PtcliError]:
-        """Each row's text tokens, cut from the left as `ptcli infer` cuts them, or why there is no room."""
+        """Each row as the model reads it before its answer, its text cut from the left as `ptcli infer` cuts it."""
         ids = self.tok([it.text for it in items], add_special_tokens=False).input_ids
         out: list[list[int] | PtcliError] = []
         for it, t in zip(items, ids):
             room = it.max_new if it.mode == "generate" else max(map(len, answer_ids(self.tok, list(it.choices))))
-            budget = it.prompt.meta["config"]["max_seq_length"] - it.prompt.members.shape[1] - room
+            layout = self.layout(it.prompt)
+            budget = it.prompt.meta["config"]["max_seq_length"] - layout.overhead() - room
             if budget < 1:
                 out.append(UsageError(f"the answers ({room} tokens) leave no room for text in {it.prompt.tag!r}'s max sequence length"))
             else:
-                out.append(t[-budget:])
+                out.append(layout.context(t[-budget:]))
         return out
 
     def _expand(self, items: list[Item], seqs: list[list[int]]):

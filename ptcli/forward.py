@@ -107,6 +107,8 @@ def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: 
     labels[i] is aligned with seqs[i] (IGNORE where nothing is scored). The vocabulary
     projection runs only at the positions that predict a labelled token.
     """
+    if has_slots(seqs):
+        return _placed_logprobs(model, prompts, seqs, labels, pad_id, which)
     P = prompts.shape[-2]
     out, last_prompt, mask, _ = prefixed(model, prompts, seqs, pad_id, which)
     hidden = out.last_hidden_state  # (B, T, H)
@@ -121,6 +123,69 @@ def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: 
     row_of = torch.cat([rows.unsqueeze(1).expand_as(sel)[sel], rows[first_sel]])  # (N,)
     logp = -F.cross_entropy(to_logits(model, h).float(), t, reduction="none")  # (N,)
     return logp, row_of
+
+
+def has_slots(seqs: list[list[int]]) -> bool:
+    """Rows laid out by a template write prompt vector j as -(j+1) among their tokens (see template.py)."""
+    return any(t < 0 for s in seqs for t in s)
+
+
+def right_pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+    """(B, width) long tensor, each row left-aligned."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def placed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, *, train: bool):
+    """Rows whose prompt vectors sit among their tokens (a template other than the prefix).
+
+    What comes before a row's first prompt vector cannot depend on any prompt (the LM is
+    causal): it runs without gradient as [pads][pre], and the rest of the row [post]
+    continues from its cache, so only the prompt and what follows it are back-propagated.
+    In training the posts are right-padded ([pads][pre][post][pads]); in inference rows must
+    end together, so posts of unequal length run as one left-padded pass. Either way no pad
+    sits between two real positions (sliding windows see true distances).
+    Returns the body's output over the posts (B, T2, H), the mask (B, T1+T2) and the post
+    positions (B, T2).
+    """
+    prompts, which = stack(prompts, len(seqs), which)
+    emb = model.get_input_embeddings()
+    device = emb.weight.device
+    cut = [next(i for i, t in enumerate(s) if t < 0) for s in seqs]  # first prompt vector of each row
+    if not train and len({len(s) - c for s, c in zip(seqs, cut)}) > 1:
+        cut = [0] * len(seqs)
+    pre_mask = left_pad([[1] * c for c in cut], 0, max(cut)).to(device)  # (B, T1)
+    cache_arg = {}
+    if max(cut):
+        with torch.no_grad():
+            pre = model.base_model(input_ids=left_pad([s[:c] for s, c in zip(seqs, cut)], pad_id).to(device),
+                                   attention_mask=pre_mask, position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+        cache_arg = _with_cache(model, _cache_of(pre))
+    posts = [s[c:] for s, c in zip(seqs, cut)]
+    pad = right_pad if train else left_pad
+    ids = pad(posts, pad_id).to(device)  # (B, T2); prompt vector j is -(j+1)
+    real = pad([[1] * len(p) for p in posts], 0).to(device)  # (B, T2)
+    is_prompt = ids < 0  # (B, T2)
+    rows = prompts.to(device=device, dtype=emb.weight.dtype)[which.to(device)]  # (B, P, H)
+    slot = (-ids - 1).clamp(min=0)  # (B, T2): which prompt vector sits here
+    prompt_embeds = torch.gather(rows, 1, slot.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (B, T2, H)
+    embeds = torch.where(is_prompt.unsqueeze(-1), prompt_embeds, emb(ids.clamp(min=0)))  # (B, T2, H)
+    mask = torch.cat([pre_mask, real], dim=1)  # (B, T1+T2)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, pre_mask.shape[1]:]  # (B, T2)
+    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **cache_arg)
+    return out, mask, pos
+
+
+def _placed_logprobs(model, prompts, seqs, labels, pad_id, which):
+    """token_logprobs for template rows: labels sit in the posts (nothing before a prompt vector is scored)."""
+    out, _, _ = placed(model, prompts, seqs, pad_id, which, train=True)
+    cut = [next(i for i, t in enumerate(s) if t < 0) for s in seqs]
+    hidden = out.last_hidden_state  # (B, T2, H)
+    lab = right_pad([lab[c:] for lab, c in zip(labels, cut)], IGNORE).to(hidden.device)  # (B, T2)
+    sel = lab[:, 1:] != IGNORE  # (B, T2-1): position t predicts token t+1
+    rows = torch.arange(len(seqs), device=hidden.device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
+    logp = -F.cross_entropy(to_logits(model, hidden[:, :-1][sel]).float(), lab[:, 1:][sel], reduction="none")  # (N,)
+    return logp, rows
 
 
 def lm_loss(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None, fast: bool = True):
@@ -165,7 +230,10 @@ def answer(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos
     the texts, not C. `agree(flag)` makes the stop decision common to all processes (a
     sharded base needs every process to make the same calls).
     """
-    out, _, mask, pos = prefixed(model, prompts, seqs, pad_id, which)
+    if has_slots(seqs):
+        out, mask, pos = placed(model, prompts, seqs, pad_id, which, train=False)
+    else:
+        out, _, mask, pos = prefixed(model, prompts, seqs, pad_id, which)
     last = out.last_hidden_state[:, -1]  # (B, H): predicts each row's next token
     cache = _cache_of(out)
     scores = None

@@ -1,8 +1,9 @@
 """Batched, mixed-tag inference: group a file by tag, batch each tag by length, restore input order.
 
 Two modes: `generate` decodes greedily; `rank` scores each candidate of the tag's closed
-answer set (found in its training data, or given) and picks the likeliest. An ensemble's
-members run in the same batch and vote (generate) or average their scores (rank).
+answer set (found in its training data, or given) and picks the likeliest, optionally after
+contextual calibration. A tag's default mode is the one its validation kept the prompt by.
+An ensemble's members run in the same batch and vote (generate) or average their scores (rank).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from ptcli.errors import CompatibilityError, ProjectError, UsageError
 from ptcli.forward import answer
 from ptcli.model import fingerprint, load_base
 from ptcli.project import Project
+from ptcli.template import PREFIX, Layout
 
 
 @dataclass
 class InferResult:
     rows: list[dict[str, Any]]  # input rows in input order, each with `prediction` added
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # per tag, where rows carry answers
+    modes: dict[str, str] = field(default_factory=dict)  # per tag: generate or rank
 
 
 MODES = ("generate", "rank")
@@ -53,19 +56,48 @@ def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new
 
 
 def predict(model, tok, prompts: torch.Tensor, seqs: list[list[int]], mode: str, choices: list[str] | None = None,
-            max_new: int = 32) -> list[str]:
-    """One batch of answers in one mode; see `answers`."""
+            max_new: int = 32, bias: torch.Tensor | None = None) -> list[str]:
+    """One batch of answers in one mode; see `answers`. `bias` (K, C) calibrates ranked scores (see `calibrate`)."""
     if mode == "rank":
-        return answers(model, tok, prompts, seqs, choices=choices)[1]
+        scores = answers(model, tok, prompts, seqs, choices=choices)[2]  # (B, K, C)
+        scores = scores if bias is None else scores - bias
+        return [choices[j] for j in scores.mean(1).argmax(-1).tolist()]
     return answers(model, tok, prompts, seqs, max_new=max_new)[0]
+
+
+CONTENT_FREE = ("N/A",)  # Zhao et al. (2021)'s content-free input, in place of the text
+
+
+def calibration_bias(content_free: torch.Tensor) -> torch.Tensor:
+    """Contextual calibration's bias: (N, ..., C) answer scores after N content-free inputs -> (..., C).
+
+    The log of the answer-set distribution the content-free inputs give, averaged over them.
+    Subtracting it from a row's log-likelihoods (`calibrate`) is Zhao et al.'s diagonal
+    W = diag(p_cf)^-1 in log space: an answer the prompt favours whatever the text loses that edge.
+    """
+    return content_free.float().softmax(-1).mean(0).log()
+
+
+def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
+    """Candidate log-likelihoods (B, ..., C) corrected by the content-free scores (N, ..., C)."""
+    return scores - calibration_bias(content_free)
+
+
+@torch.inference_mode()
+def content_free_bias(model, tok, prompts: torch.Tensor, choices: list[str], layout: Layout) -> torch.Tensor:
+    """`calibration_bias` of one tag's prompts (K, P, H) or (P, H) over its answer set, rows laid out as the tag's: (K, C)."""
+    rows = [layout.context(ids) for ids in tok(list(CONTENT_FREE), add_special_tokens=False).input_ids]
+    free = answers(model, tok, prompts, rows, choices=choices)[2]  # (N, K, C)
+    return calibration_bias(free)
 
 
 def infer(
     project: Project,
     path: str,
     *,
-    mode: str = "generate",
+    mode: str | None = None,
     choices: list[str] | None = None,
+    calibrated: bool = False,
     tokens_to_generate: int = 32,
     batch_size: int = 16,
     dtype: str = "float32",
@@ -73,43 +105,56 @@ def infer(
     device_map: str | None = None,
     status=lambda _: None,
 ) -> InferResult:
-    if mode not in MODES:
+    """Answers for every row; each tag in `mode`, or by default in the mode its prompt was chosen by (`bank.mode_of`)."""
+    if mode is not None and mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     records = read_jsonl(path, training=False)
-    known = bank.tags(project)
-    unknown = sorted({r.tag for r in records} - set(known))
-    if unknown:
-        raise ProjectError(
-            f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(known) or 'none yet'}",
-            hint="tune them first with `ptcli tune --tag ...`",
-        )
-    if mode == "rank" and not choices:
-        missing = [t for t in sorted({r.tag for r in records}) if not bank.read_meta(project, t).meta.get("choices")]
-        if missing:
-            raise UsageError(f"--mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training",
-                             hint="pass --choices 'a,b,...', or use --mode generate")
+    modes = tag_modes(project, sorted({r.tag for r in records}), mode, choices)
+    if calibrated and "rank" not in modes.values():
+        raise UsageError("--calibrate corrects ranked answers, and no tag here is ranked", hint="add --mode rank")
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(f"the base model at {project.base.ref!r} has changed since `ptcli init`")
     P = project.num_prompt_tokens
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
     predictions: list[str] = [""] * len(records)
-    for tag in sorted({r.tag for r in records}):
+    for tag, how in modes.items():
         prompt, meta = bank.get(project, tag)
         options = choices or meta.get("choices")
-        room = tokens_to_generate if mode == "generate" else max(map(len, answer_ids(tok, options)))
-        budget = meta["config"]["max_seq_length"] - P - room
+        room = tokens_to_generate if how == "generate" else max(map(len, answer_ids(tok, options)))
+        layout = Layout(tok, meta["config"].get("template", PREFIX), P)
+        budget = meta["config"]["max_seq_length"] - layout.overhead() - room
         if budget < 1:
             raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
+        bias = content_free_bias(model, tok, prompt, options, layout) if calibrated and how == "rank" else None
         idx = sorted((i for i, r in enumerate(records) if r.tag == tag), key=lambda i: len(texts[i]))
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             with torch.inference_mode():
-                outs = predict(model, tok, prompt, [texts[i][-budget:] for i in chunk], mode, options, tokens_to_generate)
+                outs = predict(model, tok, prompt, [layout.context(texts[i][-budget:]) for i in chunk], how, options, tokens_to_generate,
+                               bias)
             for i, out in zip(chunk, outs):
                 predictions[i] = out
     rows = [{**r.row, "prediction": p} for r, p in zip(records, predictions)]
-    return InferResult(rows, accuracy(records, predictions))
+    return InferResult(rows, accuracy(records, predictions), modes)
+
+
+def tag_modes(project: Project, tags: list[str], mode: str | None, choices: list[str] | None) -> dict[str, str]:
+    """Each tag's mode: `mode` if given, else the one its prompt was chosen by; rank needs an answer set."""
+    known = bank.tags(project)
+    unknown = [t for t in tags if t not in known]
+    if unknown:
+        raise ProjectError(
+            f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(known) or 'none yet'}",
+            hint="tune them first with `ptcli tune --tag ...`",
+        )
+    metas = {t: bank.read_meta(project, t).meta for t in tags}
+    modes = {t: mode or bank.mode_of(metas[t]) for t in tags}
+    missing = [t for t in tags if modes[t] == "rank" and not choices and not metas[t].get("choices")]
+    if missing:
+        raise UsageError(f"--mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training",
+                         hint="pass --choices 'a,b,...', or use --mode generate")
+    return modes
 
 
 def accuracy(records, predictions: list[str]) -> dict[str, dict[str, float]]:

@@ -185,14 +185,3 @@ def init_prompt(model, tok, n: int, method: str, text: str | None, seed: int, la
         for i, ids in enumerate(tok([ANSWER_PREFIX + label for label in labels[:n]], add_special_tokens=False).input_ids):
             sampled[i] = table[torch.tensor(ids)].mean(0)
     return sampled
-
-
-class SoftPrompt(nn.Module):
-    """The only trainable weights: P vectors of the base model's hidden size."""
-
-    def __init__(self, init: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(init.detach().float().clone())  # (P, H)
-
-    def forward(self) -> torch.Tensor:
-        return self.weight

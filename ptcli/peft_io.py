@@ -27,6 +27,7 @@ from ptcli.config import TaskConfig, check_tag
 from ptcli.errors import CompatibilityError, InputError, UsageError
 from ptcli.manage import Exported, Imported, new_tag_slot
 from ptcli.project import Project, now
+from ptcli.template import NAMED, PREFIX
 from ptcli.storage import atomic_write
 
 CONFIG = "adapter_config.json"
@@ -87,6 +88,10 @@ def export(project: Project, tag: str, out: Path, force: bool = False) -> Export
     if prompt.dim() == 3:
         raise UsageError(f"{tag!r} is an ensemble of {prompt.shape[0]} prompts; a PEFT adapter holds one",
                          hint="export it in the ptcli format, or tune a single prompt for PEFT")
+    template = record.get("config", {}).get("template", "prefix")
+    if NAMED.get(template, template) != PREFIX:
+        raise UsageError(f"{tag!r} places its prompt by the template {template!r}; a PEFT prompt-tuning adapter only prepends it",
+                         hint="export it in the ptcli format")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file; a PEFT adapter is a folder", hint="pass a folder path (it is created if missing)")
     present = [str(out / n) for n in (CONFIG, WEIGHTS) if (out / n).exists()]

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from ptcli.bank import mode_of
 from ptcli.data import Record, check_inference_row
 from ptcli.engine import Answer, Item
 from ptcli.errors import ServeError
@@ -95,8 +96,8 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
     rows = body.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ServeError("`rows` must be a non-empty list of {prompt_tag, text[, answer]} objects")
-    mode = body.get("mode", "generate")
-    if mode not in MODES:
+    mode = body.get("mode")
+    if mode is not None and mode not in MODES:
         raise ServeError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
     choices = None if body.get("choices") is None else [c.strip() for c in _strings(body["choices"], "choices")]
     if choices is not None and len(choices) < 2:
@@ -110,12 +111,13 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
         raise ServeError(f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(bank.tags()) or 'none yet'}",
                          status=404, extra={"known_tags": bank.tags()})
     prompts = {t: bank.prompt(t) for t in tags}
+    modes = {t: mode or mode_of(prompts[t].meta) for t in tags}  # by default the mode each prompt was chosen by, as `ptcli infer`
     options = {t: tuple(choices or prompts[t].meta.get("choices") or ()) for t in tags}
-    missing = [t for t in tags if not options[t]]
-    if mode == "rank" and missing:
+    missing = [t for t in tags if modes[t] == "rank" and not options[t]]
+    if missing:
         raise ServeError(f"mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training; pass `choices`")
     tokens = _int(body, "tokens_to_generate", 32)
-    items = [Item(prompts[r["prompt_tag"]], r["text"], mode, tokens, options[r["prompt_tag"]]) for r in rows]
+    items = [Item(prompts[t], r["text"], modes[t], tokens, options[t]) for r in rows for t in [r["prompt_tag"]]]
     return items, [Record(i + 1, r["prompt_tag"], r["text"], r.get("answer"), r) for i, r in enumerate(rows)]
 
 

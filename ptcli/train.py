@@ -25,7 +25,8 @@ from ptcli.data import BatchOrder, Encoded, Record, closed_answers, encode, read
 from ptcli.errors import CompatibilityError, InputError, ProjectError
 from ptcli.forward import lm_loss
 from ptcli.infer import answers
-from ptcli.model import SoftPrompt, fingerprint, init_prompt, load_base
+from ptcli.model import fingerprint, init_prompt, load_base
+from ptcli.reparam import SoftPrompt
 from ptcli.project import Project, now
 
 
@@ -193,8 +194,8 @@ def tune_many(
         train, valid = train_rows[tag], valid_rows[tag]
         tasks.append(Task(
             tag, cfg,
-            encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train),
-            encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid),
+            encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train, template=cfg.template),
+            encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid, template=cfg.template),
             closed_answers(train),
             cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100]),
             list(range(n * K, (n + 1) * K)),
@@ -204,7 +205,7 @@ def tune_many(
         reporter.status(f"cut {truncated} long text(s) from the left to fit --max-seq-length")
 
     inits = [init_prompt(model, tok, P, t.cfg.init, t.init_text, run.seed + k, t.choices) for t in tasks for k in range(K)]
-    prompt = SoftPrompt(torch.stack(inits)).to(acc.device)  # (S, P, H): one slot per (tag, member)
+    prompt = SoftPrompt(torch.stack(inits), run.reparam, seed=run.seed).to(acc.device)  # (S, P, H): one slot per (tag, member)
     if shard_base and acc.num_processes > 1:  # after the fingerprint and the inits, which read whole weights
         from ptcli.dist import shard_frozen_base
 
@@ -212,26 +213,32 @@ def tune_many(
         reporter.status(f"sharded the frozen base over {acc.num_processes} processes (FSDP): "
                         f"this one holds {100 * mine / whole:.1f}% of its {whole / 2**20:,.1f} MiB of weights")
     model.to(acc.device)
-    opt = torch.optim.AdamW(prompt.parameters(), lr=run.lr, weight_decay=0.0)
+    groups = [{"params": [prompt.weight], "peak": run.lr}]
+    if run.reparam != "none":
+        groups.append({"params": list(prompt.encoders.parameters()), "peak": run.reparam_lr})
+    opt = torch.optim.AdamW(groups, lr=run.lr, weight_decay=0.0)
     state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now())
     if resume:
         state = checkpoint.load(ckpt_path, prompt, opt, cfgs)
         reporter.status(f"resuming {'+'.join(cfgs)!r} at step {state.step}")
     else:
-        state.best_prompt = prompt.weight.detach().clone()
+        with torch.no_grad():
+            state.best_prompt = prompt().detach().clone()  # (S, P, H)
         for t in tasks:
-            state.initial[t.tag] = state.best[t.tag] = evaluate(model, tok, prompt.weight.detach()[t.slots], t, run.batch_size, acc)
+            state.initial[t.tag] = state.best[t.tag] = evaluate(model, tok, state.best_prompt[t.slots], t, run.batch_size, acc)
             state.best_step[t.tag] = 0
             reporter.evaluated(0, state.initial[t.tag], t.tag)
 
     def validate() -> None:
+        with torch.no_grad():
+            current = prompt().detach()  # (S, P, H)
         for t in tasks:
-            metrics = evaluate(model, tok, prompt.weight.detach()[t.slots], t, run.batch_size, acc)
+            metrics = evaluate(model, tok, current[t.slots], t, run.batch_size, acc)
             reporter.evaluated(state.step, metrics, t.tag)
             state.history.append({"step": state.step, "tag": t.tag, **metrics})
             if better(metrics, state.best[t.tag]):
                 state.best[t.tag], state.best_step[t.tag] = metrics, state.step
-                state.best_prompt[t.slots] = prompt.weight.detach()[t.slots]
+                state.best_prompt[t.slots] = current[t.slots]
         if main:
             state.seconds = prior_seconds + time.perf_counter() - started
             checkpoint.save(ckpt_path, prompt, opt, state)
@@ -248,13 +255,14 @@ def tune_many(
         picks = [(*pool[j], k) for k, order in enumerate(orders) for j in order.batch(step)][acc.process_index :: acc.num_processes]
         lr = lr_at(step, run, elapsed)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["peak"] / run.lr
         loss_sum, n = lm_loss(model, prompt(), [t.train.ids[i] for t, i, _ in picks], [t.train.labels[i] for t, i, _ in picks],
                               tok.pad_token_id, which=[t.slots[k] for t, _, k in picks])
         n_global = int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
         (loss_sum / n_global).backward()
         if acc.num_processes > 1:
-            prompt.weight.grad = acc.reduce(prompt.weight.grad, "sum")
+            for param in prompt.parameters():
+                param.grad = acc.reduce(param.grad, "sum")
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
@@ -279,6 +287,7 @@ def tune_many(
                 "init": t.cfg.init,
                 "init_text": t.init_text if t.cfg.init == "text" else None,
                 "choices": t.choices,
+                "mode": "rank" if t.choices else "generate",  # what `better` kept the prompt by; infer's default
                 "ensemble": K,
                 "tuned_with": [o for o in cfgs if o != t.tag],
                 "config": t.cfg.to_dict(),

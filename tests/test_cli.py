@@ -217,7 +217,8 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
     ok(result)
     expected = {"train": str(data.sent_train), "valid": str(data.sent_valid), "init": "random", "init_text": None, "answer_only": False,
                 "batch_size": 3, "lr": 0.05, "min_lr": 0.001, "warmup_steps": 1, "constant_steps": 1, "max_steps": 3,
-                "val_check_interval": 3, "max_seq_length": 48, "seed": 9, "group_by_length": True, "ensemble": 1, "max_minutes": None}
+                "val_check_interval": 3, "max_seq_length": 48, "seed": 9, "group_by_length": True, "ensemble": 1, "max_minutes": None,
+                "template": "prefix", "reparam": "none", "reparam_lr": 1e-3}
     assert json.loads(result.stdout) == {"tag": "sent", "config": expected}
     assert json.loads((root / "ptcli.json").read_text())["tasks"] == {"sent": expected}
     assert not (root / "bank" / "sent.safetensors").exists()
@@ -407,7 +408,7 @@ def test_infer_rank_picks_from_the_answer_set(tuned, mixed, tmp_path: Path) -> N
     assert {r["prediction"] for r in forced} <= {"positive", "meh"}
     result = cli("infer", path, "-p", tuned.root, "--mode", "rank", "--json")
     ok(result)
-    assert "accuracy (ranked answer set)" in result.stderr
+    assert "ranked answer set" in result.stderr
 
 
 def test_infer_rank_needs_an_answer_set(tuned, mixed, tmp_path: Path) -> None:
@@ -435,7 +436,7 @@ def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> Non
     assert prompt.shape[0] == 2 and meta["ensemble"] == 2  # both members in one file
     rows = [{"prompt_tag": t, "text": text} for t, text in (("sent", "i love it"), ("topic", "the team won"), ("sent", "i hate it"))]
     path = _jsonl(tmp_path / "ens.jsonl", rows)
-    voted = _infer(root, path)  # the members vote
+    voted = _infer(root, path, "--mode", "generate")  # the members vote
     assert [r["text"] for r in voted] == [r["text"] for r in rows] and all(isinstance(r["prediction"], str) for r in voted)
     ranked = _infer(root, path, "--mode", "rank", "--choices", "sports,food,science")  # the members' scores averaged
     assert all(r["prediction"] in {"sports", "food", "science"} for r in ranked)
@@ -447,3 +448,60 @@ def test_infer_unknown_tag(tuned, tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "x.jsonl", [{"prompt_tag": "sent", "text": "a"}, {"prompt_tag": "nope", "text": "b"}])
     err = failed(cli("infer", path, "-p", tuned.root), 1)
     assert "unknown tag(s) 'nope'; known tags: sent, topic" in err
+
+
+# ---------------------------------------------------------------- infer's default mode and calibration
+
+
+def _ran(*args):
+    result = cli(*args)
+    ok(result)
+    return result
+
+
+def test_each_tag_answers_the_way_its_prompt_was_chosen(tuned, mixed, tmp_path: Path) -> None:
+    """sent (a closed answer set) was kept by ranked accuracy, topic (free text) by generation."""
+    listed = json.loads(_ran("list-tags", "-p", tuned.root, "--json").stdout)
+    assert {e["tag"]: e["mode"] for e in listed} == {"sent": "rank", "topic": "generate"}
+    assert json.loads(_ran("show", "sent", "-p", tuned.root, "--json").stdout)["mode"] == "rank"
+    assert "generate (infer's default)" in _ran("show", "topic", "-p", tuned.root).stderr
+    path = _jsonl(tmp_path / "mixed.jsonl", mixed)
+    doc = json.loads(_ran("infer", path, "-p", tuned.root, "--tokens-to-generate", "4", "--json", "-q").stdout)
+    assert doc["modes"] == {"sent": "rank", "topic": "generate"}
+    default = {r["id"]: r["prediction"] for r in doc["predictions"]}
+    ranked = {r["id"]: r["prediction"] for r in _infer(tuned.root, _jsonl(tmp_path / "sent.jsonl", [r for r in mixed if r["prompt_tag"] == "sent"]), "--mode", "rank")}
+    generated = {r["id"]: r["prediction"] for r in _infer(tuned.root, path, "--mode", "generate")}
+    assert {i: p for i, p in default.items() if i % 2 == 0} == ranked  # ids: sent even, topic odd
+    assert {i: p for i, p in default.items() if i % 2 == 1} == {i: p for i, p in generated.items() if i % 2 == 1}
+    overridden = json.loads(_ran("infer", path, "-p", tuned.root, "--mode", "generate", "--tokens-to-generate", "4", "--json", "-q").stdout)
+    assert overridden["modes"] == {"sent": "generate", "topic": "generate"}  # --mode still overrides every tag
+
+
+def test_a_record_without_a_mode_ranks_when_it_has_an_answer_set(tuned, tmp_path: Path) -> None:
+    root = _copy(tuned.root, tmp_path)
+    p = proj.load(root)
+    for tag in ("sent", "topic"):
+        prompt, meta = bank.get(p, tag)
+        bank.put(p, tag, prompt, {k: v for k, v in meta.items() if k != "mode"})  # as written before `mode` was recorded
+        assert "mode" not in bank.read_meta(p, tag).meta
+    listed = json.loads(_ran("list-tags", "-p", root, "--json").stdout)
+    assert {e["tag"]: e["mode"] for e in listed} == {"sent": "rank", "topic": "generate"}
+
+
+def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Path, lively_llama: Path) -> None:
+    from ptcli.data import answer_ids
+    from ptcli.forward import choice_scores
+    from ptcli.infer import CONTENT_FREE, calibrate
+
+    sent = [r for r in mixed if r["prompt_tag"] == "sent"]
+    out = _infer(tuned.root, _jsonl(tmp_path / "sent.jsonl", sent), "--calibrate")
+    model, tok = load_base(str(lively_llama))
+    prompt, meta = bank.get(proj.load(tuned.root), "sent")
+    options = answer_ids(tok, meta["choices"])
+    with torch.no_grad():
+        scores = choice_scores(model, prompt, tok([r["text"] for r in sent], add_special_tokens=False).input_ids, options, tok.pad_token_id)
+        free = choice_scores(model, prompt, tok(list(CONTENT_FREE), add_special_tokens=False).input_ids, options, tok.pad_token_id)
+    expected = [meta["choices"][j] for j in calibrate(scores, free).argmax(-1).tolist()]
+    assert [r["prediction"] for r in out] == expected
+    err = failed(cli("infer", _jsonl(tmp_path / "topic.jsonl", [r for r in mixed if r["prompt_tag"] == "topic"]), "-p", tuned.root, "--calibrate"), 2)
+    assert "--calibrate corrects ranked answers" in err

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from ptcli.data import Record, encode
 from ptcli.errors import ModelError
 from ptcli.forward import IGNORE, assemble, greedy, lm_loss
-from ptcli.model import SoftPrompt, fingerprint, init_prompt, load_base
+from ptcli.model import fingerprint, init_prompt, load_base
+from ptcli.reparam import SoftPrompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

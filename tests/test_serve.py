@@ -1,6 +1,6 @@
 """`ptcli serve` end to end: a real server process on 127.0.0.1, called with the `openai` client and plain HTTP.
 
-One project (a 2-member ensemble tag and a single one, on the tiny lively Llama) and one server per module;
+One project (a 2-member ensemble tag and a suffix-template tag, on the tiny lively Llama) and one server per module;
 tests that need other flags start their own. Every answer is held to `ptcli infer` on the same rows.
 """
 
@@ -44,7 +44,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> Pat
     d = tmp_path_factory.mktemp("serve")
     root = d / "p"
     ok(cli("init", root, "--base", lively_llama, "--num-prompt-tokens", P, "-q"))
-    for tag, extra in (("sent", ["--ensemble", "2"]), ("topic", [])):
+    for tag, extra in (("sent", ["--ensemble", "2"]), ("topic", ["--template", "suffix"])):  # prompt before / after the text
         rows = [{"prompt_tag": tag, "text": x, "answer": a} for x, a in DATA[tag]]
         train, valid = _jsonl(d / f"{tag}-train.jsonl", rows), _jsonl(d / f"{tag}-valid.jsonl", rows[:2])
         ok(cli("tune", "--tag", tag, "--train", train, "--valid", valid, *FAST, *extra, "-p", root))
@@ -116,7 +116,7 @@ def test_openai_client_gets_what_infer_gives(server: Server, project: Path) -> N
     client = _client(server)
     assert sorted(m.id for m in client.models.list()) == ["sent", "topic"]
     texts = [x for x, _ in DATA["topic"]]
-    want = [r["prediction"] for r in infer(project, [{"prompt_tag": "topic", "text": x} for x in texts], "--tokens-to-generate", "6")]
+    want = [r["prediction"] for r in infer(project, [{"prompt_tag": "topic", "text": x} for x in texts], "--mode", "generate", "--tokens-to-generate", "6")]
     got = client.completions.create(model="topic", prompt=texts, max_tokens=6)
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
     assert got.model == "topic" and got.usage.completion_tokens > 0
@@ -133,11 +133,11 @@ def test_stop_strings_cut_the_answer(server: Server, project: Path) -> None:
     assert cut.text == full[:1] and cut.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("flags", [[], ["--mode", "rank"], ["--mode", "rank", "--choices", "food,positive,science"]])
+@pytest.mark.parametrize("flags", [[], ["--mode", "generate"], ["--mode", "rank"], ["--mode", "rank", "--choices", "food,positive,science"]])
 def test_rows_endpoint_mixes_tags_and_equals_infer(server: Server, project: Path, flags: list[str]) -> None:
     body: dict = {"rows": MIXED, "tokens_to_generate": 5}
     if flags:
-        body["mode"] = "rank"
+        body["mode"] = flags[1]
     if "--choices" in flags:
         body["choices"] = flags[-1].split(",")
     status, _, got = server.call("/v1/ptcli/infer", body)
@@ -148,9 +148,9 @@ def test_rows_endpoint_mixes_tags_and_equals_infer(server: Server, project: Path
 
 def test_concurrent_requests_of_mixed_tags_equal_infer(server: Server, project: Path) -> None:
     """Rows of both tags, two generation lengths and both modes, in flight together."""
-    kinds = [{"tokens_to_generate": 4}, {"tokens_to_generate": 6}, {"mode": "rank"}]
-    want = [infer(project, ROWS, "--tokens-to-generate", "4"), infer(project, ROWS, "--tokens-to-generate", "6"),
-            infer(project, ROWS, "--mode", "rank")]
+    kinds = [{"mode": "generate", "tokens_to_generate": 4}, {"mode": "generate", "tokens_to_generate": 6}, {"mode": "rank"}]
+    want = [infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "4"),
+            infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "6"), infer(project, ROWS, "--mode", "rank")]
     before = server.call("/health")[2]
     requests = [(k, i) for i in range(len(ROWS)) for k in range(len(kinds))]
     with ThreadPoolExecutor(8) as pool:

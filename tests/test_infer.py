@@ -1,0 +1,42 @@
+"""Contextual calibration of ranked answers and the mode a prompt answers in by default, without a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptcli.bank import mode_of
+from ptcli.infer import calibrate, calibration_bias
+
+
+def test_a_strong_content_free_bias_changes_the_predictions() -> None:
+    scores = torch.tensor([[-1.0, -2.0], [-1.5, -1.8], [-2.0, -1.0]])  # (B, C): uncalibrated picks 0, 0, 1
+    free = torch.tensor([[0.0, -5.0]])  # (N, C): with no content the prompt all but says answer 0
+    assert scores.argmax(-1).tolist() == [0, 0, 1]
+    assert calibrate(scores, free).argmax(-1).tolist() == [1, 1, 1]
+
+
+def test_uniform_content_free_scores_change_nothing() -> None:
+    scores = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))  # (B, C)
+    free = torch.full((2, 3), -4.0)  # (N, C): no answer favoured
+    out = calibrate(scores, free)
+    assert out.argmax(-1).tolist() == scores.argmax(-1).tolist()
+    assert torch.allclose(out - scores, torch.full_like(scores, torch.log(torch.tensor(3.0)).item()))
+
+
+def test_the_bias_averages_the_content_free_distributions_per_member() -> None:
+    free = torch.log(torch.tensor([[[0.9, 0.1], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]]]))  # (N=2, K=2, C=2)
+    bias = calibration_bias(free)  # (K, C)
+    assert torch.allclose(bias.exp(), torch.tensor([[0.7, 0.3], [0.5, 0.5]]))
+    scores = torch.zeros(4, 2, 2)  # (B, K, C): broadcast over rows
+    assert calibrate(scores, free).shape == (4, 2, 2)
+
+
+@pytest.mark.parametrize("record, mode", [
+    ({"mode": "generate", "choices": ["a", "b"]}, "generate"),  # recorded: as validation chose it
+    ({"choices": ["a", "b"]}, "rank"),  # older records: validation ranked whenever there was an answer set
+    ({"choices": None}, "generate"),
+    ({}, "generate"),  # e.g. an imported PEFT adapter
+])
+def test_mode_of_a_record(record: dict, mode: str) -> None:
+    assert mode_of(record) == mode

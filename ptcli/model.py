@@ -123,11 +123,14 @@ def load_base(
     device_map="auto" spreads a base too large for one device over the available GPUs
     (and CPU memory), through accelerate's big-model loading.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ptcli.arch import check_config
 
     _quiet_transformers()
     source = resolve(ref, status)
     try:
+        check_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code), ref)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, device_map=device_map

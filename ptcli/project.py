@@ -116,12 +116,14 @@ def load(start: Path | None = None) -> Project:
 
 def init(root: Path, base: str | None, num_prompt_tokens: int, trust_remote_code: bool = False, status=lambda _: None) -> Project:
     """Create a project: load the base once to record its fingerprint and hidden size."""
+    from ptcli.arch import check_supported
     from ptcli.model import canonical_ref, fingerprint, load_base
 
     if (root / MANIFEST).exists():
         raise ProjectError(f"{root} is already a ptcli project", hint="use it as is, or pick another directory")
     ref = canonical_ref(base)
     model, _ = load_base(ref, trust_remote_code=trust_remote_code, status=status)
+    check_supported(model, ref)
     info = BaseInfo(
         ref=ref,
         fingerprint=fingerprint(model),

@@ -29,8 +29,8 @@ def _prompt(model, seed: int = 0) -> torch.Tensor:
 
 def _row_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """Full logits (T, V) of one unpadded row whose prompt vector j is written -(j+1)."""
-    E = model.get_input_embeddings().weight  # (V, H)
-    embeds = torch.stack([prompt[-t - 1] if t < 0 else E[t] for t in ids])[None]  # (1, T, H)
+    E = model.get_input_embeddings()(torch.tensor([max(t, 0) for t in ids]))  # (T, H), as the model embeds its own tokens
+    embeds = torch.stack([prompt[-t - 1] if t < 0 else e for t, e in zip(ids, E)])[None]  # (1, T, H)
     return model(inputs_embeds=embeds).logits[0]  # (T, V)
 
 

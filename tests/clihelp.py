@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from ptcli.cli import app
@@ -23,3 +25,9 @@ def failed(result, code: int) -> str:
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.stderr.startswith("error: "), result.stderr
     return result.stderr
+
+
+def write_jsonl(path, rows: list[dict]):
+    """Write rows as JSON Lines; return the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

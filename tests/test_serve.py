@@ -1,0 +1,268 @@
+"""`ptcli serve` end to end: a real server process on 127.0.0.1, called with the `openai` client and plain HTTP.
+
+One project (a 2-member ensemble tag and a suffix-template tag, on the tiny lively Llama) and one server per module;
+tests that need other flags start their own. Every answer is held to `ptcli infer` on the same rows.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from clihelp import cli, ok, write_jsonl as _jsonl
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+P = 4
+FAST = ["--warmup-steps", "1", "--max-steps", "2", "--val-check-interval", "2", "--batch-size", "4", "--max-seq-length", "64", "-q"]
+DATA = {
+    "sent": [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"), ("i dislike the food", "negative")],
+    "topic": [("the team won the game", "sports"), ("a new restaurant opened", "food"), ("the team lost on saturday", "sports"),
+              ("fresh bread downtown", "food")],
+}
+ROWS = [{"prompt_tag": t, "text": x, "answer": a, "id": f"{t}-{i}"} for t in DATA for i, (x, a) in enumerate(DATA[t])]
+MIXED = [ROWS[i] for i in (0, 4, 5, 1, 6, 2, 7, 3)]  # tags interleaved, as a client would send them
+http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, whatever the environment's proxies
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> Path:
+    d = tmp_path_factory.mktemp("serve")
+    root = d / "p"
+    ok(cli("init", root, "--base", lively_llama, "--num-prompt-tokens", P, "-q"))
+    for tag, extra in (("sent", ["--ensemble", "2"]), ("topic", ["--template", "suffix"])):  # prompt before / after the text
+        rows = [{"prompt_tag": tag, "text": x, "answer": a} for x, a in DATA[tag]]
+        train, valid = _jsonl(d / f"{tag}-train.jsonl", rows), _jsonl(d / f"{tag}-valid.jsonl", rows[:2])
+        ok(cli("tune", "--tag", tag, "--train", train, "--valid", valid, *FAST, *extra, "-p", root))
+    return root
+
+
+def infer(root: Path, rows: list[dict], *flags) -> list[dict]:
+    """What `ptcli infer` answers for these rows."""
+    path = _jsonl(root.parent / "rows.jsonl", rows)
+    result = cli("infer", path, "-p", root, "-q", *flags)
+    ok(result)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+class Server:
+    """`ptcli serve` in a subprocess, on a free port it picks itself (--port 0)."""
+
+    def __init__(self, root: Path, *flags: str, env: dict[str, str] | None = None):
+        cmd = [sys.executable, "-m", "ptcli", "serve", "-p", str(root), "--port", "0", *flags]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env)
+        self.lines: list[str] = []
+        self.url = ""
+        ready = threading.Event()
+        threading.Thread(target=self._read, args=(ready,), daemon=True).start()
+        if not ready.wait(120) or not self.url:
+            self.stop()
+            raise AssertionError("the server did not start:\n" + "".join(self.lines))
+
+    def _read(self, ready: threading.Event) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if m := re.search(r"listening on (http://\S+)", line):
+                self.url = m.group(1)
+                ready.set()
+        ready.set()  # the process ended
+
+    def call(self, path: str, body=None, *, raw: bytes | None = None, key: str | None = None) -> tuple[int, dict, dict]:
+        """(status, headers, JSON body) of one request."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        try:
+            with http.open(urllib.request.Request(self.url + path, data=data, headers=headers), timeout=60) as r:
+                return r.status, dict(r.headers), json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), json.loads(e.read())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(project: Path):
+    s = Server(project, "--max-wait-ms", "20", "--max-body-bytes", "65536")
+    yield s
+    assert s.stop() == 0
+    assert not [line for line in s.lines if "Traceback" in line or "failed" in line], "".join(s.lines)
+
+
+def _client(server: Server, key: str = "unused"):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_openai_client_gets_what_infer_gives(server: Server, project: Path) -> None:
+    client = _client(server)
+    assert sorted(m.id for m in client.models.list()) == ["sent", "topic"]
+    texts = [x for x, _ in DATA["topic"]]
+    want = [r["prediction"] for r in infer(project, [{"prompt_tag": "topic", "text": x} for x in texts], "--mode", "generate", "--tokens-to-generate", "6")]
+    got = client.completions.create(model="topic", prompt=texts, max_tokens=6)
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
+    assert got.model == "topic" and got.usage.completion_tokens > 0
+    one = client.completions.create(model="topic", prompt=texts[0], max_tokens=6)
+    assert one.choices[0].text == want[0] and one.choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="topic", prompt=texts[0], max_tokens=6, stream=True))
+    assert streamed == want[0]
+
+
+def test_stop_strings_cut_the_answer(server: Server, project: Path) -> None:
+    full = _client(server).completions.create(model="sent", prompt="i love it", max_tokens=8).choices[0].text
+    assert len(full) > 1, "the tiny model answers with some text"
+    cut = _client(server).completions.create(model="sent", prompt="i love it", max_tokens=8, stop=[full[1:]]).choices[0]
+    assert cut.text == full[:1] and cut.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("flags", [[], ["--mode", "generate"], ["--mode", "rank"], ["--mode", "rank", "--choices", "food,positive,science"]])
+def test_rows_endpoint_mixes_tags_and_equals_infer(server: Server, project: Path, flags: list[str]) -> None:
+    body: dict = {"rows": MIXED, "tokens_to_generate": 5}
+    if flags:
+        body["mode"] = flags[1]
+    if "--choices" in flags:
+        body["choices"] = flags[-1].split(",")
+    status, _, got = server.call("/v1/ptcli/infer", body)
+    assert status == 200, got
+    assert got["rows"] == infer(project, MIXED, "--tokens-to-generate", "5", *flags)
+    assert set(got["accuracy"]) == {"sent", "topic"}
+
+
+def test_concurrent_requests_of_mixed_tags_equal_infer(server: Server, project: Path) -> None:
+    """Rows of both tags, two generation lengths and both modes, in flight together."""
+    kinds = [{"mode": "generate", "tokens_to_generate": 4}, {"mode": "generate", "tokens_to_generate": 6}, {"mode": "rank"}]
+    want = [infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "4"),
+            infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "6"), infer(project, ROWS, "--mode", "rank")]
+    before = server.call("/health")[2]
+    requests = [(k, i) for i in range(len(ROWS)) for k in range(len(kinds))]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda ki: server.call("/v1/ptcli/infer", {"rows": [ROWS[ki[1]]], **kinds[ki[0]]}), requests))
+    assert all(status == 200 for status, _, _ in got)
+    assert [body["rows"][0] for _, _, body in got] == [want[k][i] for k, i in requests]
+    after = server.call("/health")[2]
+    assert after["rows"] - before["rows"] == len(requests)
+    assert after["batches"] - before["batches"] < len(requests), "concurrent requests shared batches"
+
+
+def test_bad_input_gets_its_status_and_the_server_keeps_serving(server: Server) -> None:
+    cases = [
+        (dict(raw=b'{"model": "sent", "prompt": '), 400, "malformed JSON"),
+        (dict(raw=b"[1, 2]"), 400, "JSON object"),
+        (dict(body={"model": "nope", "prompt": "x"}), 404, "known tags: sent, topic"),
+        (dict(body={"model": "sent"}), 400, "`prompt` is required"),
+        (dict(body={"model": "sent", "prompt": [1, 2]}), 400, "`prompt` must be"),
+        (dict(body={"model": "sent", "prompt": "x", "max_tokens": 0}), 400, "`max_tokens`"),
+        (dict(body={"model": "sent", "prompt": "x", "n": 3}), 400, "not supported"),
+        (dict(body={"model": "sent", "prompt": "x", "max_tokens": 100}), 400, "no room for text"),
+        (dict(raw=b'{"model": "sent", "prompt": "' + b"a" * 70_000 + b'"}'), 413, "--max-body-bytes"),
+        (dict(raw=b'{"model": "sent", "prompt": "\\ud800"}'), 400, "lone surrogate"),
+    ]
+    for kwargs, status, words in cases:
+        got_status, _, body = server.call("/v1/completions", **kwargs)
+        assert (got_status, words in body["error"]["message"]) == (status, True), (kwargs, body)
+    status, _, body = server.call("/v1/ptcli/infer", {"rows": [{"prompt_tag": "sent"}, {"prompt_tag": "ghost", "text": "x"}]})
+    assert status == 400 and body["error"]["problems"] == ["rows[0]: missing field 'text'"]
+    status, _, body = server.call("/v1/ptcli/infer", {"rows": [{"prompt_tag": "ghost", "text": "x"}]})
+    assert status == 404 and body["error"]["known_tags"] == ["sent", "topic"]
+    assert server.call("/v1/nothing-here")[0] == 404
+    assert server.call("/health")[2]["status"] == "ok"
+    assert server.call("/v1/ptcli/infer", {"rows": ROWS[:1]})[0] == 200
+
+
+def test_a_client_that_leaves_mid_request_does_not_hurt(server: Server) -> None:
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"rows": ROWS, "tokens_to_generate": 8}).encode()
+    for cut in (False, True):  # leave after the whole request, and halfway through its body
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            head = f"POST /v1/ptcli/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            s.sendall(head.encode() + (body[: len(body) // 2] if cut else body))
+    assert server.call("/v1/ptcli/infer", {"rows": ROWS[:2]})[0] == 200
+    assert server.proc.poll() is None
+
+
+def test_the_bank_is_live(server: Server, project: Path) -> None:
+    exported = project.parent / "sent.safetensors"
+    ok(cli("export", "sent", exported, "-p", project, "-q"))
+    ok(cli("import", exported, "--tag", "sent-copy", "-p", project, "-q"))
+    assert [m["id"] for m in server.call("/v1/models")[2]["data"]] == ["sent", "sent-copy", "topic"]
+    status, _, body = server.call("/v1/ptcli/infer", {"rows": [{**ROWS[0], "prompt_tag": "sent-copy"}, ROWS[0]]})
+    assert status == 200 and body["rows"][0]["prediction"] == body["rows"][1]["prediction"]
+    ok(cli("rename-tag", "sent-copy", "renamed", "-p", project, "-q"))
+    assert [m["id"] for m in server.call("/v1/models")[2]["data"]] == ["renamed", "sent", "topic"]
+    broken = project / "bank" / "broken.safetensors"
+    blob = bytearray((project / "bank" / "renamed.safetensors").read_bytes())
+    blob[-1] ^= 0xFF  # one flipped bit in the tensor: the checksum no longer matches
+    broken.write_bytes(bytes(blob))
+    ok(cli("remove-tag", "renamed", "-p", project, "-q"))
+    assert [m["id"] for m in server.call("/v1/models")[2]["data"]] == ["sent", "topic"]
+    status, _, body = server.call("/v1/completions", {"model": "broken", "prompt": "x"})
+    assert status == 409 and "checksum" in body["error"]["message"]
+    broken.unlink()
+
+
+def test_a_tag_tuned_while_serving_is_served(server: Server, project: Path) -> None:
+    rows = [{"prompt_tag": "later", "text": x, "answer": a} for x, a in DATA["sent"]]
+    train = _jsonl(project.parent / "later.jsonl", rows)
+    ok(cli("tune", "--tag", "later", "--train", train, "--valid", train, *FAST, "-p", project))
+    status, _, body = server.call("/v1/ptcli/infer", {"rows": rows, "mode": "rank"})
+    assert status == 200
+    assert body["rows"] == infer(project, rows, "--mode", "rank")
+    ok(cli("remove-tag", "later", "-p", project, "-q"))
+
+
+def test_api_key_then_sigterm_finishes_the_request_in_flight(project: Path) -> None:
+    s = Server(project, "--max-wait-ms", "3000", env={"PTCLI_API_KEY": "s3cret"})
+    try:
+        assert s.call("/health")[0] == 200
+        status, headers, body = s.call("/v1/models")
+        assert status == 401 and headers["www-authenticate"] == "Bearer" and "API key" in body["error"]["message"]
+        assert s.call("/v1/models", key="wrong")[0] == 401
+        assert [m.id for m in _client(s, "s3cret").models.list()] == ["sent", "topic"]
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(s.call, "/v1/ptcli/infer", {"rows": ROWS[:2]}, key="s3cret")
+            deadline = time.monotonic() + 60
+            while s.call("/health")[2]["queued_rows"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)  # until the rows wait in the batcher (for --max-wait-ms)
+            s.proc.send_signal(signal.SIGTERM)
+            status, _, body = pending.result(timeout=60)
+        assert status == 200 and len(body["rows"]) == 2
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()
+
+
+def test_light_commands_do_not_import_the_server_stack() -> None:
+    code = ("import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
+            "codes = [CliRunner().invoke(app, a).exit_code for a in (['--help'], ['serve', '--help'])]; "
+            "print(codes, sorted(m for m in ('starlette', 'uvicorn', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[0, 0] []", proc.stderr
+
+
+def test_the_readme_client_snippet_runs(server: Server) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(.*?)```", readme.split("## Serving: `ptcli serve`", 1)[1], re.S).group(1)
+    assert "http://127.0.0.1:8000/v1" in snippet and 'model="reviews"' in snippet
+    snippet = snippet.replace("http://127.0.0.1:8000", server.url).replace('model="reviews"', 'model="sent"')
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tags, texts = proc.stdout.splitlines()
+    assert tags == "['sent', 'topic']" and len(ast.literal_eval(texts)) == 2

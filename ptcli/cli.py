@@ -136,6 +136,7 @@ def tune(
     max_minutes: MaxMinutes = None,
     num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
+    auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Resume if there is a checkpoint, else start afresh: one command for a job's first launch and its relaunches.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
     devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")] = 1,
     shard_base: Annotated[bool, typer.Option("--shard-base", help="With --devices N: shard the frozen base over the N processes (FSDP), for bases too big for one device.")] = False,
@@ -164,12 +165,13 @@ def tune(
     cfgs = {t: merge_task(p.tasks.get(t), given) for t in tags}
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
-    from ptcli import dist
+    from ptcli import dist, preempt
 
     if shard_base and devices < 2 and not dist.in_launched_run():
         raise UsageError("--shard-base shards over several processes: pass --devices 2 or more (or launch with accelerate/torchrun)")
     if devices > 1 and not dist.in_launched_run():
-        code = dist.relaunch(devices, sys.argv[1:])
+        with preempt.on_sigterm():
+            code = dist.relaunch(devices, sys.argv[1:])
         if code:
             raise PtcliError(f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above")
         return
@@ -178,14 +180,15 @@ def tune(
     from ptcli.train import tune_many
 
     def run() -> list:
-        return tune_many(p, cfgs, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
+        return tune_many(p, cfgs, reporter, resume="auto" if auto_resume else resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
                          shard_base=shard_base)
 
-    if is_main_process():
-        with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):
+    with preempt.on_sigterm():
+        if is_main_process():
+            with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):
+                results = run()
+        else:
             results = run()
-    else:
-        results = run()
     if not is_main_process():
         dist.exit_launched_worker()
         return

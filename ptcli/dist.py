@@ -9,8 +9,10 @@ accelerate itself wraps for GPUs.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 LAUNCHED = "PTCLI_LAUNCHED"
 
@@ -33,11 +35,27 @@ def relaunch(devices: int, argv: list[str]) -> int:
 
     A process that dies makes the launcher stop the others and exit non-zero; the bank is
     written only by the main process at the very end, so a failed run leaves it as it was.
+    A SIGTERM noted by `preempt` is passed on to the launcher, which passes it to the workers;
+    they checkpoint and stop, and this raises PreemptedError.
     """
     import torch
 
+    from ptcli import preempt
+
     env = {**os.environ, LAUNCHED: "1"}
-    return subprocess.call(launch_command(devices, argv, torch.cuda.is_available()), env=env)
+    proc = subprocess.Popen(launch_command(devices, argv, torch.cuda.is_available()), env=env)
+    passed_on = False
+    while proc.poll() is None:
+        if preempt.requested() and not passed_on:
+            proc.send_signal(signal.SIGTERM)
+            passed_on = True
+        time.sleep(0.2)
+    if passed_on and proc.returncode:
+        from ptcli.errors import PreemptedError
+
+        raise PreemptedError(f"stopped by SIGTERM; the {devices} processes saved a checkpoint",
+                             hint="run the same command with --auto-resume (or --resume) to continue")
+    return proc.returncode
 
 
 def shard_frozen_base(model) -> tuple[int, int]:

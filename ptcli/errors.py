@@ -1,6 +1,7 @@
 """One error family for ptcli. The CLI turns these into exit codes; nothing else does.
 
-Exit codes: 0 ok, 1 failure (runtime, compatibility, project state), 2 bad usage or bad input.
+Exit codes: 0 ok, 1 failure (runtime, compatibility, project state), 2 bad usage or bad input,
+75 stopped by SIGTERM after a checkpoint (EX_TEMPFAIL: relaunch the same command to resume).
 """
 
 from __future__ import annotations
@@ -43,3 +44,9 @@ class CompatibilityError(PtcliError):
 
 class ModelError(PtcliError):
     """The base model cannot be found or loaded."""
+
+
+class PreemptedError(PtcliError):
+    """SIGTERM stopped a run after it wrote a checkpoint; the same command with --auto-resume continues it."""
+
+    exit_code = 75  # sysexits' EX_TEMPFAIL: a temporary failure, try again

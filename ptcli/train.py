@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 import torch
 
-from ptcli import bank, checkpoint
+from ptcli import bank, checkpoint, preempt
 from ptcli.config import TaskConfig, check_run_together
 from ptcli.data import BatchOrder, Encoded, Record, closed_answers, encode, read_jsonl
-from ptcli.errors import CompatibilityError, InputError, ProjectError
+from ptcli.errors import CompatibilityError, InputError, PreemptedError, ProjectError
 from ptcli.forward import lm_loss
 from ptcli.infer import answers
 from ptcli.model import SoftPrompt, fingerprint, init_prompt, load_base
@@ -159,13 +159,16 @@ def tune_many(
     cfgs: dict[str, TaskConfig],
     reporter: Reporter,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     dtype: str = "float32",
     trust_remote_code: bool = False,
     shard_base: bool = False,
 ) -> list[TuneResult]:
-    """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes."""
+    """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes.
+
+    resume: True continues the interrupted run; "auto" does when there is one and starts afresh otherwise.
+    """
     from accelerate import Accelerator
 
     check_run_together(cfgs)
@@ -173,6 +176,8 @@ def tune_many(
     acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
     main = acc.is_main_process
     ckpt_path = checkpoint.path(project, list(cfgs))
+    if resume == "auto":
+        resume = ckpt_path.exists()
     if resume and not ckpt_path.exists():
         raise ProjectError(f"no interrupted run of {'+'.join(cfgs)!r} to resume ({ckpt_path} is missing)", hint="drop --resume")
     for tag in cfgs:
@@ -181,6 +186,7 @@ def tune_many(
 
     started = time.perf_counter()
     train_rows, valid_rows = read_split(cfgs, "train"), read_split(cfgs, "valid")
+    inputs = checkpoint.inputs_of({"train": train_rows, "valid": valid_rows}, dtype, project.base.fingerprint)
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, reporter.status)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(
@@ -213,9 +219,9 @@ def tune_many(
                         f"this one holds {100 * mine / whole:.1f}% of its {whole / 2**20:,.1f} MiB of weights")
     model.to(acc.device)
     opt = torch.optim.AdamW(prompt.parameters(), lr=run.lr, weight_decay=0.0)
-    state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now())
+    state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now(), inputs=inputs)
     if resume:
-        state = checkpoint.load(ckpt_path, prompt, opt, cfgs)
+        state = checkpoint.load(ckpt_path, prompt, opt, cfgs, inputs)
         reporter.status(f"resuming {'+'.join(cfgs)!r} at step {state.step}")
     else:
         state.best_prompt = prompt.weight.detach().clone()
@@ -232,6 +238,9 @@ def tune_many(
             if better(metrics, state.best[t.tag]):
                 state.best[t.tag], state.best_step[t.tag] = metrics, state.step
                 state.best_prompt[t.slots] = prompt.weight.detach()[t.slots]
+        save()
+
+    def save() -> None:
         if main:
             state.seconds = prior_seconds + time.perf_counter() - started
             checkpoint.save(ckpt_path, prompt, opt, state)
@@ -245,6 +254,11 @@ def tune_many(
         elapsed = prior_seconds + time.perf_counter() - started
         if run.max_minutes and _agreed(acc, elapsed >= 60 * run.max_minutes):
             break
+        if _agreed(acc, preempt.requested()):  # SIGTERM on any process: checkpoint here, every process stops
+            save()
+            acc.wait_for_everyone()
+            raise PreemptedError(f"stopped by SIGTERM at step {state.step}; checkpoint saved in {ckpt_path}",
+                                 hint="run the same command with --auto-resume (or --resume) to continue")
         picks = [(*pool[j], k) for k, order in enumerate(orders) for j in order.batch(step)][acc.process_index :: acc.num_processes]
         lr = lr_at(step, run, elapsed)
         for group in opt.param_groups:

@@ -274,9 +274,9 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     err.print(table)
 
 
-from ptcli import cli_bank  # noqa: E402  (the bank commands come after the core ones in --help)
+from ptcli import cli_bank, cli_check  # noqa: E402  (the bank commands come after the core ones in --help)
 
-app.registered_commands += cli_bank.app.registered_commands
+app.registered_commands += cli_bank.app.registered_commands + cli_check.app.registered_commands
 
 
 def main() -> None:

@@ -216,6 +216,7 @@ def infer(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")] = 16,
     dtype: DtypeOpt = "float32",
     device_map: Annotated[Optional[str], typer.Option("--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading).")] = None,
+    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) that share the rows; output as with one.")] = 1,
     trust_remote_code: TrustOpt = False,
     project: ProjectOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")] = False,
@@ -224,8 +225,12 @@ def infer(
     """Predict an answer for every line; stdout gets each input line with `prediction` added, in input order."""
     from ptcli import project as proj
     from ptcli.console import emit_json, emit_jsonl, err, say
+    from ptcli import dist
     from ptcli.infer import infer as run_infer
+    from ptcli.storage import is_main_process
 
+    if devices < 1 or (devices > 1 and device_map):
+        raise UsageError(f"--devices must be at least 1 and cannot go with --device-map, got {devices}")
     if tokens_to_generate < 1:
         raise UsageError(f"--tokens-to-generate must be at least 1, got {tokens_to_generate}")
     if batch_size < 1:
@@ -235,8 +240,18 @@ def infer(
     options = [c.strip() for c in choices.split(",") if c.strip()] if choices is not None else None
     if options is not None and len(options) < 2:
         raise UsageError(f"--choices needs at least two comma-separated answers, got {choices!r}")
+    if devices > 1 and not dist.in_launched_run():
+        if file == "-":
+            raise UsageError("--devices reads a file, not stdin ('-'): every process reads the rows")
+        code = dist.relaunch(devices, sys.argv[1:])
+        if code:
+            raise PtcliError(f"the {devices}-process inference failed (exit {code})", hint="see the messages above")
+        return
     result = run_infer(p, file, mode=mode, choices=options, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
-                       trust_remote_code=trust_remote_code, device_map=device_map, status=lambda m: say(m, quiet))
+                       trust_remote_code=trust_remote_code, device_map=device_map, status=lambda m: say(m, quiet or not is_main_process()))
+    if not is_main_process():
+        dist.exit_launched_worker()
+        return
     if as_json:
         emit_json({"predictions": result.rows, "accuracy": result.accuracy})
     else:
@@ -248,6 +263,7 @@ def infer(
         for tag, s in sorted(result.accuracy.items()):
             table.add_row(tag, str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}")
         err.print(table)
+    dist.exit_launched_worker()
 
 
 @app.command("list-tags")

@@ -109,6 +109,34 @@ def _param_bytes(model, local: bool) -> int:
     return total
 
 
+def join_group():
+    """(rank, world size, device) of this process; joins the launcher's process group when there are several.
+
+    For commands that split work without accelerate (infer): NCCL with one GPU per process, or gloo on CPU.
+    """
+    import torch
+    import torch.distributed as tdist
+
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order (a collective: every process calls it)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def exit_launched_worker() -> None:
     """End a finished worker of a multi-process run at once, skipping interpreter teardown.
 

@@ -3,6 +3,10 @@
 Two modes: `generate` decodes greedily; `rank` scores each candidate of the tag's closed
 answer set (found in its training data, or given) and picks the likeliest. An ensemble's
 members run in the same batch and vote (generate) or average their scores (rank).
+
+Under torchrun/accelerate (or `ptcli infer --devices N`) process r runs batches r, r+N, ...
+of that same plan and every process gathers all predictions: the batches, and so the
+answers, are the ones a single process computes.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ptcli import bank
+from ptcli import bank, dist
 from ptcli.data import answer_ids, read_jsonl
 from ptcli.errors import CompatibilityError, ProjectError, UsageError
 from ptcli.forward import answer
@@ -88,12 +92,16 @@ def infer(
         if missing:
             raise UsageError(f"--mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training",
                              hint="pass --choices 'a,b,...', or use --mode generate")
+    rank, world, device = dist.join_group()
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(f"the base model at {project.base.ref!r} has changed since `ptcli init`")
+    if device_map is None:
+        model.to(device)
     P = project.num_prompt_tokens
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
-    predictions: list[str] = [""] * len(records)
+    predictions: dict[int, str] = {}  # row index -> answer, for the rows of this process's batches
+    batch = -1
     for tag in sorted({r.tag for r in records}):
         prompt, meta = bank.get(project, tag)
         options = choices or meta.get("choices")
@@ -103,13 +111,18 @@ def infer(
             raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
         idx = sorted((i for i, r in enumerate(records) if r.tag == tag), key=lambda i: len(texts[i]))
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
+            chunk, batch = idx[start : start + batch_size], batch + 1
+            if batch % world != rank:
+                continue
             with torch.inference_mode():
                 outs = predict(model, tok, prompt, [texts[i][-budget:] for i in chunk], mode, options, tokens_to_generate)
             for i, out in zip(chunk, outs):
                 predictions[i] = out
-    rows = [{**r.row, "prediction": p} for r, p in zip(records, predictions)]
-    return InferResult(rows, accuracy(records, predictions))
+    if world > 1:
+        predictions = {i: p for part in dist.gather_objects(predictions) for i, p in part.items()}
+    ordered = [predictions[i] for i in range(len(records))]
+    rows = [{**r.row, "prediction": p} for r, p in zip(records, ordered)]
+    return InferResult(rows, accuracy(records, ordered))
 
 
 def accuracy(records, predictions: list[str]) -> dict[str, dict[str, float]]:

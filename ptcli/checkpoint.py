@@ -62,6 +62,28 @@ def inputs_of(rows: dict[str, dict[str, list[Record]]], dtype: str, base_fingerp
     return {**data, "dtype": dtype, "base fingerprint": base_fingerprint}
 
 
+def finished(project: Project, cfgs: dict[str, TaskConfig], inputs: dict[str, Any], overwrite: bool) -> list[dict[str, Any]] | None:
+    """For --auto-resume without a checkpoint: TuneResult fields of every tag when the bank already holds this very
+    run (same settings and inputs), None when the run is to start afresh; a tag tuned otherwise needs `overwrite`.
+
+    A job killed after its last bank write, relaunched with the same command, then ends at once instead of failing.
+    """
+    from ptcli import bank
+
+    done = []
+    for tag, cfg in cfgs.items():
+        path = bank.path_of(project, tag)
+        meta = bank.read_meta(project, tag).meta if path.is_file() else {}
+        if meta.get("config") != cfg.to_dict() or meta.get("inputs") != inputs or meta.get("tuned_with") != [t for t in cfgs if t != tag]:
+            if not overwrite and any(bank.path_of(project, t).is_file() for t in cfgs):
+                raise ProjectError(f"{'+'.join(cfgs)!r} is already tuned, with other settings or data", hint="pass --overwrite to retune")
+            return None
+        done.append({"tag": tag, "steps": meta["steps"], "best_step": meta["best_step"], "metrics": meta["metrics"],
+                     "initial_metrics": meta["initial_metrics"], "seconds": meta.get("train_seconds", 0.0), "truncated": 0,
+                     "path": str(path)})
+    return done
+
+
 def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, state: State) -> None:
     from safetensors.torch import save as st_save
 

@@ -51,10 +51,7 @@ def relaunch(devices: int, argv: list[str]) -> int:
             passed_on = True
         time.sleep(0.2)
     if passed_on and proc.returncode:
-        from ptcli.errors import PreemptedError
-
-        raise PreemptedError(f"stopped by SIGTERM; the {devices} processes saved a checkpoint",
-                             hint="run the same command with --auto-resume (or --resume) to continue")
+        raise preempt.stopped(f"(passed on to the {devices} processes, which checkpoint before they stop)")
     return proc.returncode
 
 

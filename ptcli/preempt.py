@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ptcli.errors import PreemptedError
+
 _requested = threading.Event()
 
 
@@ -32,3 +34,7 @@ def on_sigterm() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, before)
         _requested.clear()
+
+
+def stopped(where: str) -> PreemptedError:
+    return PreemptedError(f"stopped by SIGTERM {where}", hint="run the same command with --auto-resume (or --resume) to continue")

@@ -22,7 +22,7 @@ import torch
 from ptcli import bank, checkpoint, preempt
 from ptcli.config import TaskConfig, check_run_together
 from ptcli.data import BatchOrder, Encoded, Record, closed_answers, encode, read_jsonl
-from ptcli.errors import CompatibilityError, InputError, PreemptedError, ProjectError
+from ptcli.errors import CompatibilityError, InputError, ProjectError
 from ptcli.forward import lm_loss
 from ptcli.infer import answers
 from ptcli.model import SoftPrompt, fingerprint, init_prompt, load_base
@@ -167,7 +167,8 @@ def tune_many(
 ) -> list[TuneResult]:
     """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes.
 
-    resume: True continues the interrupted run; "auto" does when there is one and starts afresh otherwise.
+    resume: True continues the interrupted run; "auto" does when there is one, starts afresh when there is
+    none, and returns the bank's entries when this run already finished (same settings and data).
     """
     from accelerate import Accelerator
 
@@ -176,17 +177,21 @@ def tune_many(
     acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
     main = acc.is_main_process
     ckpt_path = checkpoint.path(project, list(cfgs))
-    if resume == "auto":
+    auto = resume == "auto"
+    if auto:
         resume = ckpt_path.exists()
     if resume and not ckpt_path.exists():
         raise ProjectError(f"no interrupted run of {'+'.join(cfgs)!r} to resume ({ckpt_path} is missing)", hint="drop --resume")
     for tag in cfgs:
-        if bank.path_of(project, tag).exists() and not (resume or overwrite):
+        if bank.path_of(project, tag).exists() and not (resume or overwrite or auto):
             raise ProjectError(f"tag {tag!r} is already tuned", hint="pass --overwrite to retune it, or --resume to continue a killed run")
 
     started = time.perf_counter()
     train_rows, valid_rows = read_split(cfgs, "train"), read_split(cfgs, "valid")
     inputs = checkpoint.inputs_of({"train": train_rows, "valid": valid_rows}, dtype, project.base.fingerprint)
+    if auto and not resume and (done := checkpoint.finished(project, cfgs, inputs, overwrite)) is not None:
+        reporter.status(f"{'+'.join(cfgs)!r} is already tuned with these settings and data: nothing to do")
+        return [TuneResult(**r) for r in done]
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, reporter.status)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(
@@ -257,8 +262,7 @@ def tune_many(
         if _agreed(acc, preempt.requested()):  # SIGTERM on any process: checkpoint here, every process stops
             save()
             acc.wait_for_everyone()
-            raise PreemptedError(f"stopped by SIGTERM at step {state.step}; checkpoint saved in {ckpt_path}",
-                                 hint="run the same command with --auto-resume (or --resume) to continue")
+            raise preempt.stopped(f"at step {state.step}; checkpoint saved in {ckpt_path}")
         picks = [(*pool[j], k) for k, order in enumerate(orders) for j in order.batch(step)][acc.process_index :: acc.num_processes]
         lr = lr_at(step, run, elapsed)
         for group in opt.param_groups:
@@ -302,6 +306,7 @@ def tune_many(
                 "initial_metrics": state.initial[t.tag],
                 "train_seconds": round(seconds, 2),
                 "world_size": acc.num_processes,
+                "inputs": inputs,
                 "created": state.started,
                 "updated": now(),
             }

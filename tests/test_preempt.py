@@ -45,11 +45,27 @@ def empty(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(empty: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
-    """--auto-resume on a project with no checkpoint starts afresh; this is the uninterrupted prompt."""
+def finished(empty: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """--auto-resume on a project with no checkpoint starts afresh: the uninterrupted run."""
     root = Path(shutil.copytree(empty, tmp_path_factory.mktemp("ref") / "p"))
     ok(cli(*_args(data, steps=LONG), "-p", root, "-q"))
-    return bank.get(proj.load(root), "sent")[0]
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(finished: Path) -> torch.Tensor:
+    return bank.get(proj.load(finished), "sent")[0]
+
+
+def test_a_relaunch_after_the_run_finished_does_nothing(finished: Path, data: Path) -> None:
+    before = (finished / "bank" / "sent.safetensors").read_bytes()
+    result = cli(*_args(data, steps=LONG), "-p", finished, "--json")
+    ok(result)
+    assert "already tuned with these settings and data: nothing to do" in result.stderr
+    assert json.loads(result.stdout)["steps"] == LONG
+    err = failed(cli(*_args(data, steps=LONG), "--lr", "0.3", "-p", finished), 1)
+    assert "'sent' is already tuned, with other settings or data" in err
+    assert (finished / "bank" / "sent.safetensors").read_bytes() == before
 
 
 def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(empty: Path, data: Path, reference: torch.Tensor,

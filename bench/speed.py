@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PTCLI_DATA", ROOT.parent / "shared" / "data"))
+DEVICE = os.environ.get("PTCLI_BENCH_DEVICE", "cpu")  # training workers only; scripts/gpu_check.sh sets cuda
 
 
 def load_rows(task: str, split: str, n: int) -> list[dict]:
@@ -62,11 +63,12 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
     from ptcli.model import SoftPrompt, init_prompt, load_base
 
     model, tok = load_base("default")
+    model.to(DEVICE)
     rows = load_rows("SST2", "train", steps * batch + batch)
     records = [Record(i, r["prompt_tag"], r["text"], r["answer"], r) for i, r in enumerate(rows)]
     enc = encode(tok, records, prompt_len, 512, answer_only=True)
     batches = [list(range(s * batch, (s + 1) * batch)) for s in range(steps + 1)]
-    init = init_prompt(model, tok, prompt_len, "text", "positive negative", 0)
+    init = init_prompt(model, tok, prompt_len, "text", "positive negative", 0).to(DEVICE)
     times, tokens, positions = [], [], []
     if tool == "ptcli":
         prompt = SoftPrompt(init)
@@ -95,7 +97,7 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
                 ids[r, :n] = torch.tensor(enc.ids[i])
                 mask[r, :n] = 1
                 labels[r, :n] = torch.tensor(enc.labels[i])
-            out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+            out = pm(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE))
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -103,6 +105,8 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int) -> dict:
     for s, idx in enumerate(batches):
         t0 = time.perf_counter()
         step(idx)
+        if DEVICE.startswith("cuda"):
+            torch.cuda.synchronize()
         if s > 0:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
             tokens.append(sum(len(enc.ids[i]) + prompt_len for i in idx))

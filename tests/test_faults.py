@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,12 @@ def test_leftover_temp_files_are_noted_then_removed_by_the_next_write(root: Path
     ok(cli("add-task", "a", "--lr", 0.05, "-p", root, "-q"))  # any command that takes the lock
     assert not any(f.exists() for f in planted)
     assert "temporary" not in cli("check", "-p", root).stderr
+
+
+def test_check_stays_light(root: Path) -> None:
+    """`check` reads headers and bytes only: it imports neither torch nor transformers."""
+    code = ("import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
+            f"r = CliRunner().invoke(app, ['check', '-p', {str(root)!r}, '--json']); "
+            "print(r.exit_code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split("\n")[-2] == "0 []", proc.stdout + proc.stderr

@@ -223,9 +223,9 @@ def infer(
     quiet: QuietOpt = False,
 ) -> None:
     """Predict an answer for every line; stdout gets each input line with `prediction` added, in input order."""
+    from ptcli import dist
     from ptcli import project as proj
     from ptcli.console import emit_json, emit_jsonl, err, say
-    from ptcli import dist
     from ptcli.infer import infer as run_infer
     from ptcli.storage import is_main_process
 

@@ -106,8 +106,11 @@ def _split(source: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
         if not 0 <= n <= len(blob) - 8:
             raise ValueError(f"truncated: {len(blob)} bytes")
         header = json.loads(blob[8 : 8 + n])
-        header["__metadata__"]["ptcli"] = json.loads(header["__metadata__"]["ptcli"])
-    except (ValueError, KeyError, TypeError) as e:
+        header["__metadata__"]["ptcli"] = record = json.loads(header["__metadata__"]["ptcli"])
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise ValueError("its record is not a ptcli checkpoint's")
+        header["__ends__"] = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ProjectError(f"checkpoint {source} is unreadable ({e})", hint="delete it and tune again, or retune with --overwrite") from e
     return header, blob[8 + n :]
 
@@ -116,8 +119,9 @@ def verify(source: Path) -> dict[str, Any]:
     """The record of a whole, intact checkpoint (structure and sha256 checked, no torch); ProjectError names a damaged one."""
     header, data = _split(source, source.read_bytes())
     record = header["__metadata__"]["ptcli"]
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if max(ends, default=0) != len(data) or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+    ends = header["__ends__"]
+    legacy = "sha256" not in record  # written before checkpoints carried a checksum: structure checks only
+    if max(ends, default=0) != len(data) or not legacy and hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise ProjectError(f"checkpoint {source} is corrupted: its checksum does not match",
                            hint="delete it and tune again, or retune with --overwrite")
     return record
@@ -130,11 +134,12 @@ def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfgs
     from safetensors.torch import load as st_load
 
     record = verify(source)
-    record.pop("sha256")
+    record.pop("sha256", None)
     tensors = st_load(source.read_bytes())
     given = {tag: cfg.to_dict() for tag, cfg in cfgs.items()}
     changed = sorted({k for t, c in given.items() for k in c if record["config"].get(t, {}).get(k) != c[k]})
-    changed += [k for k, v in (inputs or {}).items() if record.get("inputs", {}).get(k) != v]
+    if "inputs" in record:  # older checkpoints recorded the settings only
+        changed += [k for k, v in (inputs or {}).items() if record["inputs"].get(k) != v]
     if changed:
         raise ProjectError(
             f"the interrupted run used other settings ({', '.join(changed)})",

@@ -34,6 +34,7 @@ import datadir
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = datadir.DEFAULT  # --data-dir; workers get it on their command line
+DEVICE = os.environ.get("PTCLI_BENCH_DEVICE", "cpu")  # training workers only; scripts/gpu_check.sh sets cuda
 
 
 def load_rows(task: str, split: str, n: int) -> list[dict]:
@@ -66,13 +67,14 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     from ptcli.reparam import SoftPrompt
 
     model, tok = load_base("default")
+    model.to(DEVICE)
     rows = load_rows(task, "train", steps * batch + batch)
     records = [Record(i, r["prompt_tag"], r["text"], r["answer"], r) for i, r in enumerate(rows)]
     template = "suffix" if tool == "ptcli-suffix" else "prefix"
     enc = encode(tok, records, prompt_len, 512, answer_only=True, template=template)
     size = [len(ids) + (prompt_len if template == "prefix" else 0) for ids in enc.ids]  # real positions of each row
     batches = [list(range(s * batch, (s + 1) * batch)) for s in range(steps + 1)]
-    init = init_prompt(model, tok, prompt_len, "text", " ".join(sorted({r["answer"] for r in rows})), 0)
+    init = init_prompt(model, tok, prompt_len, "text", " ".join(sorted({r["answer"] for r in rows})), 0).to(DEVICE)
     times, tokens, positions = [], [], []
     if tool.startswith("ptcli"):
         prompt = SoftPrompt(init)
@@ -101,7 +103,7 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
                 ids[r, :n] = torch.tensor(enc.ids[i])
                 mask[r, :n] = 1
                 labels[r, :n] = torch.tensor(enc.labels[i])
-            out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+            out = pm(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE))
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -109,6 +111,8 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     for s, idx in enumerate(batches):
         t0 = time.perf_counter()
         step(idx)
+        if DEVICE.startswith("cuda"):
+            torch.cuda.synchronize()
         if s > 0:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
             tokens.append(sum(size[i] for i in idx))
@@ -208,7 +212,8 @@ def main() -> None:
     datadir.add_flag(ap)
     args = ap.parse_args()
     global DATA
-    DATA = datadir.check(args.data_dir, ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/train.jsonl", "RTE/val.jsonl"])
+    needs = [] if args.worker else ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/train.jsonl", "RTE/val.jsonl"]  # a worker reads what it is given
+    DATA = datadir.check(args.data_dir, needs)
     if args.worker:
         kind, *rest = args.worker
         fn = {"train": worker_train, "infer": worker_infer, "matmul": worker_matmul}[kind]

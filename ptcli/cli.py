@@ -146,6 +146,7 @@ def tune(
     reparam_lr: ReparamLr = None,
     num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
+    auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Resume if there is a checkpoint, else start afresh: one command for a job's first launch and its relaunches.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
     devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")] = 1,
     shard_base: Annotated[bool, typer.Option("--shard-base", help="With --devices N: shard the frozen base over the N processes (FSDP), for bases too big for one device.")] = False,
@@ -177,12 +178,13 @@ def tune(
         parse_template(cfg.template, p.num_prompt_tokens)
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
-    from ptcli import dist
+    from ptcli import dist, preempt
 
     if shard_base and devices < 2 and not dist.in_launched_run():
         raise UsageError("--shard-base shards over several processes: pass --devices 2 or more (or launch with accelerate/torchrun)")
     if devices > 1 and not dist.in_launched_run():
-        code = dist.relaunch(devices, sys.argv[1:])
+        with preempt.on_sigterm():
+            code = dist.relaunch(devices, sys.argv[1:])
         if code:
             raise PtcliError(f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above")
         return
@@ -191,14 +193,15 @@ def tune(
     from ptcli.train import tune_many
 
     def run() -> list:
-        return tune_many(p, cfgs, reporter, resume=resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
+        return tune_many(p, cfgs, reporter, resume="auto" if auto_resume else resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
                          shard_base=shard_base)
 
-    if is_main_process():
-        with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):
+    with preempt.on_sigterm():
+        if is_main_process():
+            with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):
+                results = run()
+        else:
             results = run()
-    else:
-        results = run()
     if not is_main_process():
         dist.exit_launched_worker()
         return
@@ -227,16 +230,21 @@ def infer(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")] = 16,
     dtype: DtypeOpt = "float32",
     device_map: Annotated[Optional[str], typer.Option("--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading).")] = None,
+    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) that share the rows; output as with one.")] = 1,
     trust_remote_code: TrustOpt = False,
     project: ProjectOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Predict an answer for every line; stdout gets each input line with `prediction` added, in input order."""
+    from ptcli import dist
     from ptcli import project as proj
     from ptcli.console import emit_json, emit_jsonl, err, say
     from ptcli.infer import infer as run_infer
+    from ptcli.storage import is_main_process
 
+    if devices < 1 or (devices > 1 and device_map):
+        raise UsageError(f"--devices must be at least 1 and cannot go with --device-map, got {devices}")
     if tokens_to_generate < 1:
         raise UsageError(f"--tokens-to-generate must be at least 1, got {tokens_to_generate}")
     if batch_size < 1:
@@ -246,8 +254,19 @@ def infer(
     options = [c.strip() for c in choices.split(",") if c.strip()] if choices is not None else None
     if options is not None and len(options) < 2:
         raise UsageError(f"--choices needs at least two comma-separated answers, got {choices!r}")
-    result = run_infer(p, file, mode=mode, choices=options, calibrated=calibrate, tokens_to_generate=tokens_to_generate, batch_size=batch_size, dtype=dtype,
-                       trust_remote_code=trust_remote_code, device_map=device_map, status=lambda m: say(m, quiet))
+    if devices > 1 and not dist.in_launched_run():
+        if file == "-":
+            raise UsageError("--devices reads a file, not stdin ('-'): every process reads the rows")
+        code = dist.relaunch(devices, sys.argv[1:])
+        if code:
+            raise PtcliError(f"the {devices}-process inference failed (exit {code})", hint="see the messages above")
+        return
+    result = run_infer(p, file, mode=mode, choices=options, calibrated=calibrate, tokens_to_generate=tokens_to_generate, batch_size=batch_size,
+                       dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map,
+                       status=lambda m: say(m, quiet or not is_main_process()))
+    if not is_main_process():
+        dist.exit_launched_worker()
+        return
     if as_json:
         emit_json({"predictions": result.rows, "accuracy": result.accuracy, "modes": result.modes})
     else:
@@ -260,6 +279,7 @@ def infer(
         for tag, s in sorted(result.accuracy.items()):
             table.add_row(tag, how[result.modes[tag]], str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}")
         err.print(table)
+    dist.exit_launched_worker()
 
 
 @app.command("list-tags")
@@ -287,9 +307,9 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     err.print(table)
 
 
-from ptcli import cli_bank, cli_serve  # noqa: E402  (the bank commands come after the core ones in --help)
+from ptcli import cli_bank, cli_check, cli_serve  # noqa: E402  (the bank commands come after the core ones in --help)
 
-app.registered_commands += cli_bank.app.registered_commands + cli_serve.app.registered_commands
+app.registered_commands += cli_bank.app.registered_commands + cli_check.app.registered_commands + cli_serve.app.registered_commands
 
 
 def main() -> None:

@@ -9,8 +9,10 @@ accelerate itself wraps for GPUs.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 LAUNCHED = "PTCLI_LAUNCHED"
 
@@ -33,11 +35,24 @@ def relaunch(devices: int, argv: list[str]) -> int:
 
     A process that dies makes the launcher stop the others and exit non-zero; the bank is
     written only by the main process at the very end, so a failed run leaves it as it was.
+    A SIGTERM noted by `preempt` is passed on to the launcher, which passes it to the workers;
+    they checkpoint and stop, and this raises PreemptedError.
     """
     import torch
 
+    from ptcli import preempt
+
     env = {**os.environ, LAUNCHED: "1"}
-    return subprocess.call(launch_command(devices, argv, torch.cuda.is_available()), env=env)
+    proc = subprocess.Popen(launch_command(devices, argv, torch.cuda.is_available()), env=env)
+    passed_on = False
+    while proc.poll() is None:
+        if preempt.requested() and not passed_on:
+            proc.send_signal(signal.SIGTERM)
+            passed_on = True
+        time.sleep(0.2)
+    if passed_on and proc.returncode:
+        raise preempt.stopped(f"(passed on to the {devices} processes, which checkpoint before they stop)")
+    return proc.returncode
 
 
 def shard_frozen_base(model) -> tuple[int, int]:
@@ -89,6 +104,34 @@ def _param_bytes(model, local: bool) -> int:
             t = p.to_local() if local and hasattr(p, "to_local") else p
             total += t.numel() * t.element_size()
     return total
+
+
+def join_group():
+    """(rank, world size, device) of this process; joins the launcher's process group when there are several.
+
+    For commands that split work without accelerate (infer): NCCL with one GPU per process, or gloo on CPU.
+    """
+    import torch
+    import torch.distributed as tdist
+
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order (a collective: every process calls it)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def exit_launched_worker() -> None:

@@ -1,6 +1,7 @@
 """One error family for ptcli. The CLI turns these into exit codes; nothing else does.
 
-Exit codes: 0 ok, 1 failure (runtime, compatibility, project state), 2 bad usage or bad input.
+Exit codes: 0 ok, 1 failure (runtime, compatibility, project state), 2 bad usage or bad input,
+75 stopped by SIGTERM after a checkpoint (EX_TEMPFAIL: relaunch the same command to resume).
 """
 
 from __future__ import annotations
@@ -51,3 +52,9 @@ class ServeError(PtcliError):
     def __init__(self, message: str, status: int = 400, *, headers: dict[str, str] | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status, self.headers, self.extra = status, headers or {}, extra or {}
+
+
+class PreemptedError(PtcliError):
+    """SIGTERM stopped a run after it wrote a checkpoint; the same command with --auto-resume continues it."""
+
+    exit_code = 75  # sysexits' EX_TEMPFAIL: a temporary failure, try again

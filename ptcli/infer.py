@@ -4,6 +4,10 @@ Two modes: `generate` decodes greedily; `rank` scores each candidate of the tag'
 answer set (found in its training data, or given) and picks the likeliest, optionally after
 contextual calibration. A tag's default mode is the one its validation kept the prompt by.
 An ensemble's members run in the same batch and vote (generate) or average their scores (rank).
+
+Under torchrun/accelerate (or `ptcli infer --devices N`) process r runs batches r, r+N, ...
+of that same plan and every process gathers all predictions: the batches, and so the
+answers, are the ones a single process computes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ptcli import bank
+from ptcli import bank, dist
 from ptcli.data import answer_ids, read_jsonl
 from ptcli.errors import CompatibilityError, ProjectError, UsageError
 from ptcli.forward import answer
@@ -112,12 +116,16 @@ def infer(
     modes = tag_modes(project, sorted({r.tag for r in records}), mode, choices)
     if calibrated and "rank" not in modes.values():
         raise UsageError("--calibrate corrects ranked answers, and no tag here is ranked", hint="add --mode rank")
+    rank, world, device = dist.join_group()
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(f"the base model at {project.base.ref!r} has changed since `ptcli init`")
+    if device_map is None:
+        model.to(device)
     P = project.num_prompt_tokens
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
-    predictions: list[str] = [""] * len(records)
+    predictions: dict[int, str] = {}  # row index -> answer, for the rows of this process's batches
+    batch = -1
     for tag, how in modes.items():
         prompt, meta = bank.get(project, tag)
         options = choices or meta.get("choices")
@@ -129,14 +137,19 @@ def infer(
         bias = content_free_bias(model, tok, prompt, options, layout) if calibrated and how == "rank" else None
         idx = sorted((i for i, r in enumerate(records) if r.tag == tag), key=lambda i: len(texts[i]))
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
+            chunk, batch = idx[start : start + batch_size], batch + 1
+            if batch % world != rank:
+                continue
             with torch.inference_mode():
                 outs = predict(model, tok, prompt, [layout.context(texts[i][-budget:]) for i in chunk], how, options, tokens_to_generate,
                                bias)
             for i, out in zip(chunk, outs):
                 predictions[i] = out
-    rows = [{**r.row, "prediction": p} for r, p in zip(records, predictions)]
-    return InferResult(rows, accuracy(records, predictions), modes)
+    if world > 1:
+        predictions = {i: p for part in dist.gather_objects(predictions) for i, p in part.items()}
+    ordered = [predictions[i] for i in range(len(records))]
+    rows = [{**r.row, "prediction": p} for r, p in zip(records, ordered)]
+    return InferResult(rows, accuracy(records, ordered), modes)
 
 
 def tag_modes(project: Project, tags: list[str], mode: str | None, choices: list[str] | None) -> dict[str, str]:

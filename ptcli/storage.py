@@ -90,12 +90,31 @@ def project_lock(root: Path, command: str) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+        clean_temp(root)
         try:
             yield
         finally:
             os.ftruncate(fd, 0)  # unlocked, the file names nobody: an empty file means "holder still signing"
     finally:
         os.close(fd)
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Temporary files of atomic writes in a project (root, bank/, runs/*/), hidden `.NAME.RANDOM.tmp`."""
+    dirs = [root, root / "bank", *(root / "runs").glob("*")]
+    return sorted(f for d in dirs if d.is_dir() for f in d.glob(".*.tmp") if f.is_file())
+
+
+def clean_temp(root: Path) -> list[Path]:
+    """Remove what killed writes left behind. Only called under the project lock: no writer is running."""
+    removed = []
+    for f in temp_files(root):
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass  # not ours to remove (permissions): `ptcli check` still reports it
+    return removed
 
 
 def _holder(fd: int) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ptcli import bank, checkpoint
+from ptcli import bank, checkpoint, preempt
 from ptcli.config import TaskConfig, check_run_together
 from ptcli.data import BatchOrder, Encoded, Record, closed_answers, encode, read_jsonl
 from ptcli.errors import CompatibilityError, InputError, ProjectError
@@ -160,13 +160,17 @@ def tune_many(
     cfgs: dict[str, TaskConfig],
     reporter: Reporter,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     dtype: str = "float32",
     trust_remote_code: bool = False,
     shard_base: bool = False,
 ) -> list[TuneResult]:
-    """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes."""
+    """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes.
+
+    resume: True continues the interrupted run; "auto" does when there is one, starts afresh when there is
+    none, and returns the bank's entries when this run already finished (same settings and data).
+    """
     from accelerate import Accelerator
 
     check_run_together(cfgs)
@@ -174,14 +178,21 @@ def tune_many(
     acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
     main = acc.is_main_process
     ckpt_path = checkpoint.path(project, list(cfgs))
+    auto = resume == "auto"
+    if auto:
+        resume = ckpt_path.exists()
     if resume and not ckpt_path.exists():
         raise ProjectError(f"no interrupted run of {'+'.join(cfgs)!r} to resume ({ckpt_path} is missing)", hint="drop --resume")
     for tag in cfgs:
-        if bank.path_of(project, tag).exists() and not (resume or overwrite):
+        if bank.path_of(project, tag).exists() and not (resume or overwrite or auto):
             raise ProjectError(f"tag {tag!r} is already tuned", hint="pass --overwrite to retune it, or --resume to continue a killed run")
 
     started = time.perf_counter()
     train_rows, valid_rows = read_split(cfgs, "train"), read_split(cfgs, "valid")
+    inputs = checkpoint.inputs_of({"train": train_rows, "valid": valid_rows}, dtype, project.base.fingerprint)
+    if auto and not resume and (done := checkpoint.finished(project, cfgs, inputs, overwrite)) is not None:
+        reporter.status(f"{'+'.join(cfgs)!r} is already tuned with these settings and data: nothing to do")
+        return [TuneResult(**r) for r in done]
     model, tok = load_base(project.base.ref, dtype, trust_remote_code, reporter.status)
     if fingerprint(model) != project.base.fingerprint:
         raise CompatibilityError(
@@ -217,9 +228,9 @@ def tune_many(
     if run.reparam != "none":
         groups.append({"params": list(prompt.encoders.parameters()), "peak": run.reparam_lr})
     opt = torch.optim.AdamW(groups, lr=run.lr, weight_decay=0.0)
-    state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now())
+    state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now(), inputs=inputs)
     if resume:
-        state = checkpoint.load(ckpt_path, prompt, opt, cfgs)
+        state = checkpoint.load(ckpt_path, prompt, opt, cfgs, inputs)
         reporter.status(f"resuming {'+'.join(cfgs)!r} at step {state.step}")
     else:
         with torch.no_grad():
@@ -239,6 +250,9 @@ def tune_many(
             if better(metrics, state.best[t.tag]):
                 state.best[t.tag], state.best_step[t.tag] = metrics, state.step
                 state.best_prompt[t.slots] = current[t.slots]
+        save()
+
+    def save() -> None:
         if main:
             state.seconds = prior_seconds + time.perf_counter() - started
             checkpoint.save(ckpt_path, prompt, opt, state)
@@ -252,6 +266,10 @@ def tune_many(
         elapsed = prior_seconds + time.perf_counter() - started
         if run.max_minutes and _agreed(acc, elapsed >= 60 * run.max_minutes):
             break
+        if _agreed(acc, preempt.requested()):  # SIGTERM on any process: checkpoint here, every process stops
+            save()
+            acc.wait_for_everyone()
+            raise preempt.stopped(f"at step {state.step}; checkpoint saved in {ckpt_path}")
         picks = [(*pool[j], k) for k, order in enumerate(orders) for j in order.batch(step)][acc.process_index :: acc.num_processes]
         lr = lr_at(step, run, elapsed)
         for group in opt.param_groups:
@@ -297,6 +315,7 @@ def tune_many(
                 "initial_metrics": state.initial[t.tag],
                 "train_seconds": round(seconds, 2),
                 "world_size": acc.num_processes,
+                "inputs": inputs,
                 "created": state.started,
                 "updated": now(),
             }

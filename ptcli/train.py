@@ -21,13 +21,13 @@ import torch
 
 from ptcli import bank, checkpoint, preempt
 from ptcli.config import TaskConfig, check_run_together
-from ptcli.data import BatchOrder, Encoded, Record, closed_answers, encode, read_jsonl
+from ptcli.data import BatchOrder, Record, closed_answers, encode, read_jsonl
 from ptcli.errors import CompatibilityError, InputError, ProjectError
 from ptcli.forward import lm_loss
-from ptcli.infer import answers
 from ptcli.model import fingerprint, init_prompt, load_base
-from ptcli.reparam import SoftPrompt
 from ptcli.project import Project, now
+from ptcli.reparam import SoftPrompt
+from ptcli.validate import Task, agreed, better, evaluate
 
 
 class Reporter(Protocol):
@@ -50,19 +50,6 @@ class TuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class Task:
-    """One tag of the run: its data, answer set and slots in the prompt stack."""
-
-    tag: str
-    cfg: TaskConfig
-    train: Encoded
-    valid: Encoded
-    choices: list[str] | None
-    init_text: str
-    slots: list[int]
-
-
 def lr_at(step: int, cfg: TaskConfig, elapsed: float = 0.0) -> float:
     """NeMo's warmup-hold-cosine: linear warmup, hold at --lr, cosine decay to --min-lr at --max-steps.
 
@@ -77,62 +64,6 @@ def lr_at(step: int, cfg: TaskConfig, elapsed: float = 0.0) -> float:
     if cfg.max_minutes:
         progress = max(progress, elapsed / (60 * cfg.max_minutes))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc) -> dict[str, float]:
-    """Loss per token (all members), and the accuracy of the combined answers, over all processes.
-
-    val_acc scores greedy answers; val_acc_rank (tasks with a closed answer set) the
-    best-scoring candidate. Both come from one pass over the texts; so does the loss when
-    it covers the answer only and every answer is a candidate. prompts: (K, P, H).
-    """
-    enc, K, choices = task.valid, prompts.shape[0], task.choices
-    shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
-    shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
-    batches = [shard[s : s + batch_size] for s in range(0, len(shard), batch_size)]
-    if acc.num_processes > 1:  # every process makes the same calls (a sharded base's forward is collective)
-        most = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max"))
-        batches += [[]] * (most - len(batches))  # an empty batch runs one row and counts nothing
-    max_new = max(len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts))  # longest answer + eos, already tokenized
-    loss_from_scores = bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
-    loss_sum, count, correct, ranked = 0.0, 0, 0, 0
-    agree = (lambda flag: _agreed(acc, flag, "min")) if acc.num_processes > 1 else None
-    with torch.no_grad():
-        for idx in batches:
-            if not idx:
-                answers(model, tok, prompts, [enc.prompts[0]], max_new=max_new, choices=choices, agree=agree)
-                if not loss_from_scores:
-                    lm_loss(model, prompts, enc.ids[:1], enc.labels[:1], tok.pad_token_id)
-                continue
-            truth = [enc.answers[i].strip() for i in idx]
-            voted, best, scores = answers(model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices,
-                                          agree=agree)
-            correct += sum(p == a for p, a in zip(voted, truth))
-            if choices:
-                ranked += sum(p == a for p, a in zip(best, truth))
-            if loss_from_scores:
-                picked = torch.tensor([choices.index(enc.answers[i]) for i in idx])  # (B,)
-                loss_sum -= float(scores[torch.arange(len(idx)), :, picked].sum())  # (B, K) true-answer log-likelihoods
-                count += K * sum(len(enc.ids[i]) - len(enc.prompts[i]) for i in idx)
-            else:
-                rows = [i for i in idx for _ in range(K)]
-                s, n = lm_loss(model, prompts, [enc.ids[i] for i in rows], [enc.labels[i] for i in rows], tok.pad_token_id,
-                               which=list(range(K)) * len(idx))
-                loss_sum, count = loss_sum + float(s), count + n
-    totals = acc.reduce(torch.tensor([loss_sum, count, correct, ranked], dtype=torch.float64, device=acc.device), "sum")
-    loss_sum, count, correct, ranked = totals.tolist()
-    metrics = {"val_loss": loss_sum / max(count, 1), "val_acc": correct / len(enc.ids)}
-    if choices:
-        metrics["val_acc_rank"] = ranked / len(enc.ids)
-    return metrics
-
-
-def better(new: dict[str, float], best: dict[str, float] | None) -> bool:
-    """Higher accuracy wins (ranked, where the task has an answer set); equal accuracy goes to lower loss."""
-    def key(m: dict[str, float]) -> tuple[float, float]:
-        return m.get("val_acc_rank", m["val_acc"]), -m["val_loss"]
-
-    return best is None or key(new) > key(best)
 
 
 def read_split(cfgs: dict[str, TaskConfig], split: str) -> dict[str, list[Record]]:
@@ -264,9 +195,9 @@ def tune_many(
     reporter.start(run.max_steps, state.step)
     for step in range(state.step, run.max_steps):
         elapsed = prior_seconds + time.perf_counter() - started
-        if run.max_minutes and _agreed(acc, elapsed >= 60 * run.max_minutes):
+        if run.max_minutes and agreed(acc, elapsed >= 60 * run.max_minutes):
             break
-        if _agreed(acc, preempt.requested()):  # SIGTERM on any process: checkpoint here, every process stops
+        if agreed(acc, preempt.requested()):  # SIGTERM on any process: checkpoint here, every process stops
             save()
             acc.wait_for_everyone()
             raise preempt.stopped(f"at step {state.step}; checkpoint saved in {ckpt_path}")
@@ -328,11 +259,3 @@ def tune_many(
         ckpt_path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     return results
-
-
-def _agreed(acc, flag: bool, how: str = "max") -> bool:
-    """A decision every process takes together: any of them ("max"), or all of them ("min")."""
-    if acc.num_processes == 1:
-        return flag
-    flags = acc.gather(torch.tensor([float(flag)], device=acc.device))  # (world,)
-    return bool(flags.max() if how == "max" else flags.min())

@@ -16,7 +16,8 @@ from ptcli import bank, checkpoint
 from ptcli import project as proj
 from ptcli.config import TaskConfig
 from ptcli.errors import ProjectError, UsageError
-from ptcli.train import better, lr_at, tune, tune_many
+from ptcli.train import lr_at, tune, tune_many
+from ptcli.validate import better
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -291,7 +292,7 @@ def test_time_budget_drives_the_decay() -> None:
 def test_validation_loss_from_the_ranking_pass_equals_the_loss(mixed, llama) -> None:
     from ptcli.data import closed_answers, encode, read_jsonl
     from ptcli.forward import lm_loss
-    from ptcli.train import Task, evaluate
+    from ptcli.validate import Task, evaluate
 
     model, tok = llama
     _, cfgs = mixed

@@ -38,13 +38,14 @@ def test_tuning_the_default_model_raises_accuracy(tmp_path, monkeypatch, default
        "--init-text", "is this review positive or negative", "--batch-size", "16", "--lr", "0.05", "--warmup-steps", "3",
        "--val-check-interval", "20", "--quiet")
 
-    def test_accuracy() -> float:
-        out = ok("infer", str(tmp_path / "test.jsonl"), "-p", proj, "--json", "--tokens-to-generate", "3", "--quiet")
+    def test_accuracy(mode: str) -> float:
+        out = ok("infer", str(tmp_path / "test.jsonl"), "-p", proj, "--json", "--mode", mode, "--tokens-to-generate", "3", "--quiet")
         return json.loads(out)["accuracy"]["reviews"]["accuracy"]
 
     ok("tune", "--tag", "reviews", "-p", proj, "--max-steps", "0", "--quiet")
-    before = test_accuracy()
+    before = {mode: test_accuracy(mode) for mode in ("generate", "rank")}
     ok("tune", "--tag", "reviews", "-p", proj, "--max-steps", "40", "--overwrite", "--quiet")
-    after = test_accuracy()
-    assert after >= before + 0.3, (before, after)
-    assert after >= 0.7, (before, after)
+    after = {mode: test_accuracy(mode) for mode in ("generate", "rank")}
+    # generated answers: from (almost) never the label to mostly right; ranked: from chance to well above it
+    assert after["generate"] >= before["generate"] + 0.3 and after["generate"] >= 0.7, (before, after)
+    assert after["rank"] >= before["rank"] + 0.2 and after["rank"] >= 0.7, (before, after)

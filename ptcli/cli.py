@@ -282,31 +282,6 @@ def infer(
     dist.exit_launched_worker()
 
 
-@app.command("list-tags")
-@handled
-def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
-    """The prompts in the bank: length, infer mode, steps, best validation metric, init, created."""
-    from ptcli import bank
-    from ptcli import project as proj
-    from ptcli.console import emit_json, err
-
-    p = proj.load(project)
-    entries = [bank.read_meta(p, t) for t in bank.tags(p)]
-    if as_json:
-        emit_json([{"tag": e.tag, "mode": bank.mode_of(e.meta),
-                    **{k: e.meta.get(k) for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")}} for e in entries])
-        return
-    from rich.table import Table
-
-    table = Table("tag", "tokens", "mode", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}")
-    for e in entries:
-        m = e.meta.get("metrics") or {}
-        steps = e.meta.get("steps")
-        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), bank.mode_of(e.meta), "-" if steps is None else str(steps), f"{m.get('val_acc', float('nan')):.3f}",
-                      f"{m.get('val_loss', float('nan')):.4f}", str(e.meta.get("init")), str(e.meta.get("created")))
-    err.print(table)
-
-
 from ptcli import cli_bank, cli_check, cli_serve  # noqa: E402  (the bank commands come after the core ones in --help)
 
 app.registered_commands += cli_bank.app.registered_commands + cli_check.app.registered_commands + cli_serve.app.registered_commands

@@ -1,4 +1,4 @@
-"""Commands that manage the bank: show, remove-tag, rename-tag, export and import.
+"""Commands that manage the bank: list-tags, show, remove-tag, rename-tag, export and import.
 
 They are registered on the app by cli.py, after the core commands (the order of `--help`).
 """
@@ -17,6 +17,31 @@ from ptcli.config import check_tag
 from ptcli.errors import UsageError
 
 app = typer.Typer()  # cli.py copies these commands onto its app
+
+
+@app.command("list-tags")
+@handled
+def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
+    """The prompts in the bank: length, infer mode, steps, best validation metric, init, created."""
+    from ptcli import bank
+    from ptcli import project as proj
+    from ptcli.console import emit_json, err
+
+    p = proj.load(project)
+    entries = [bank.read_meta(p, t) for t in bank.tags(p)]
+    if as_json:
+        emit_json([{"tag": e.tag, "mode": bank.mode_of(e.meta),
+                    **{k: e.meta.get(k) for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")}} for e in entries])
+        return
+    from rich.table import Table
+
+    table = Table("tag", "tokens", "mode", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}")
+    for e in entries:
+        m = e.meta.get("metrics") or {}
+        steps = e.meta.get("steps")
+        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), bank.mode_of(e.meta), "-" if steps is None else str(steps), f"{m.get('val_acc', float('nan')):.3f}",
+                      f"{m.get('val_loss', float('nan')):.4f}", str(e.meta.get("init")), str(e.meta.get("created")))
+    err.print(table)
 
 
 @app.command()

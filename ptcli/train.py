@@ -215,7 +215,8 @@ def tune_many(
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
-        reporter.step(step + 1, loss, lr, sum(len(t.train.ids[i]) + P for t, i, _ in picks) * acc.num_processes)
+        positions = sum(len(t.train.ids[i]) + P * (min(t.train.ids[i]) >= 0) for t, i, _ in picks)  # template rows hold their slots
+        reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         state.step = step + 1
         state.history.append({"step": state.step, "loss": loss, "lr": lr})
         if state.step % run.val_check_interval == 0 or state.step == run.max_steps:

@@ -4,7 +4,8 @@ A template is text with three kinds of placeholder:
   {text}      the row's text (once)
   {prompt:N}  N of the project's prompt vectors; a bare {prompt} takes the ones left over
   {answer}    the answer, written as training saw it (" " + answer, then end-of-sequence); last
-Anything else is literal text, tokenized on its own, e.g. "{text}\\nAnswer:{prompt}{answer}".
+Anything else is literal text, tokenized on its own, e.g. "{text}\\nAnswer:{prompt}{answer}"
+(a typed backslash-n or backslash-t stands for a newline or a tab, as a shell passes it in quotes).
 The prompt slots add up to the project's prompt length; they are filled in order, so
 `{prompt:5}{text}{prompt:15}{answer}` puts vectors 0-4 before the text and 5-19 after it.
 Two names stand for common layouts: `prefix` (the default, the seed's layout) and `suffix`.
@@ -35,7 +36,7 @@ class Piece:
 
 def parse(template: str, num_prompt_tokens: int) -> list[Piece]:
     """The pieces of a template, or UsageError naming every problem with it."""
-    source = NAMED.get(template, template)
+    source = NAMED.get(template, template).replace("\\n", "\n").replace("\\t", "\t")  # '\n' typed in a shell is a newline
     pieces: list[Piece] = []
     problems: list[str] = []
     at, bare = 0, 0

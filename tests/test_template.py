@@ -124,3 +124,11 @@ def test_greedy_and_ranked_answers_equal_unpadded_rows(base, template: str) -> N
                 logp = _row_logits(model, prompt, seq + c).log_softmax(-1)[len(seq) - 1 : -1]  # (len(c), V)
                 torch.testing.assert_close(scores[i, j], logp[torch.arange(len(c)), torch.tensor(c)].sum(), rtol=1e-4, atol=1e-4)
     assert got == expected
+
+
+def test_a_typed_backslash_n_is_a_newline(llama) -> None:
+    _, tok = llama
+    typed = Layout(tok, r"{text}\nAnswer:{prompt}{answer}", P)  # as a shell passes '{text}\nAnswer:...'
+    real = Layout(tok, "{text}\nAnswer:{prompt}{answer}", P)
+    assert typed.row([11], [21], True) == real.row([11], [21], True)
+    assert tok("\nAnswer:", add_special_tokens=False).input_ids[0] in typed.row([11], [21], True)[0]

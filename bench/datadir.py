@@ -14,9 +14,13 @@ DEFAULT = ROOT.parent / "shared" / "data"
 
 
 def add_flag(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--data-dir", type=Path, default=DEFAULT,
-                    help="folder with SST2/ and RTE/ jsonl files (default: ../shared/data beside the repo; "
-                         "scripts/fetch_glue.py makes one)")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT,
+        help="folder with SST2/ and RTE/ jsonl files (default: ../shared/data beside the repo; "
+        "scripts/fetch_glue.py makes one)",
+    )
 
 
 def check(data_dir: Path, files: list[str]) -> Path:
@@ -24,7 +28,9 @@ def check(data_dir: Path, files: list[str]) -> Path:
     data_dir = data_dir.resolve()
     missing = [f for f in files if not (data_dir / f).is_file()]
     if missing:
-        raise SystemExit(f"error: {data_dir} lacks {', '.join(missing)}\n"
-                         f"hint: pass --data-dir DIR, or write DIR with `python scripts/fetch_glue.py --out DIR` "
-                         f"(needs `pip install datasets` and network access)")
+        raise SystemExit(
+            f"error: {data_dir} lacks {', '.join(missing)}\n"
+            f"hint: pass --data-dir DIR, or write DIR with `python scripts/fetch_glue.py --out DIR` "
+            f"(needs `pip install datasets` and network access)"
+        )
     return data_dir

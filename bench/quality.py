@@ -52,7 +52,9 @@ from quality_workers import load_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["majority", "zero_shot", "few_shot", "peft", "peft_ptuning", "ptcli_default", "ptcli_best"]
-SCORED = {"SST2": {"val_acc": "val_sentences", "val_acc_phrases": "val"}}  # row key -> split; other tasks: val_acc on val
+SCORED = {
+    "SST2": {"val_acc": "val_sentences", "val_acc_phrases": "val"}
+}  # row key -> split; other tasks: val_acc on val
 RECIPES_BEST = {  # extra `ptcli tune` flags of the ptcli_best row, per task: the best of bench/sweep.py on SST-2 val
     "SST2": ["--init", "labels"],  # class-label init, tied with the default's text init at 4 min and still improving
     "RTE": ["--init", "labels"],  # RTE's 4-minute runs learned nothing (15 steps): SST-2's choice
@@ -77,8 +79,13 @@ def child_env(threads: int | None) -> dict:
 
 def run_worker(kind: str, task: str, cfg: dict) -> dict:
     script = Path(__file__).with_name("quality_workers.py")
-    out = subprocess.run([sys.executable, str(script), kind, task, json.dumps(cfg)], capture_output=True,
-                         text=True, check=False, env=child_env(cfg["threads"]))
+    out = subprocess.run(
+        [sys.executable, str(script), kind, task, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=child_env(cfg["threads"]),
+    )
     if out.returncode != 0:
         raise SystemExit(f"worker {kind} {task} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -88,8 +95,14 @@ def run_ptcli(task: str, recipe: list[str], cfg: dict) -> dict:
     """`ptcli init`, `tune` and `infer` (plain, and --calibrate if asked) in a temp project, through the CLI."""
 
     def cli(*argv) -> str:
-        out = subprocess.run([sys.executable, "-m", "ptcli", *map(str, argv)], capture_output=True, text=True,
-                             check=False, env=child_env(cfg["threads"]), cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "ptcli", *map(str, argv)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=child_env(cfg["threads"]),
+            cwd=ROOT,
+        )
         if out.returncode != 0:
             raise SystemExit(f"ptcli {' '.join(map(str, argv))} failed:\n{out.stderr[-3000:]}")
         return out.stdout
@@ -98,10 +111,32 @@ def run_ptcli(task: str, recipe: list[str], cfg: dict) -> dict:
         proj, train = Path(d) / "proj", load_rows(cfg["data_dir"], task, "train")
         fit = write_rows(Path(d) / "train.jsonl", train[: -cfg["dev_rows"]])
         dev = write_rows(Path(d) / "dev.jsonl", train[-cfg["dev_rows"] :])
-        length = int(recipe[recipe.index("--num-prompt-tokens") + 1]) if "--num-prompt-tokens" in recipe else cfg["prompt_tokens"]
+        length = (
+            int(recipe[recipe.index("--num-prompt-tokens") + 1])
+            if "--num-prompt-tokens" in recipe
+            else cfg["prompt_tokens"]
+        )
         cli("init", proj, "--num-prompt-tokens", length, "-q")  # a project's prompt length is set here, not by tune
-        tuned = json.loads(cli("tune", "-p", proj, "--tag", task, "--train", fit, "--valid", dev,
-                               "--max-steps", cfg["max_steps"], "--max-minutes", cfg["budget_minutes"], "--json", "-q", *recipe))
+        tuned = json.loads(
+            cli(
+                "tune",
+                "-p",
+                proj,
+                "--tag",
+                task,
+                "--train",
+                fit,
+                "--valid",
+                dev,
+                "--max-steps",
+                cfg["max_steps"],
+                "--max-minutes",
+                cfg["budget_minutes"],
+                "--json",
+                "-q",
+                *recipe,
+            )
+        )
         t0, row = time.perf_counter(), {}
         for key, split in cfg["scored"].items():
             scored = write_rows(Path(d) / f"{split}.jsonl", load_rows(cfg["data_dir"], task, split, cfg["val_limit"]))
@@ -110,17 +145,32 @@ def run_ptcli(task: str, recipe: list[str], cfg: dict) -> dict:
                 row[key + suffix], row["infer_mode"] = doc["accuracy"][task]["accuracy"], doc["modes"][task]
         hidden = json.loads((proj / "ptcli.json").read_text())["base"]["hidden_size"]
     members = int(recipe[recipe.index("--ensemble") + 1]) if "--ensemble" in recipe else 1
-    return {**row, "train_seconds": tuned["seconds"], "steps": tuned["steps"],
-            "trainable_params": length * hidden * members, "best_step": tuned["best_step"],
-            "recipe": recipe, "infer_seconds": time.perf_counter() - t0}
+    return {
+        **row,
+        "train_seconds": tuned["seconds"],
+        "steps": tuned["steps"],
+        "trainable_params": length * hidden * members,
+        "best_step": tuned["best_step"],
+        "recipe": recipe,
+        "infer_seconds": time.perf_counter() - t0,
+    }
 
 
 def run_method(task: str, method: str, cfg: dict) -> dict:
     cfg = {**cfg, "scored": scored(task)}
     if method == "majority":
         top = Counter(r["answer"] for r in load_rows(cfg["data_dir"], task, "train")).most_common(1)[0][0]
-        accs = {key: [r["answer"] == top for r in load_rows(cfg["data_dir"], task, split, cfg["val_limit"])] for key, split in cfg["scored"].items()}
-        return {**{k: sum(v) / len(v) for k, v in accs.items()}, "train_seconds": 0.0, "trainable_params": 0, "steps": 0, "answer": top}
+        accs = {
+            key: [r["answer"] == top for r in load_rows(cfg["data_dir"], task, split, cfg["val_limit"])]
+            for key, split in cfg["scored"].items()
+        }
+        return {
+            **{k: sum(v) / len(v) for k, v in accs.items()},
+            "train_seconds": 0.0,
+            "trainable_params": 0,
+            "steps": 0,
+            "answer": top,
+        }
     if method in ("zero_shot", "few_shot"):
         return run_worker("prompted", task, {**cfg, "k": 0 if method == "zero_shot" else cfg["shots"]})
     if method in ("peft", "peft_ptuning"):
@@ -135,21 +185,27 @@ def parse_recipes(specs: list[str]) -> dict[str, list[str]]:
     for spec in specs:
         name, _, flags = spec.partition("=")
         if not name.startswith("ptcli_") or name in METHODS or not flags.strip():
-            raise SystemExit(f"error: --recipe takes NAME=\"tune flags\" with a new NAME starting ptcli_, got {spec!r}")
+            raise SystemExit(f'error: --recipe takes NAME="tune flags" with a new NAME starting ptcli_, got {spec!r}')
         recipes[name] = shlex.split(flags)
     return recipes
 
 
 def markdown(results: dict, tasks: list[str], methods: list[str]) -> str:
-    keys = sorted({k for t in tasks for m in methods for k in results[t][m] if k.startswith("val_acc")},
-                  key=lambda k: (k.endswith("_calibrated"), k != "val_acc", k))  # val_acc first, calibrated last
-    md = ["| task | method | " + " | ".join(keys) + " | train seconds | steps | trainable params |",
-          "| --- | --- |" + " ---: |" * (len(keys) + 3)]
+    keys = sorted(
+        {k for t in tasks for m in methods for k in results[t][m] if k.startswith("val_acc")},
+        key=lambda k: (k.endswith("_calibrated"), k != "val_acc", k),
+    )  # val_acc first, calibrated last
+    md = [
+        "| task | method | " + " | ".join(keys) + " | train seconds | steps | trainable params |",
+        "| --- | --- |" + " ---: |" * (len(keys) + 3),
+    ]
     for t in tasks:
         for m in methods:
             r = results[t][m]
             accs = " | ".join(f"{r[k]:.3f}" if k in r else "" for k in keys)
-            md.append(f"| {t} | {m} | {accs} | {r['train_seconds']:.1f} | {r.get('steps', 0)} | {r['trainable_params']:,} |")
+            md.append(
+                f"| {t} | {m} | {accs} | {r['train_seconds']:.1f} | {r.get('steps', 0)} | {r['trainable_params']:,} |"
+            )
     return "\n".join(md) + "\n"
 
 
@@ -157,26 +213,50 @@ def arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["SST2", "RTE"])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--recipe", action="append", default=[], metavar='NAME="FLAGS"',
-                    help='add a ptcli row NAME (starting ptcli_) tuned with these extra `ptcli tune` flags; repeatable')
+    ap.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar='NAME="FLAGS"',
+        help="add a ptcli row NAME (starting ptcli_) tuned with these extra `ptcli tune` flags; repeatable",
+    )
     ap.add_argument("--budget-minutes", type=float, default=20.0, help="training wall-time cap of every trained method")
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--prompt-tokens", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=None, help="PEFT prompt tuning's peak learning rate (default: ptcli's)")
-    ap.add_argument("--ptuning-lr", type=float, default=1e-3, help="PEFT P-tuning's peak learning rate (PEFT's P-tuning guide uses 1e-3)")
+    ap.add_argument(
+        "--ptuning-lr",
+        type=float,
+        default=1e-3,
+        help="PEFT P-tuning's peak learning rate (PEFT's P-tuning guide uses 1e-3)",
+    )
     ap.add_argument("--shots", type=int, default=4, help="k of few_shot")
     # chat won on full val (SST2 zero/few 0.650/0.670 vs plain 0.572/0.566; RTE near chance either way)
-    ap.add_argument("--format", choices=["plain", "chat"], default="chat", help="zero/few-shot context: plain text or chat template")
+    ap.add_argument(
+        "--format", choices=["plain", "chat"], default="chat", help="zero/few-shot context: plain text or chat template"
+    )
     ap.add_argument("--seed", type=int, default=0, help="which few-shot examples")
     ap.add_argument("--val-limit", type=int, default=None, help="score only the first N rows of each val file")
     ap.add_argument("--dev-rows", type=int, default=200, help="last train rows held out for `ptcli tune --valid`")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's; with --solo: all cores)")
-    ap.add_argument("--solo", action="store_true", help="run the methods one after another, each alone on all cores (as a user runs them)")
-    ap.add_argument("--calibrate", action="store_true", help="also score every ranked method with contextual calibration (*_calibrated)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads per worker (default: torch's; with --solo: all cores)"
+    )
+    ap.add_argument(
+        "--solo",
+        action="store_true",
+        help="run the methods one after another, each alone on all cores (as a user runs them)",
+    )
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also score every ranked method with contextual calibration (*_calibrated)",
+    )
     ap.add_argument("--quick", action="store_true", help="short configuration: 0.3 min, 10 steps, 40 val rows")
     datadir.add_flag(ap)
-    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/quality.json (quality_solo.json with --solo)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: bench/results/quality.json (quality_solo.json with --solo)"
+    )
     ap.add_argument("--markdown", type=Path, default=None, help="default: --out with .md")
     args = ap.parse_args()
     if args.quick:
@@ -190,7 +270,9 @@ def arguments() -> argparse.Namespace:
         args.lr = TaskConfig().lr
     args.out = args.out or ROOT / "bench" / "results" / ("quality_solo.json" if args.solo else "quality.json")
     args.markdown = args.markdown or args.out.with_suffix(".md")
-    args.data_dir = str(datadir.check(args.data_dir, [f"{t}/{s}.jsonl" for t in args.tasks for s in ["train", *scored(t).values()]]))
+    args.data_dir = str(
+        datadir.check(args.data_dir, [f"{t}/{s}.jsonl" for t in args.tasks for s in ["train", *scored(t).values()]])
+    )
     return args
 
 
@@ -199,18 +281,31 @@ def main() -> None:
     recipes = parse_recipes(args.recipe)
     methods = args.methods + list(recipes)
     cfg = {k: v for k, v in vars(args).items() if k not in ("out", "markdown", "recipe")} | {"recipes": recipes}
-    results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
-                                 "python": platform.python_version(), "torch": version("torch"), "peft": version("peft")},
-                     "date": dt.datetime.now().isoformat(timespec="seconds"), "config": cfg}
+    results: dict = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "torch": version("torch"),
+            "peft": version("peft"),
+        },
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "config": cfg,
+    }
 
     def run_task(task: str) -> None:
         results[task] = {}
         for method in methods:
             print(f"{task} {method} ...", file=sys.stderr, flush=True)
             r = results[task][method] = run_method(task, method, cfg)
-            print(f"{task} {method}: val_acc {r['val_acc']:.3f}, {r['train_seconds']:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"{task} {method}: val_acc {r['val_acc']:.3f}, {r['train_seconds']:.1f} s", file=sys.stderr, flush=True
+            )
 
-    with ThreadPoolExecutor(1 if args.solo else len(args.tasks)) as pool:  # side by side, or (--solo) one method at a time
+    with ThreadPoolExecutor(
+        1 if args.solo else len(args.tasks)
+    ) as pool:  # side by side, or (--solo) one method at a time
         list(pool.map(run_task, args.tasks))
 
     table = markdown(results, args.tasks, methods)

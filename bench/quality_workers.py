@@ -64,7 +64,9 @@ def rank(forward, contexts: list[list[int]], answers: list[list[int]], batch_siz
             for b, row in enumerate(batch):
                 for i, a, n in need[row]:
                     ans = torch.tensor(answers[a])  # (A,)
-                    logp = logits[b, n - 1 : n - 1 + len(ans)].float().log_softmax(-1)  # (A, V): predicts each answer token
+                    logp = (
+                        logits[b, n - 1 : n - 1 + len(ans)].float().log_softmax(-1)
+                    )  # (A, V): predicts each answer token
                     scores[i, a] = logp.gather(1, ans[:, None]).sum()
     return scores
 
@@ -93,7 +95,10 @@ def render(fmt: str, tok, instruction: str, shots: list[dict]) -> tuple[str, str
         return instruction + "\n\n" + "".join(f"{r['text']}\nAnswer: {r['answer']}\n\n" for r in shots), "\nAnswer:"
     msgs = []  # chat: each shot is a user turn and an assistant turn, the query a last user turn
     for r in shots:
-        msgs += [{"role": "user", "content": f"{instruction}\n\n{r['text']}"}, {"role": "assistant", "content": f"Answer: {r['answer']}"}]
+        msgs += [
+            {"role": "user", "content": f"{instruction}\n\n{r['text']}"},
+            {"role": "assistant", "content": f"Answer: {r['answer']}"},
+        ]
     msgs.append({"role": "user", "content": f"{instruction}\n\n{MARK}"})
     before, after = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).split(MARK)
     return before, after + "Answer:"
@@ -132,10 +137,24 @@ def worker_prompted(task: str, cfg: dict) -> dict:
 
     t0 = time.perf_counter()
     answers = tok([" " + a for a in labels], add_special_tokens=False).input_ids
-    acc = score_splits(task, cfg, labels, lambda texts: rank(forward, tok([t + after for t in texts], add_special_tokens=False).input_ids,
-                                                              answers, cfg["batch_size"]))
-    return {**acc, "train_seconds": 0.0, "trainable_params": 0, "steps": 0, "k": cfg["k"], "format": cfg["format"],
-            "prefix_tokens": len(prefix), "eval_seconds": time.perf_counter() - t0}
+    acc = score_splits(
+        task,
+        cfg,
+        labels,
+        lambda texts: rank(
+            forward, tok([t + after for t in texts], add_special_tokens=False).input_ids, answers, cfg["batch_size"]
+        ),
+    )
+    return {
+        **acc,
+        "train_seconds": 0.0,
+        "trainable_params": 0,
+        "steps": 0,
+        "k": cfg["k"],
+        "format": cfg["format"],
+        "prefix_tokens": len(prefix),
+        "eval_seconds": time.perf_counter() - t0,
+    }
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, elapsed: float, budget: float) -> float:
@@ -155,10 +174,19 @@ def peft_config(kind: str, P: int, labels: list[str], hidden: int):
     from ptcli.model import resolve
 
     if kind == "peft_ptuning":
-        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, encoder_reparameterization_type="MLP",
-                                   encoder_hidden_size=hidden)
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, prompt_tuning_init=PromptTuningInit.TEXT,
-                              prompt_tuning_init_text=" ".join(labels), tokenizer_name_or_path=resolve("default", lambda _: None))
+        return PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=P,
+            encoder_reparameterization_type="MLP",
+            encoder_hidden_size=hidden,
+        )
+    return PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=P,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=" ".join(labels),
+        tokenizer_name_or_path=resolve("default", lambda _: None),
+    )
 
 
 def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
@@ -174,7 +202,9 @@ def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
     P, B = cfg["prompt_tokens"], cfg["batch_size"]
     train = load_rows(cfg["data_dir"], task, "train")[: -cfg["dev_rows"]]
     labels = sorted({r["answer"] for r in train})
-    enc = encode(tok, [Record(i, task, r["text"], r["answer"], r) for i, r in enumerate(train)], P, 512, answer_only=True)
+    enc = encode(
+        tok, [Record(i, task, r["text"], r["answer"], r) for i, r in enumerate(train)], P, 512, answer_only=True
+    )
     pm = get_peft_model(model, peft_config(kind, P, labels, model.config.hidden_size))
     params = [p for p in pm.parameters() if p.requires_grad]
     lr = cfg["ptuning_lr"] if kind == "peft_ptuning" else cfg["lr"]
@@ -185,7 +215,15 @@ def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
     while step < cfg["max_steps"] and time.perf_counter() - t0 < budget:
         idx = order.batch(step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr, defaults.min_lr * lr / defaults.lr, defaults.warmup_steps, cfg["max_steps"], time.perf_counter() - t0, budget)
+            g["lr"] = lr_at(
+                step,
+                lr,
+                defaults.min_lr * lr / defaults.lr,
+                defaults.warmup_steps,
+                cfg["max_steps"],
+                time.perf_counter() - t0,
+                budget,
+            )
         ids, mask = right_pad([enc.ids[i] for i in idx], tok.pad_token_id)  # (B, T)
         labels_t, _ = right_pad([enc.labels[i] for i in idx], -100)  # (B, T), -100 on text and padding
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels_t, use_cache=False).loss  # mean over answer tokens
@@ -201,9 +239,17 @@ def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
         return pm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, P:]  # (B, P + T, V) -> (B, T, V)
 
     answers = tok([" " + a for a in labels], add_special_tokens=False).input_ids
-    acc = score_splits(task, cfg, labels, lambda texts: rank(forward, tok(texts, add_special_tokens=False).input_ids, answers, B))
-    return {**acc, "train_seconds": seconds, "trainable_params": sum(p.numel() for p in params),
-            "steps": step, "lr": lr, "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+    acc = score_splits(
+        task, cfg, labels, lambda texts: rank(forward, tok(texts, add_special_tokens=False).input_ids, answers, B)
+    )
+    return {
+        **acc,
+        "train_seconds": seconds,
+        "trainable_params": sum(p.numel() for p in params),
+        "steps": step,
+        "lr": lr,
+        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+    }
 
 
 def main() -> None:

@@ -35,7 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "data"
 TAGS = {"reviews": "reviews", "topic": "topic", "sentiment": "reviews"}  # tag -> the example task its rows come from
-SETTINGS = {"on": ["--max-batch-size", "32", "--max-wait-ms", "10"], "off": ["--max-batch-size", "1", "--max-wait-ms", "0"]}
+SETTINGS = {
+    "on": ["--max-batch-size", "32", "--max-wait-ms", "10"],
+    "off": ["--max-batch-size", "1", "--max-wait-ms", "0"],
+}
 
 
 def ptcli(*args: str) -> None:
@@ -55,8 +58,22 @@ def make_project(directory: Path, base: str | None) -> Path:
     train.write_text("".join(json.dumps(r) + "\n" for t, task in TAGS.items() for r in rows_of("train", task, t, 8)))
     valid.write_text("".join(json.dumps(r) + "\n" for t, task in TAGS.items() for r in rows_of("valid", task, t, 2)))
     tags = [a for t in TAGS for a in ("--tag", t)]
-    ptcli("tune", *tags, "--train", str(train), "--valid", str(valid), "--max-steps", "1", "--val-check-interval", "1",
-          "--batch-size", "6", "-p", str(root))
+    ptcli(
+        "tune",
+        *tags,
+        "--train",
+        str(train),
+        "--valid",
+        str(valid),
+        "--max-steps",
+        "1",
+        "--val-check-interval",
+        "1",
+        "--batch-size",
+        "6",
+        "-p",
+        str(root),
+    )
     return root
 
 
@@ -117,9 +134,13 @@ def load(server: Server, texts: list[tuple[str, str]], clients: int, seconds: fl
     elapsed = time.monotonic() - start
     after = server.health()
     batches = max(1, after["batches"] - before["batches"])
-    return {"requests": len(latencies), "req_per_s": len(latencies) / elapsed,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "mean_batch": (after["rows"] - before["rows"]) / batches}
+    return {
+        "requests": len(latencies),
+        "req_per_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "mean_batch": (after["rows"] - before["rows"]) / batches,
+    }
 
 
 def main() -> None:
@@ -131,9 +152,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = ap.parse_args()
     seconds, max_tokens = (2.0, 4) if args.quick else (args.seconds, args.max_tokens)
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-                     "date": dt.date.today().isoformat(), "base": args.base or "default (SmolLM2-135M-Instruct)",
-                     "tags": list(TAGS), "max_tokens": max_tokens, "seconds_per_measurement": seconds, "settings": SETTINGS, "runs": []}
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "date": dt.date.today().isoformat(),
+        "base": args.base or "default (SmolLM2-135M-Instruct)",
+        "tags": list(TAGS),
+        "max_tokens": max_tokens,
+        "seconds_per_measurement": seconds,
+        "settings": SETTINGS,
+        "runs": [],
+    }
     test = [json.loads(line) for line in (EXAMPLES / "test.jsonl").read_text().splitlines()]
     tags = list(TAGS)
     texts = [(tags[i % len(tags)], r["text"]) for i, r in enumerate(test)]  # mixed tags, in turn
@@ -144,10 +172,17 @@ def main() -> None:
             try:
                 load(server, texts, 4, 0.0, max_tokens)  # warm up: one request per client
                 for clients in (1, 8, 32):
-                    run = {"batching": setting, "concurrency": clients, **load(server, texts, clients, seconds, max_tokens)}
+                    run = {
+                        "batching": setting,
+                        "concurrency": clients,
+                        **load(server, texts, clients, seconds, max_tokens),
+                    }
                     results["runs"].append(run)
-                    print(f"batching {setting:<3} concurrency {clients:>2}: {run['req_per_s']:6.2f} req/s, "
-                          f"p50 {run['p50_ms']:7.0f} ms, p99 {run['p99_ms']:7.0f} ms", file=sys.stderr)
+                    print(
+                        f"batching {setting:<3} concurrency {clients:>2}: {run['req_per_s']:6.2f} req/s, "
+                        f"p50 {run['p50_ms']:7.0f} ms, p99 {run['p99_ms']:7.0f} ms",
+                        file=sys.stderr,
+                    )
             finally:
                 code = server.stop()
             if code != 0:
@@ -158,8 +193,12 @@ def main() -> None:
     print("| batching | clients | requests | req/s | p50 ms | p99 ms | mean batch |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results["runs"]:
-        print(f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |")
-    print(f"\nbatching on / off at 32 clients: {results['speedup_c32']:.2f}x req/s; p99 / p50 at 8 clients: {results['p99_over_p50_c8']:.2f}")
+        print(
+            f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |"
+        )
+    print(
+        f"\nbatching on / off at 32 clients: {results['speedup_c32']:.2f}x req/s; p99 / p50 at 8 clients: {results['p99_over_p50_c8']:.2f}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

@@ -40,15 +40,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's ptcli; the te
 
 import transformers  # noqa: E402,F401  (imported once, before any fork)
 
+import ptcli.train  # noqa: E402,F401
 from ptcli import bank, checkpoint, storage  # noqa: E402
 from ptcli import project as proj  # noqa: E402
 from ptcli.check import check  # noqa: E402
 from ptcli.cli import main as ptcli_main  # noqa: E402
-import ptcli.train  # noqa: E402,F401
 
 STEPS, EVERY = 40, 4
-ROWS = [(f"i {v} {o}", a) for v, a in (("love", "positive"), ("hate", "negative"), ("adore", "positive"), ("loathe", "negative"))
-        for o in ("it", "this", "the movie")]
+ROWS = [
+    (f"i {v} {o}", a)
+    for v, a in (("love", "positive"), ("hate", "negative"), ("adore", "positive"), ("loathe", "negative"))
+    for o in ("it", "this", "the movie")
+]
 WRITES = ["checkpoint.safetensors", "metrics.jsonl", "soak.safetensors", "ptcli.json"]
 
 
@@ -97,22 +100,56 @@ def make_project(where: Path) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer(_train_tokenizer_json())
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=len(tok), max_position_embeddings=256, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                         pad_token_id=None, tie_word_embeddings=True, initializer_range=0.2)  # lively: answers depend on the prompt
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )  # lively: answers depend on the prompt
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(where / "model")
     tok.save_pretrained(where / "model")
-    (where / "soak.jsonl").write_text("".join(json.dumps({"prompt_tag": "soak", "text": t, "answer": a}) + "\n" for t, a in ROWS))
+    (where / "soak.jsonl").write_text(
+        "".join(json.dumps({"prompt_tag": "soak", "text": t, "answer": a}) + "\n" for t, a in ROWS)
+    )
     sys.argv = ["ptcli", "init", str(where / "fresh"), "--base", str(where / "model"), "--num-prompt-tokens", "4", "-q"]
     return ptcli_main()
 
 
 def tune_args(where: Path, root: Path) -> list[str]:
     data = str(where / "soak.jsonl")
-    return ["tune", "-p", str(root), "--tag", "soak", "--train", data, "--valid", data, "--max-steps", str(STEPS),
-            "--val-check-interval", str(EVERY), "--batch-size", "4", "--max-seq-length", "64", "--lr", "0.1", "--seed", "11",
-            "--auto-resume"]
+    return [
+        "tune",
+        "-p",
+        str(root),
+        "--tag",
+        "soak",
+        "--train",
+        data,
+        "--valid",
+        data,
+        "--max-steps",
+        str(STEPS),
+        "--val-check-interval",
+        str(EVERY),
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "64",
+        "--lr",
+        "0.1",
+        "--seed",
+        "11",
+        "--auto-resume",
+    ]
 
 
 def run_tune(args: list[str], kill_at: tuple[str, str, int] | None) -> int:
@@ -131,8 +168,11 @@ def run_tune(args: list[str], kill_at: tuple[str, str, int] | None) -> int:
         if kind == "replace":
             os.replace = lambda src, dst, *a, **k: (hit(os.fspath(dst)), real(src, dst, *a, **k))[1]
         else:  # fsync / append: the file behind the descriptor
-            setattr(os, "fsync" if kind == "fsync" else "write",
-                    lambda fd, *a: (hit(os.readlink(f"/proc/self/fd/{fd}")), real(fd, *a))[1])
+            setattr(
+                os,
+                "fsync" if kind == "fsync" else "write",
+                lambda fd, *a: (hit(os.readlink(f"/proc/self/fd/{fd}")), real(fd, *a))[1],
+            )
     sys.argv = ["ptcli", *args]
     return ptcli_main()
 
@@ -197,9 +237,16 @@ def soak(target: int, seed: int, out: Path, workers: int) -> dict:
         pids.append(pid)
     assert all(wait(pid) == 0 for pid in pids), "a soak worker failed"
     stats = merge([json.loads((where / f"part-{w}.json").read_text()) for w in range(workers)])
-    stats.update(seconds=round(time.monotonic() - started_at, 1), uninterrupted_run_seconds=round(span, 2), steps=STEPS,
-                 validation_every=EVERY, seed=seed, workers=workers, torch=torch.__version__,
-                 launch="fork of a Python with torch, transformers and ptcli imported; the child runs ptcli's CLI")
+    stats.update(
+        seconds=round(time.monotonic() - started_at, 1),
+        uninterrupted_run_seconds=round(span, 2),
+        steps=STEPS,
+        validation_every=EVERY,
+        seed=seed,
+        workers=workers,
+        torch=torch.__version__,
+        launch="fork of a Python with torch, transformers and ptcli imported; the child runs ptcli's CLI",
+    )
     shutil.rmtree(where)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(stats, indent=2) + "\n")
@@ -221,9 +268,24 @@ def merge(parts: list[dict]) -> dict:
 
 def episodes(where: Path, reference, span: float, target: int, rng: random.Random, name: str) -> dict:
     """Fresh projects, each killed and relaunched until one launch finishes, until `target` kills."""
-    stats = {"kills": 0, "resumes": 0, "restarts": 0, "launches": 0, "episodes": 0, "corrupted_banks": 0, "corrupted_checkpoints": 0,
-             "corrupted_manifests": 0, "unexpected_exits": 0, "temp_files_left_by_kills": 0, "temp_files_after_episodes": 0,
-             "check_problems": 0, "max_prompt_diff": 0.0, "wrong_steps": 0, "kills_by_moment": {}, "problems": []}
+    stats = {
+        "kills": 0,
+        "resumes": 0,
+        "restarts": 0,
+        "launches": 0,
+        "episodes": 0,
+        "corrupted_banks": 0,
+        "corrupted_checkpoints": 0,
+        "corrupted_manifests": 0,
+        "unexpected_exits": 0,
+        "temp_files_left_by_kills": 0,
+        "temp_files_after_episodes": 0,
+        "check_problems": 0,
+        "max_prompt_diff": 0.0,
+        "wrong_steps": 0,
+        "kills_by_moment": {},
+        "problems": [],
+    }
     while stats["kills"] < target:
         stats["episodes"] += 1
         root = Path(shutil.copytree(where / "fresh", where / f"{name}-episode-{stats['episodes']}"))
@@ -233,7 +295,9 @@ def episodes(where: Path, reference, span: float, target: int, rng: random.Rando
             has_ckpt = checkpoint.path(proj.load(root), "soak").exists()
             pid, reader, lines, started = child(run_tune, tune_args(where, root), detail if how == "write" else None)
             stats["launches"] += 1
-            if not first:  # a relaunch after a kill: it resumes from the checkpoint, or starts over before the first one
+            if (
+                not first
+            ):  # a relaunch after a kill: it resumes from the checkpoint, or starts over before the first one
                 stats["resumes" if has_ckpt else "restarts"] += 1
             first = False
             if how == "timed":
@@ -259,8 +323,12 @@ def episodes(where: Path, reference, span: float, target: int, rng: random.Rando
         stats["temp_files_after_episodes"] += len(storage.temp_files(root))
         stats["check_problems"] += len(check(root).problems)
         shutil.rmtree(root)
-        print(f"{name} episode {stats['episodes']}: kills {stats['kills']}, resumes {stats['resumes']}, "
-              f"max diff {stats['max_prompt_diff']:.2e}", file=sys.stderr, flush=True)
+        print(
+            f"{name} episode {stats['episodes']}: kills {stats['kills']}, resumes {stats['resumes']}, "
+            f"max diff {stats['max_prompt_diff']:.2e}",
+            file=sys.stderr,
+            flush=True,
+        )
     return stats
 
 

@@ -81,7 +81,9 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
         opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
 
         def step(idx):
-            loss_sum, n = lm_loss(model, prompt(), [enc.ids[i] for i in idx], [enc.labels[i] for i in idx], tok.pad_token_id)
+            loss_sum, n = lm_loss(
+                model, prompt(), [enc.ids[i] for i in idx], [enc.labels[i] for i in idx], tok.pad_token_id
+            )
             (loss_sum / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -117,9 +119,17 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
             times.append(time.perf_counter() - t0)
             tokens.append(sum(size[i] for i in idx))
             T = max(len(enc.ids[i]) for i in idx)  # padded row length (prompt slots included for the suffix)
-            positions.append(len(idx) * T + prompt_len if tool == "ptcli" else len(idx) * (T + prompt_len * (tool == "peft")))
+            positions.append(
+                len(idx) * T + prompt_len if tool == "ptcli" else len(idx) * (T + prompt_len * (tool == "peft"))
+            )
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    return {"step_s": times, "tokens": tokens, "positions": positions, "peak_rss_mb": peak_rss_mb(), "n_params_non_embedding": n_params}
+    return {
+        "step_s": times,
+        "tokens": tokens,
+        "positions": positions,
+        "peak_rss_mb": peak_rss_mb(),
+        "n_params_non_embedding": n_params,
+    }
 
 
 def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
@@ -139,11 +149,20 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
         for tag in tags:  # ptcli: group the mixed file by tag, length-sorted batches, one pass per batch
             idx = sorted((i for i, r in enumerate(rows) if r["prompt_tag"] == tag), key=lambda i: len(texts[i]))
             for s in range(0, len(idx), batch):
-                greedy(model, prompts[tag], [texts[i] for i in idx[s : s + batch]], tok.pad_token_id, tok.eos_token_id, new_tokens)
+                greedy(
+                    model,
+                    prompts[tag],
+                    [texts[i] for i in idx[s : s + batch]],
+                    tok.pad_token_id,
+                    tok.eos_token_id,
+                    new_tokens,
+                )
     else:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
-        pm = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len), adapter_name="SST2")
+        pm = get_peft_model(
+            model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len), adapter_name="SST2"
+        )
         pm.add_adapter("RTE", PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len))
         for tag in tags:
             with torch.no_grad():
@@ -154,7 +173,12 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
                 pm.set_adapter(tag)
                 idx = [i for i, r in enumerate(rows) if r["prompt_tag"] == tag]
                 for s in range(0, len(idx), batch):
-                    enc = tok([rows[i]["text"] for i in idx[s : s + batch]], return_tensors="pt", padding=True, add_special_tokens=False)
+                    enc = tok(
+                        [rows[i]["text"] for i in idx[s : s + batch]],
+                        return_tensors="pt",
+                        padding=True,
+                        add_special_tokens=False,
+                    )
                     pm.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "examples": len(rows), "peak_rss_mb": peak_rss_mb()}
@@ -176,7 +200,12 @@ def worker_matmul() -> dict:
 
 
 def run_worker(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--data-dir", str(DATA), "--worker", *args], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, "--data-dir", str(DATA), "--worker", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -191,7 +220,12 @@ def list_tags_seconds(n_tags: int = 50) -> float:
     with tempfile.TemporaryDirectory() as d:
         p = project.create(Path(d) / "p", project.BaseInfo("default", "0" * 64, 576, "llama"), 20)
         for i in range(n_tags):
-            bank.put(p, f"task{i:02d}", torch.randn(20, 576), {"steps": 100, "metrics": {"val_acc": 0.5, "val_loss": 1.0}, "init": "text"})
+            bank.put(
+                p,
+                f"task{i:02d}",
+                torch.randn(20, 576),
+                {"steps": 100, "metrics": {"val_acc": 0.5, "val_loss": 1.0}, "init": "text"},
+            )
         ptcli = str(Path(sys.executable).parent / "ptcli")
         walls = []
         for _ in range(5):
@@ -212,7 +246,9 @@ def main() -> None:
     datadir.add_flag(ap)
     args = ap.parse_args()
     global DATA
-    needs = [] if args.worker else ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/train.jsonl", "RTE/val.jsonl"]  # a worker reads what it is given
+    needs = (
+        [] if args.worker else ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/train.jsonl", "RTE/val.jsonl"]
+    )  # a worker reads what it is given
     DATA = datadir.check(args.data_dir, needs)
     if args.worker:
         kind, *rest = args.worker
@@ -223,8 +259,12 @@ def main() -> None:
 
     lengths = [20] if args.quick else [20, 100]
     reps, steps = (1, 2) if args.quick else (args.reps, args.steps)
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-                     "date": dt.date.today().isoformat(), "batch": args.batch, "steps_per_worker": steps}
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "date": dt.date.today().isoformat(),
+        "batch": args.batch,
+        "steps_per_worker": steps,
+    }
     peak = statistics.median(run_worker("matmul")["flops"] for _ in range(3))
     results["matmul_gflops"] = peak / 1e9
     rows = []
@@ -243,8 +283,22 @@ def main() -> None:
             pos_per_s = statistics.median(p / s for r in rs for p, s in zip(r["positions"], r["step_s"]))
             flops = 4 * rs[0]["n_params_non_embedding"] * pos_per_s
             tps[tool] = tok_per_s
-            results[f"{key}_{tool}"] = {"tokens_per_s": tok_per_s, "step_s": step_s, "peak_rss_mb": rss, "flops_fraction": flops / peak}
-            rows.append((label, tool, f"{tok_per_s:,.0f} tok/s", f"{step_s:.2f} s/step", f"{rss:,.0f} MB", f"{flops / peak:.1%} of peak"))
+            results[f"{key}_{tool}"] = {
+                "tokens_per_s": tok_per_s,
+                "step_s": step_s,
+                "peak_rss_mb": rss,
+                "flops_fraction": flops / peak,
+            }
+            rows.append(
+                (
+                    label,
+                    tool,
+                    f"{tok_per_s:,.0f} tok/s",
+                    f"{step_s:.2f} s/step",
+                    f"{rss:,.0f} MB",
+                    f"{flops / peak:.1%} of peak",
+                )
+            )
         return tps
 
     for P in lengths:
@@ -273,7 +327,9 @@ def main() -> None:
     print(f"{'measurement':<20}{'tool':<14}{'throughput':>16}{'step':>13}{'peak RSS':>11}{'FLOP/s':>16}")
     for r in rows:
         print(f"{r[0]:<20}{r[1]:<14}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
-    print(f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; list-tags on 50 prompts {results['list_tags_seconds']:.3f} s")
+    print(
+        f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; list-tags on 50 prompts {results['list_tags_seconds']:.3f} s"
+    )
     for key in [k for k in results if "ratio" in k] + ["train_peak_fraction"]:
         print(f"{key}: {results[key]:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,13 +61,17 @@ def check_config(config, ref: str) -> None:
     (transformers fails on it at the first batch).
     """
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only (causal) language models",
-                         hint="pick a causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)")
+        raise ModelError(
+            f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only (causal) language models",
+            hint="pick a causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)",
+        )
     recurrent = sorted(set(getattr(config.get_text_config(), "layer_types", None) or []) & set(RECURRENT_LAYERS))
     if recurrent:
-        raise ModelError(f"{ref!r} ({config.model_type}) has recurrent layers ({', '.join(recurrent)}); ptcli shares each prompt's "
-                         "key/value cache across rows and pads between them, which a recurrent state cannot take",
-                         hint="pick an attention-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)")
+        raise ModelError(
+            f"{ref!r} ({config.model_type}) has recurrent layers ({', '.join(recurrent)}); ptcli shares each prompt's "
+            "key/value cache across rows and pads between them, which a recurrent state cannot take",
+            hint="pick an attention-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)",
+        )
 
 
 def check_supported(model, ref: str) -> None:
@@ -84,18 +88,28 @@ def check_supported(model, ref: str) -> None:
     from ptcli.forward import IGNORE, choice_scores, lm_loss
 
     if "inputs_embeds" not in inspect.signature(model.base_model.forward).parameters:
-        raise ModelError(f"{ref!r} ({model.config.model_type}) does not accept inputs_embeds, so a soft prompt cannot be fed to it",
-                         hint="pick a causal LM whose forward takes inputs_embeds (most Hugging Face models do)")
+        raise ModelError(
+            f"{ref!r} ({model.config.model_type}) does not accept inputs_embeds, so a soft prompt cannot be fed to it",
+            hint="pick a causal LM whose forward takes inputs_embeds (most Hugging Face models do)",
+        )
     prompt = model.get_input_embeddings().weight[:2].detach().float()  # (2, H): two vocabulary rows
     rows, answer = [[1, 2, 3], [4]], [5, 6]
     try:
         with torch.no_grad():
             fast = lm_loss(model, prompt, rows, rows, 0)[0] - choice_scores(model, prompt, rows, [answer], 0).sum()
-            plain = sum(lm_loss(model, prompt, [r], [r], 0, fast=False)[0]
-                        + lm_loss(model, prompt, [r + answer], [[IGNORE] * len(r) + answer], 0, fast=False)[0] for r in rows)
+            plain = sum(
+                lm_loss(model, prompt, [r], [r], 0, fast=False)[0]
+                + lm_loss(model, prompt, [r + answer], [[IGNORE] * len(r) + answer], 0, fast=False)[0]
+                for r in rows
+            )
     except Exception as e:  # whatever breaks inside transformers, the user gets one clear refusal
-        raise ModelError(f"ptcli cannot run {ref!r} ({model.config.model_type}) behind a soft prompt: {type(e).__name__}: {e}",
-                         hint="pick an attention-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)") from e
+        raise ModelError(
+            f"ptcli cannot run {ref!r} ({model.config.model_type}) behind a soft prompt: {type(e).__name__}: {e}",
+            hint="pick an attention-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)",
+        ) from e
     if not torch.isclose(fast, plain.to(fast.device), rtol=1e-4, atol=1e-4):
-        raise ModelError(f"on {ref!r} ({model.config.model_type}) ptcli's batched forward gives a loss of {float(fast):.5f} where "
-                         f"one row at a time gives {float(plain):.5f}", hint="pick another causal LM, and report the model to ptcli")
+        raise ModelError(
+            f"on {ref!r} ({model.config.model_type}) ptcli's batched forward gives a loss of {float(fast):.5f} where "
+            f"one row at a time gives {float(plain):.5f}",
+            hint="pick another causal LM, and report the model to ptcli",
+        )

@@ -42,7 +42,9 @@ def tags(project: Project) -> list[str]:
         return []
     # regular files only: a directory or a FIFO planted in bank/ is not a prompt (and must not hang a read)
     return sorted(
-        p.name[: -len(SUFFIX)] for p in project.bank_dir.glob(f"*{SUFFIX}") if not p.name.startswith(".") and p.is_file()
+        p.name[: -len(SUFFIX)]
+        for p in project.bank_dir.glob(f"*{SUFFIX}")
+        if not p.name.startswith(".") and p.is_file()
     )
 
 
@@ -105,7 +107,9 @@ def get(project: Project, tag: str) -> tuple[torch.Tensor, dict[str, Any]]:
     path = path_of(project, tag)
     if not path.is_file():
         known = ", ".join(tags(project)) or "none yet"
-        raise ProjectError(f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`")
+        raise ProjectError(
+            f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`"
+        )
     blob = path.read_bytes()
     header, data = _split(path, blob)
     meta = header["__metadata__"]["ptcli"]
@@ -147,7 +151,9 @@ def require(project: Project, tag: str) -> Path:
     path = path_of(project, tag)
     if not path.is_file():
         known = ", ".join(tags(project)) or "none yet"
-        raise ProjectError(f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`")
+        raise ProjectError(
+            f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`"
+        )
     return path
 
 
@@ -168,14 +174,21 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, dict[str, A
         raise CompatibilityError(f"{source} is not a ptcli prompt (tensors: {', '.join(tensors) or 'none'})")
     K = record.get("ensemble", 1)
     shape = [P, H] if K == 1 else [K, P, H]
-    if not isinstance(K, int) or spec.get("dtype") != "F32" or spec.get("shape") != shape or spec.get("data_offsets") != [0, len(data)] \
-            or len(data) != 4 * P * H * K:
+    if (
+        not isinstance(K, int)
+        or spec.get("dtype") != "F32"
+        or spec.get("shape") != shape
+        or spec.get("data_offsets") != [0, len(data)]
+        or len(data) != 4 * P * H * K
+    ):
         raise CompatibilityError(
             f"{source} is damaged: its tensor is {spec.get('dtype')} {spec.get('shape')} over {len(data)} bytes; "
             f"its record says float32 {tuple(shape)}"
         )
     if hashlib.sha256(data).hexdigest() != record.get("sha256"):
-        raise CompatibilityError(f"{source} is corrupted: its checksum does not match", hint="export it again from its project")
+        raise CompatibilityError(
+            f"{source} is corrupted: its checksum does not match", hint="export it again from its project"
+        )
     return header, data, record
 
 

@@ -22,8 +22,11 @@ class Busy(ServeError):
     """The queue is full: 503, with a Retry-After."""
 
     def __init__(self, queued: int, retry_after_s: int = 1):
-        super().__init__(f"the server is busy ({queued} rows queued); retry shortly", status=503,
-                         headers={"Retry-After": str(retry_after_s)})
+        super().__init__(
+            f"the server is busy ({queued} rows queued); retry shortly",
+            status=503,
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
 
 class Job:
@@ -46,9 +49,21 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int = 16, max_wait_s: float = 0.005,
-                 max_queue: int = 1024, status: Callable[[str], None] = lambda _: None):
-        self.run, self.max_batch, self.max_wait_s, self.max_queue, self.status = run, max_batch, max_wait_s, max_queue, status
+    def __init__(
+        self,
+        run: Callable[[list[Any]], list[Any]],
+        max_batch: int = 16,
+        max_wait_s: float = 0.005,
+        max_queue: int = 1024,
+        status: Callable[[str], None] = lambda _: None,
+    ):
+        self.run, self.max_batch, self.max_wait_s, self.max_queue, self.status = (
+            run,
+            max_batch,
+            max_wait_s,
+            max_queue,
+            status,
+        )
         self._queue: deque[tuple[Job, int, float]] = deque()  # (job, row index, time queued)
         self._cond = threading.Condition()
         self._closing = False

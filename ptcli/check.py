@@ -43,7 +43,9 @@ def check(start: Path | None = None) -> Report:
     _bank(root, p, report)
     _runs(root, report)
     for f in temp_files(root):
-        report.notes.append(Finding(str(f), "temporary file of an interrupted write; the next writing command removes it"))
+        report.notes.append(
+            Finding(str(f), "temporary file of an interrupted write; the next writing command removes it")
+        )
     return report
 
 
@@ -84,8 +86,13 @@ def _runs(root: Path, report: Report) -> None:
     for path in ckpts:
         try:
             record = checkpoint.verify(path)
-            report.notes.append(Finding(str(path), f"an interrupted run of {'+'.join(record.get('config', {}))} at step "
-                                                   f"{record.get('step')}; `ptcli tune ... --auto-resume` continues it"))
+            report.notes.append(
+                Finding(
+                    str(path),
+                    f"an interrupted run of {'+'.join(record.get('config', {}))} at step "
+                    f"{record.get('step')}; `ptcli tune ... --auto-resume` continues it",
+                )
+            )
         except PtcliError as e:
             report.problems.append(Finding(str(path), e.message))
     for path in [*logs, *([history] if history.is_file() else [])]:

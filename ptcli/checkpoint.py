@@ -62,7 +62,9 @@ def inputs_of(rows: dict[str, dict[str, list[Record]]], dtype: str, base_fingerp
     return {**data, "dtype": dtype, "base fingerprint": base_fingerprint}
 
 
-def finished(project: Project, cfgs: dict[str, TaskConfig], inputs: dict[str, Any], overwrite: bool) -> list[dict[str, Any]] | None:
+def finished(
+    project: Project, cfgs: dict[str, TaskConfig], inputs: dict[str, Any], overwrite: bool
+) -> list[dict[str, Any]] | None:
     """For --auto-resume without a checkpoint: TuneResult fields of every tag when the bank already holds this very
     run (same settings and inputs), None when the run is to start afresh; a tag tuned otherwise needs `overwrite`.
 
@@ -74,13 +76,29 @@ def finished(project: Project, cfgs: dict[str, TaskConfig], inputs: dict[str, An
     for tag, cfg in cfgs.items():
         path = bank.path_of(project, tag)
         meta = bank.read_meta(project, tag).meta if path.is_file() else {}
-        if meta.get("config") != cfg.to_dict() or meta.get("inputs") != inputs or meta.get("tuned_with") != [t for t in cfgs if t != tag]:
+        if (
+            meta.get("config") != cfg.to_dict()
+            or meta.get("inputs") != inputs
+            or meta.get("tuned_with") != [t for t in cfgs if t != tag]
+        ):
             if not overwrite and any(bank.path_of(project, t).is_file() for t in cfgs):
-                raise ProjectError(f"{'+'.join(cfgs)!r} is already tuned, with other settings or data", hint="pass --overwrite to retune")
+                raise ProjectError(
+                    f"{'+'.join(cfgs)!r} is already tuned, with other settings or data",
+                    hint="pass --overwrite to retune",
+                )
             return None
-        done.append({"tag": tag, "steps": meta["steps"], "best_step": meta["best_step"], "metrics": meta["metrics"],
-                     "initial_metrics": meta["initial_metrics"], "seconds": meta.get("train_seconds", 0.0), "truncated": 0,
-                     "path": str(path)})
+        done.append(
+            {
+                "tag": tag,
+                "steps": meta["steps"],
+                "best_step": meta["best_step"],
+                "metrics": meta["metrics"],
+                "initial_metrics": meta["initial_metrics"],
+                "seconds": meta.get("train_seconds", 0.0),
+                "truncated": 0,
+                "path": str(path),
+            }
+        )
     return done
 
 
@@ -100,7 +118,9 @@ def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, stat
             steps[name] = float(adam["step"])
     record = {k: v for k, v in asdict(state).items() if k != "best_prompt"}
     record["adam_steps"] = steps
-    _, data = _split(target, st_save(tensors, metadata={"ptcli": json.dumps(record)}))  # the tensor bytes, as they will lie
+    _, data = _split(
+        target, st_save(tensors, metadata={"ptcli": json.dumps(record)})
+    )  # the tensor bytes, as they will lie
     record["sha256"] = hashlib.sha256(data).hexdigest()
     atomic_write(target, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
 
@@ -117,7 +137,9 @@ def _split(source: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
             raise ValueError("its record is not a ptcli checkpoint's")
         header["__ends__"] = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise ProjectError(f"checkpoint {source} is unreadable ({e})", hint="delete it and tune again, or retune with --overwrite") from e
+        raise ProjectError(
+            f"checkpoint {source} is unreadable ({e})", hint="delete it and tune again, or retune with --overwrite"
+        ) from e
     return header, blob[8 + n :]
 
 
@@ -128,13 +150,20 @@ def verify(source: Path) -> dict[str, Any]:
     ends = header["__ends__"]
     legacy = "sha256" not in record  # written before checkpoints carried a checksum: structure checks only
     if max(ends, default=0) != len(data) or not legacy and hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise ProjectError(f"checkpoint {source} is corrupted: its checksum does not match",
-                           hint="delete it and tune again, or retune with --overwrite")
+        raise ProjectError(
+            f"checkpoint {source} is corrupted: its checksum does not match",
+            hint="delete it and tune again, or retune with --overwrite",
+        )
     return record
 
 
-def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfgs: dict[str, TaskConfig],
-         inputs: dict[str, Any] | None = None) -> State:
+def load(
+    source: Path,
+    prompt: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    cfgs: dict[str, TaskConfig],
+    inputs: dict[str, Any] | None = None,
+) -> State:
     """Restore a verified checkpoint into `prompt` and `opt`; refuse one made with other settings or inputs, naming them."""
     import torch
     from safetensors.torch import load as st_load
@@ -152,14 +181,18 @@ def load(source: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, cfgs
             hint="resume with the same flags and data, or start over with --overwrite",
         )
     if "prompt" in tensors:  # written before encoders: the prompt and its moments under plain names
-        tensors = {{"prompt": "param.weight", "exp_avg": "exp_avg.weight", "exp_avg_sq": "exp_avg_sq.weight"}.get(k, k): v
-                   for k, v in tensors.items()}
+        tensors = {
+            {"prompt": "param.weight", "exp_avg": "exp_avg.weight", "exp_avg_sq": "exp_avg_sq.weight"}.get(k, k): v
+            for k, v in tensors.items()
+        }
         record["adam_steps"] = {"weight": record.pop("adam_step", 0.0)}
     params = dict(prompt.named_parameters())
     shapes = {n: tuple(t.shape) for n, t in tensors.items() if n.startswith("param.")}
     if shapes != {f"param.{n}": tuple(p.shape) for n, p in params.items()}:
-        raise ProjectError(f"checkpoint {source} holds other prompt tensors ({shapes}) than this run trains",
-                           hint="start over with --overwrite")
+        raise ProjectError(
+            f"checkpoint {source} holds other prompt tensors ({shapes}) than this run trains",
+            hint="start over with --overwrite",
+        )
     steps = record.pop("adam_steps", {})
     with torch.no_grad():
         for name, param in params.items():

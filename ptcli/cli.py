@@ -12,15 +12,42 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ptcli import __version__
-from ptcli.cli_args import (AnswerOnly, BatchSize, Constant, DtypeOpt, Ensemble, Grouped, Init, InitText, JsonOpt, Lr, MaxMinutes,
-                            MaxSeq, MaxSteps, MinLr, ProjectOpt, QuietOpt, Reparam, ReparamLr, Seed, Template, Train, TrustOpt,
-                            Valid, ValEvery, Warmup,
-                            _check_dtype, _complete_task_tags, _given, handled)
+from ptcli.cli_args import (
+    AnswerOnly,
+    BatchSize,
+    Constant,
+    DtypeOpt,
+    Ensemble,
+    Grouped,
+    Init,
+    InitText,
+    JsonOpt,
+    Lr,
+    MaxMinutes,
+    MaxSeq,
+    MaxSteps,
+    MinLr,
+    ProjectOpt,
+    QuietOpt,
+    Reparam,
+    ReparamLr,
+    Seed,
+    Template,
+    Train,
+    TrustOpt,
+    ValEvery,
+    Valid,
+    Warmup,
+    _check_dtype,
+    _complete_task_tags,
+    _given,
+    handled,
+)
 from ptcli.config import check_prompt_length, check_tag, merge_task
 from ptcli.errors import PtcliError, UsageError
 from ptcli.template import parse as parse_template
@@ -34,6 +61,7 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: Rich's boxed help cuts long flag names at 80 columns
 )
 
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ptcli {__version__}")
@@ -42,7 +70,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     """Prompt tuning for decoder-only language models."""
 
@@ -51,8 +81,16 @@ def root(
 @handled
 def init(
     directory: Annotated[Path, typer.Argument(help="Project directory to create.")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model: a local Hugging Face folder, a .gguf file, or a hub id. Default: SmolLM2-135M-Instruct.")] = None,
-    num_prompt_tokens: Annotated[int, typer.Option("--num-prompt-tokens", help="Soft prompt length, shared by every task in the project.")] = 20,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model: a local Hugging Face folder, a .gguf file, or a hub id. Default: SmolLM2-135M-Instruct.",
+        ),
+    ] = None,
+    num_prompt_tokens: Annotated[
+        int, typer.Option("--num-prompt-tokens", help="Soft prompt length, shared by every task in the project.")
+    ] = 20,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -104,10 +142,28 @@ def add_task(
 
     check_tag(tag)
     p = proj.load(project)
-    given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
-                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes, template=template,
-                   reparam=reparam, reparam_lr=reparam_lr)
+    given = _given(
+        train=train,
+        valid=valid,
+        init=init,
+        init_text=init_text,
+        answer_only=answer_only,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        constant_steps=constant_steps,
+        max_steps=max_steps,
+        val_check_interval=val_check_interval,
+        max_seq_length=max_seq_length,
+        seed=seed,
+        group_by_length=group_by_length,
+        ensemble=ensemble,
+        max_minutes=max_minutes,
+        template=template,
+        reparam=reparam,
+        reparam_lr=reparam_lr,
+    )
     cfg = merge_task(p.tasks.get(tag), given)
     parse_template(cfg.template, p.num_prompt_tokens)
     read_jsonl(cfg.train, training=True, tag=tag)
@@ -123,7 +179,15 @@ def add_task(
 @app.command()
 @handled
 def tune(
-    tag: Annotated[list[str], typer.Option("--tag", metavar="<str>", help="Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed batches.", autocompletion=_complete_task_tags)],
+    tag: Annotated[
+        list[str],
+        typer.Option(
+            "--tag",
+            metavar="<str>",
+            help="Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed batches.",
+            autocompletion=_complete_task_tags,
+        ),
+    ],
     train: Train = None,
     valid: Valid = None,
     init: Init = None,
@@ -144,12 +208,31 @@ def tune(
     template: Template = None,
     reparam: Reparam = None,
     reparam_lr: ReparamLr = None,
-    num_prompt_tokens: Annotated[Optional[int], typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")] = False,
-    auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Resume if there is a checkpoint, else start afresh: one command for a job's first launch and its relaunches.")] = False,
+    num_prompt_tokens: Annotated[
+        int | None, typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")
+    ] = False,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(
+            "--auto-resume",
+            help="Resume if there is a checkpoint, else start afresh: one command for a job's first launch and its relaunches.",
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")] = False,
-    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")] = 1,
-    shard_base: Annotated[bool, typer.Option("--shard-base", help="With --devices N: shard the frozen base over the N processes (FSDP), for bases too big for one device.")] = False,
+    devices: Annotated[
+        int,
+        typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate."),
+    ] = 1,
+    shard_base: Annotated[
+        bool,
+        typer.Option(
+            "--shard-base",
+            help="With --devices N: shard the frozen base over the N processes (FSDP), for bases too big for one device.",
+        ),
+    ] = False,
     dtype: DtypeOpt = "float32",
     trust_remote_code: TrustOpt = False,
     project: ProjectOpt = None,
@@ -169,10 +252,28 @@ def tune(
             f"--num-prompt-tokens {num_prompt_tokens} differs from the project's {p.num_prompt_tokens}; one length serves every task",
             hint="drop the flag, or init a new project with the length you want",
         )
-    given = _given(train=train, valid=valid, init=init, init_text=init_text, answer_only=answer_only, batch_size=batch_size, lr=lr, min_lr=min_lr,
-                   warmup_steps=warmup_steps, constant_steps=constant_steps, max_steps=max_steps, val_check_interval=val_check_interval, max_seq_length=max_seq_length, seed=seed,
-                   group_by_length=group_by_length, ensemble=ensemble, max_minutes=max_minutes, template=template,
-                   reparam=reparam, reparam_lr=reparam_lr)
+    given = _given(
+        train=train,
+        valid=valid,
+        init=init,
+        init_text=init_text,
+        answer_only=answer_only,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        constant_steps=constant_steps,
+        max_steps=max_steps,
+        val_check_interval=val_check_interval,
+        max_seq_length=max_seq_length,
+        seed=seed,
+        group_by_length=group_by_length,
+        ensemble=ensemble,
+        max_minutes=max_minutes,
+        template=template,
+        reparam=reparam,
+        reparam_lr=reparam_lr,
+    )
     cfgs = {t: merge_task(p.tasks.get(t), given) for t in tags}
     for cfg in cfgs.values():
         parse_template(cfg.template, p.num_prompt_tokens)
@@ -181,20 +282,32 @@ def tune(
     from ptcli import dist, preempt
 
     if shard_base and devices < 2 and not dist.in_launched_run():
-        raise UsageError("--shard-base shards over several processes: pass --devices 2 or more (or launch with accelerate/torchrun)")
+        raise UsageError(
+            "--shard-base shards over several processes: pass --devices 2 or more (or launch with accelerate/torchrun)"
+        )
     if devices > 1 and not dist.in_launched_run():
         with preempt.on_sigterm():
             code = dist.relaunch(devices, sys.argv[1:])
         if code:
-            raise PtcliError(f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above")
+            raise PtcliError(
+                f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above"
+            )
         return
     name = "+".join(tags)
     reporter = TuneReporter(name, quiet or not is_main_process())
     from ptcli.train import tune_many
 
     def run() -> list:
-        return tune_many(p, cfgs, reporter, resume="auto" if auto_resume else resume, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
-                         shard_base=shard_base)
+        return tune_many(
+            p,
+            cfgs,
+            reporter,
+            resume="auto" if auto_resume else resume,
+            overwrite=overwrite,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            shard_base=shard_base,
+        )
 
     with preempt.on_sigterm():
         if is_main_process():
@@ -222,18 +335,49 @@ def tune(
 @app.command()
 @handled
 def infer(
-    file: Annotated[str, typer.Argument(help="jsonl with prompt_tag and text per line (tags may mix); '-' reads stdin.")],
-    mode: Annotated[Optional[str], typer.Option("--mode", help="generate: greedy answers; rank: the likeliest of the tag's answer set (classification). Default: per tag, the mode its prompt was chosen by (list-tags shows it).", show_default=False)] = None,
-    choices: Annotated[Optional[str], typer.Option("--choices", help="Comma-separated answer set for --mode rank (default: the answers seen in training).")] = None,
-    calibrate: Annotated[bool, typer.Option("--calibrate", help="Ranked tags: correct each answer's score by its score after a content-free input ('N/A'), contextual calibration.")] = False,
-    tokens_to_generate: Annotated[int, typer.Option("--tokens-to-generate", help="Most tokens generated per line (stops at end of sequence).")] = 32,
+    file: Annotated[
+        str, typer.Argument(help="jsonl with prompt_tag and text per line (tags may mix); '-' reads stdin.")
+    ],
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="generate: greedy answers; rank: the likeliest of the tag's answer set (classification). Default: per tag, the mode its prompt was chosen by (list-tags shows it).",
+            show_default=False,
+        ),
+    ] = None,
+    choices: Annotated[
+        str | None,
+        typer.Option(
+            "--choices", help="Comma-separated answer set for --mode rank (default: the answers seen in training)."
+        ),
+    ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate",
+            help="Ranked tags: correct each answer's score by its score after a content-free input ('N/A'), contextual calibration.",
+        ),
+    ] = False,
+    tokens_to_generate: Annotated[
+        int, typer.Option("--tokens-to-generate", help="Most tokens generated per line (stops at end of sequence).")
+    ] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")] = 16,
     dtype: DtypeOpt = "float32",
-    device_map: Annotated[Optional[str], typer.Option("--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading).")] = None,
-    devices: Annotated[int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) that share the rows; output as with one.")] = 1,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            "--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading)."
+        ),
+    ] = None,
+    devices: Annotated[
+        int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) that share the rows; output as with one.")
+    ] = 1,
     trust_remote_code: TrustOpt = False,
     project: ProjectOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Predict an answer for every line; stdout gets each input line with `prediction` added, in input order."""
@@ -261,9 +405,19 @@ def infer(
         if code:
             raise PtcliError(f"the {devices}-process inference failed (exit {code})", hint="see the messages above")
         return
-    result = run_infer(p, file, mode=mode, choices=options, calibrated=calibrate, tokens_to_generate=tokens_to_generate, batch_size=batch_size,
-                       dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map,
-                       status=lambda m: say(m, quiet or not is_main_process()))
+    result = run_infer(
+        p,
+        file,
+        mode=mode,
+        choices=options,
+        calibrated=calibrate,
+        tokens_to_generate=tokens_to_generate,
+        batch_size=batch_size,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
+        status=lambda m: say(m, quiet or not is_main_process()),
+    )
     if not is_main_process():
         dist.exit_launched_worker()
         return
@@ -274,17 +428,24 @@ def infer(
     if result.accuracy and not quiet:
         from rich.table import Table
 
-        how = {"generate": "generated, exact match", "rank": "ranked answer set" + (", calibrated" if calibrate else "")}
+        how = {
+            "generate": "generated, exact match",
+            "rank": "ranked answer set" + (", calibrated" if calibrate else ""),
+        }
         table = Table("tag", "mode", "correct", "total", "accuracy", title="accuracy")
         for tag, s in sorted(result.accuracy.items()):
-            table.add_row(tag, how[result.modes[tag]], str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}")
+            table.add_row(
+                tag, how[result.modes[tag]], str(int(s["correct"])), str(int(s["total"])), f"{s['accuracy']:.3f}"
+            )
         err.print(table)
     dist.exit_launched_worker()
 
 
 from ptcli import cli_bank, cli_check, cli_serve  # noqa: E402  (the bank commands come after the core ones in --help)
 
-app.registered_commands += cli_bank.app.registered_commands + cli_check.app.registered_commands + cli_serve.app.registered_commands
+app.registered_commands += (
+    cli_bank.app.registered_commands + cli_check.app.registered_commands + cli_serve.app.registered_commands
+)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -22,31 +22,34 @@ def _opt(name: str, *flags: str, **kw: Any) -> Any:
     return typer.Option(*flags, help=_FIELD_HELP[name], show_default=False, **kw)
 
 
-ProjectOpt = Annotated[Optional[Path], typer.Option("--project", "-p", help="Project directory (default: the nearest one at or above the cwd).")]
+ProjectOpt = Annotated[
+    Path | None,
+    typer.Option("--project", "-p", help="Project directory (default: the nearest one at or above the cwd)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write the result to stdout as JSON.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code to run.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Precision of the frozen base: float32, bfloat16 or float16.")]
-Train = Annotated[Optional[str], _opt("train", "--train")]
-Valid = Annotated[Optional[str], _opt("valid", "--valid")]
-Init = Annotated[Optional[str], _opt("init", "--init")]
-InitText = Annotated[Optional[str], _opt("init_text", "--init-text")]
-AnswerOnly = Annotated[Optional[bool], _opt("answer_only", "--answer-only/--full-text-loss")]
-BatchSize = Annotated[Optional[int], _opt("batch_size", "--batch-size")]
-Lr = Annotated[Optional[float], _opt("lr", "--lr")]
-MinLr = Annotated[Optional[float], _opt("min_lr", "--min-lr")]
-Warmup = Annotated[Optional[int], _opt("warmup_steps", "--warmup-steps")]
-Constant = Annotated[Optional[int], _opt("constant_steps", "--constant-steps")]
-MaxSteps = Annotated[Optional[int], _opt("max_steps", "--max-steps")]
-ValEvery = Annotated[Optional[int], _opt("val_check_interval", "--val-check-interval")]
-MaxSeq = Annotated[Optional[int], _opt("max_seq_length", "--max-seq-length")]
-Seed = Annotated[Optional[int], _opt("seed", "--seed")]
-Grouped = Annotated[Optional[bool], _opt("group_by_length", "--group-by-length/--no-group-by-length")]
-Ensemble = Annotated[Optional[int], _opt("ensemble", "--ensemble")]
-MaxMinutes = Annotated[Optional[float], _opt("max_minutes", "--max-minutes")]
-Template = Annotated[Optional[str], _opt("template", "--template")]
-Reparam = Annotated[Optional[str], _opt("reparam", "--reparam")]
-ReparamLr = Annotated[Optional[float], _opt("reparam_lr", "--reparam-lr")]
+Train = Annotated[str | None, _opt("train", "--train")]
+Valid = Annotated[str | None, _opt("valid", "--valid")]
+Init = Annotated[str | None, _opt("init", "--init")]
+InitText = Annotated[str | None, _opt("init_text", "--init-text")]
+AnswerOnly = Annotated[bool | None, _opt("answer_only", "--answer-only/--full-text-loss")]
+BatchSize = Annotated[int | None, _opt("batch_size", "--batch-size")]
+Lr = Annotated[float | None, _opt("lr", "--lr")]
+MinLr = Annotated[float | None, _opt("min_lr", "--min-lr")]
+Warmup = Annotated[int | None, _opt("warmup_steps", "--warmup-steps")]
+Constant = Annotated[int | None, _opt("constant_steps", "--constant-steps")]
+MaxSteps = Annotated[int | None, _opt("max_steps", "--max-steps")]
+ValEvery = Annotated[int | None, _opt("val_check_interval", "--val-check-interval")]
+MaxSeq = Annotated[int | None, _opt("max_seq_length", "--max-seq-length")]
+Seed = Annotated[int | None, _opt("seed", "--seed")]
+Grouped = Annotated[bool | None, _opt("group_by_length", "--group-by-length/--no-group-by-length")]
+Ensemble = Annotated[int | None, _opt("ensemble", "--ensemble")]
+MaxMinutes = Annotated[float | None, _opt("max_minutes", "--max-minutes")]
+Template = Annotated[str | None, _opt("template", "--template")]
+Reparam = Annotated[str | None, _opt("reparam", "--reparam")]
+ReparamLr = Annotated[float | None, _opt("reparam_lr", "--reparam-lr")]
 
 
 def _completion_project(ctx: typer.Context):

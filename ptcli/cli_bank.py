@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,17 +30,38 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     p = proj.load(project)
     entries = [bank.read_meta(p, t) for t in bank.tags(p)]
     if as_json:
-        emit_json([{"tag": e.tag, "mode": bank.mode_of(e.meta),
-                    **{k: e.meta.get(k) for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")}} for e in entries])
+        emit_json(
+            [
+                {
+                    "tag": e.tag,
+                    "mode": bank.mode_of(e.meta),
+                    **{
+                        k: e.meta.get(k)
+                        for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")
+                    },
+                }
+                for e in entries
+            ]
+        )
         return
     from rich.table import Table
 
-    table = Table("tag", "tokens", "mode", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}")
+    table = Table(
+        "tag", "tokens", "mode", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}"
+    )
     for e in entries:
         m = e.meta.get("metrics") or {}
         steps = e.meta.get("steps")
-        table.add_row(e.tag, str(e.meta.get("num_prompt_tokens")), bank.mode_of(e.meta), "-" if steps is None else str(steps), f"{m.get('val_acc', float('nan')):.3f}",
-                      f"{m.get('val_loss', float('nan')):.4f}", str(e.meta.get("init")), str(e.meta.get("created")))
+        table.add_row(
+            e.tag,
+            str(e.meta.get("num_prompt_tokens")),
+            bank.mode_of(e.meta),
+            "-" if steps is None else str(steps),
+            f"{m.get('val_acc', float('nan')):.3f}",
+            f"{m.get('val_loss', float('nan')):.4f}",
+            str(e.meta.get("init")),
+            str(e.meta.get("created")),
+        )
     err.print(table)
 
 
@@ -48,7 +69,9 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
 @handled
 def show(
     tag: BankTag,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write the training and validation curves to this PNG file.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also write the training and validation curves to this PNG file.")
+    ] = None,
     project: ProjectOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Write the record and the curves to stdout as JSON.")] = False,
 ) -> None:
@@ -64,8 +87,16 @@ def show(
         report.plot(tag, shown.curves, plot, shown.record.get("best_step"))
     if as_json:
         c = shown.curves
-        emit_json({"tag": tag, "path": shown.path, "checksum_ok": shown.checksum_ok, "mode": mode_of(shown.record), "record": shown.record,
-                   "curves": {"train": c.train, "valid": c.valid, "source": c.source}})
+        emit_json(
+            {
+                "tag": tag,
+                "path": shown.path,
+                "checksum_ok": shown.checksum_ok,
+                "mode": mode_of(shown.record),
+                "record": shown.record,
+                "curves": {"train": c.train, "valid": c.valid, "source": c.source},
+            }
+        )
     else:
         show_prompt(shown)
     if plot is not None:
@@ -75,8 +106,19 @@ def show(
 @app.command("remove-tag")
 @handled
 def remove_tag(
-    tag: Annotated[str, typer.Argument(help="Tag to remove: its prompt, its run history, its recorded settings.", autocompletion=_complete_task_tags)],
-    keep_task: Annotated[bool, typer.Option("--keep-task", help="Keep the settings add-task/tune recorded, so `tune --tag TAG` can retune it.")] = False,
+    tag: Annotated[
+        str,
+        typer.Argument(
+            help="Tag to remove: its prompt, its run history, its recorded settings.",
+            autocompletion=_complete_task_tags,
+        ),
+    ],
+    keep_task: Annotated[
+        bool,
+        typer.Option(
+            "--keep-task", help="Keep the settings add-task/tune recorded, so `tune --tag TAG` can retune it."
+        ),
+    ] = False,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -110,15 +152,23 @@ def rename_tag(
     result = manage.rename_tag(proj.load(project), old, new)
     if as_json:
         emit_json(dataclasses.asdict(result))
-    say(f"renamed {old!r} to {new!r}" + (f"; rows with prompt_tag {old!r} must now say {new!r}" if result.path else ""), quiet)
+    say(
+        f"renamed {old!r} to {new!r}" + (f"; rows with prompt_tag {old!r} must now say {new!r}" if result.path else ""),
+        quiet,
+    )
 
 
 @app.command()
 @handled
 def export(
     tag: BankTag,
-    out: Annotated[str, typer.Argument(help="ptcli: a .safetensors file (or a folder, or '-' for stdout). peft: an adapter folder.")],
-    fmt: Annotated[Format, typer.Option("--format", help="ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")] = Format.ptcli,
+    out: Annotated[
+        str,
+        typer.Argument(help="ptcli: a .safetensors file (or a folder, or '-' for stdout). peft: an adapter folder."),
+    ],
+    fmt: Annotated[
+        Format, typer.Option("--format", help="ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")
+    ] = Format.ptcli,
     force: Annotated[bool, typer.Option("--force", help="Overwrite what is at OUT.")] = False,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,
@@ -134,7 +184,10 @@ def export(
         if fmt is not Format.ptcli or as_json:
             raise UsageError("OUT '-' (stdout) takes the ptcli format and no --json")
         if sys.stdout.isatty():
-            raise UsageError("refusing to write a binary file to the terminal", hint=f"redirect it: ptcli export {tag} - > {tag}.safetensors")
+            raise UsageError(
+                "refusing to write a binary file to the terminal",
+                hint=f"redirect it: ptcli export {tag} - > {tag}.safetensors",
+            )
         sys.stdout.buffer.write(manage.export_bytes(p, tag))
         sys.stdout.flush()
         return
@@ -153,9 +206,23 @@ def export(
 @app.command("import")
 @handled
 def import_(
-    source: Annotated[str, typer.Argument(metavar="FILE", help="A file made by `ptcli export` ('-' reads stdin), or a PEFT prompt-tuning adapter folder.")],
-    tag: Annotated[Optional[str], typer.Option("--tag", help="Tag in this bank (default: the tag recorded in FILE; required for other PEFT adapters).")] = None,
-    fmt: Annotated[Optional[Format], typer.Option("--format", help="Default: peft for a folder, ptcli for a file.", show_default=False)] = None,
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE",
+            help="A file made by `ptcli export` ('-' reads stdin), or a PEFT prompt-tuning adapter folder.",
+        ),
+    ],
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            "--tag", help="Tag in this bank (default: the tag recorded in FILE; required for other PEFT adapters)."
+        ),
+    ] = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option("--format", help="Default: peft for a folder, ptcli for a file.", show_default=False),
+    ] = None,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

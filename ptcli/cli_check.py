@@ -26,6 +26,8 @@ def check(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: QuietOpt 
         say(f"problem: {f.path}: {f.message}", quiet, style="red")
     counts = ", ".join(f"{n} {kind}" for kind, n in report.checked.items())
     if report.problems:
-        raise ProjectError(f"{len(report.problems)} problem(s) in project {report.project} (read {counts})",
-                           hint="retune or remove a damaged prompt (`ptcli remove-tag TAG`); delete a damaged checkpoint")
+        raise ProjectError(
+            f"{len(report.problems)} problem(s) in project {report.project} (read {counts})",
+            hint="retune or remove a damaged prompt (`ptcli remove-tag TAG`); delete a damaged checkpoint",
+        )
     say(f"project {report.project} is sound (read {counts})", quiet)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ptcli.errors import UsageError
@@ -26,37 +26,77 @@ class TaskConfig:
 
     train: str = field(default="", metadata=_flag("--train", "Training set, jsonl ({prompt_tag, text, answer})."))
     valid: str = field(default="", metadata=_flag("--valid", "Validation set, jsonl."))
-    init: str = field(default="text", metadata=_flag("--init", "Prompt init: text, labels (class-label embeddings, then sampled vocabulary), vocab (sampled vocabulary), or random."))
+    init: str = field(
+        default="text",
+        metadata=_flag(
+            "--init",
+            "Prompt init: text, labels (class-label embeddings, then sampled vocabulary), vocab (sampled vocabulary), or random.",
+        ),
+    )
     init_text: str | None = field(
         default=None,
-        metadata=_flag("--init-text", "Init text: tokenized, tiled or clipped to the prompt length. Default: the task's answers."),
+        metadata=_flag(
+            "--init-text", "Init text: tokenized, tiled or clipped to the prompt length. Default: the task's answers."
+        ),
     )
-    answer_only: bool = field(default=True, metadata=_flag("--answer-only", "Loss on the answer only (else on text and answer)."))
+    answer_only: bool = field(
+        default=True, metadata=_flag("--answer-only", "Loss on the answer only (else on text and answer).")
+    )
     batch_size: int = field(default=16, metadata=_flag("--batch-size", "Global batch size."))
-    lr: float = field(default=0.1, metadata=_flag("--lr", "Peak learning rate."))  # best of 0.03 / 0.1 / 0.3 on SST-2 val (bench/sweep.py)
-    min_lr: float = field(default=3e-4, metadata=_flag("--min-lr", "Learning rate reached at --max-steps (cosine decay)."))
+    lr: float = field(
+        default=0.1, metadata=_flag("--lr", "Peak learning rate.")
+    )  # best of 0.03 / 0.1 / 0.3 on SST-2 val (bench/sweep.py)
+    min_lr: float = field(
+        default=3e-4, metadata=_flag("--min-lr", "Learning rate reached at --max-steps (cosine decay).")
+    )
     warmup_steps: int = field(default=10, metadata=_flag("--warmup-steps", "Linear warmup steps from 0 to --lr."))
-    constant_steps: int = field(default=0, metadata=_flag("--constant-steps", "Steps held at --lr after warmup, before decay."))
-    max_steps: int = field(default=200, metadata=_flag("--max-steps", "Optimizer steps in total (0 stores the initial prompt)."))
-    val_check_interval: int = field(default=50, metadata=_flag("--val-check-interval", "Validate (and checkpoint) every N steps."))
-    max_seq_length: int = field(default=512, metadata=_flag("--max-seq-length", "Max tokens per example, soft prompt included."))
+    constant_steps: int = field(
+        default=0, metadata=_flag("--constant-steps", "Steps held at --lr after warmup, before decay.")
+    )
+    max_steps: int = field(
+        default=200, metadata=_flag("--max-steps", "Optimizer steps in total (0 stores the initial prompt).")
+    )
+    val_check_interval: int = field(
+        default=50, metadata=_flag("--val-check-interval", "Validate (and checkpoint) every N steps.")
+    )
+    max_seq_length: int = field(
+        default=512, metadata=_flag("--max-seq-length", "Max tokens per example, soft prompt included.")
+    )
     seed: int = field(default=1234, metadata=_flag("--seed", "Random seed (init and data order)."))
     group_by_length: bool = field(
-        default=True, metadata=_flag("--group-by-length", "Batch rows of similar length together (less padding); the batches still come in random order.")
+        default=True,
+        metadata=_flag(
+            "--group-by-length",
+            "Batch rows of similar length together (less padding); the batches still come in random order.",
+        ),
     )
-    ensemble: int = field(default=1, metadata=_flag("--ensemble", "Prompts trained for the tag (own data order each); infer combines them."))
+    ensemble: int = field(
+        default=1,
+        metadata=_flag("--ensemble", "Prompts trained for the tag (own data order each); infer combines them."),
+    )
     template: str = field(
         default="prefix",
-        metadata=_flag("--template", "Where the prompt sits: prefix, suffix, or a template such as '{text}{prompt}{answer}' or "
-                                     "'{prompt:10}{text} Answer:{prompt}{answer}' (slots add up to the prompt length)."),
+        metadata=_flag(
+            "--template",
+            "Where the prompt sits: prefix, suffix, or a template such as '{text}{prompt}{answer}' or "
+            "'{prompt:10}{text} Answer:{prompt}{answer}' (slots add up to the prompt length).",
+        ),
     )
     reparam: str = field(
         default="none",
-        metadata=_flag("--reparam", "Train the prompt through an encoder, dropped after training: none, residual (P + MLP(P)), mlp or lstm (P-tuning)."),
+        metadata=_flag(
+            "--reparam",
+            "Train the prompt through an encoder, dropped after training: none, residual (P + MLP(P)), mlp or lstm (P-tuning).",
+        ),
     )
-    reparam_lr: float = field(default=1e-3, metadata=_flag("--reparam-lr", "Peak learning rate of the --reparam encoder's weights."))
+    reparam_lr: float = field(
+        default=1e-3, metadata=_flag("--reparam-lr", "Peak learning rate of the --reparam encoder's weights.")
+    )
     max_minutes: float | None = field(
-        default=None, metadata=_flag("--max-minutes", "Stop training after this much wall time; the decay then runs over the time budget.")
+        default=None,
+        metadata=_flag(
+            "--max-minutes", "Stop training after this much wall time; the decay then runs over the time budget."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -97,8 +137,23 @@ class TaskConfig:
 
 
 # What shapes the steps of a run: tags tuned together in one run must agree on these.
-RUN_SETTINGS = ("batch_size", "lr", "min_lr", "warmup_steps", "constant_steps", "max_steps", "val_check_interval",
-                "max_seq_length", "seed", "group_by_length", "ensemble", "max_minutes", "template", "reparam", "reparam_lr")
+RUN_SETTINGS = (
+    "batch_size",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "constant_steps",
+    "max_steps",
+    "val_check_interval",
+    "max_seq_length",
+    "seed",
+    "group_by_length",
+    "ensemble",
+    "max_minutes",
+    "template",
+    "reparam",
+    "reparam_lr",
+)
 
 
 def check_run_together(cfgs: dict[str, TaskConfig]) -> None:
@@ -106,8 +161,12 @@ def check_run_together(cfgs: dict[str, TaskConfig]) -> None:
     first = next(iter(cfgs.values()))
     differ = [n for n in RUN_SETTINGS if any(getattr(c, n) != getattr(first, n) for c in cfgs.values())]
     if differ:
-        values = "; ".join(f"{flag_of(n)}: " + ", ".join(f"{t}={getattr(c, n)}" for t, c in cfgs.items()) for n in differ)
-        raise UsageError(f"tags tuned together must share their run settings ({values})", hint="pass those flags to set them for all")
+        values = "; ".join(
+            f"{flag_of(n)}: " + ", ".join(f"{t}={getattr(c, n)}" for t, c in cfgs.items()) for n in differ
+        )
+        raise UsageError(
+            f"tags tuned together must share their run settings ({values})", hint="pass those flags to set them for all"
+        )
 
 
 def flag_of(name: str) -> str:
@@ -125,7 +184,9 @@ def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskCo
             merged[name] = str(Path(value).expanduser().resolve())
     for name in ("train", "valid"):
         if not merged.get(name):
-            raise UsageError(f"{flag_of(name)} is required (no recorded task gives it)", hint="pass it, or run `ptcli add-task`")
+            raise UsageError(
+                f"{flag_of(name)} is required (no recorded task gives it)", hint="pass it, or run `ptcli add-task`"
+            )
     return TaskConfig.from_dict(merged)
 
 

@@ -120,8 +120,11 @@ def show_prompt(shown: Any) -> None:
         rows.append(("trained", f"{r['train_seconds']:.1f} s on {r.get('world_size', 1)} process(es)"))
     if r.get("imported_from"):
         rows.append(("imported from", str(r["imported_from"].get("path"))))
-    rows += [("created", str(r.get("created"))), ("updated", str(r.get("updated"))),
-             ("sha256", f"{str(r.get('sha256'))[:16]}  {'ok' if shown.checksum_ok else 'MISMATCH: the file is damaged'}")]
+    rows += [
+        ("created", str(r.get("created"))),
+        ("updated", str(r.get("updated"))),
+        ("sha256", f"{str(r.get('sha256'))[:16]}  {'ok' if shown.checksum_ok else 'MISMATCH: the file is damaged'}"),
+    ]
     for k, v in rows:
         table.add_row(k, Text(v))
     if r.get("config"):
@@ -131,9 +134,11 @@ def show_prompt(shown: Any) -> None:
     err.print(table)
 
     c = shown.curves
-    series = [("loss", [x["loss"] for x in c.train], [x["step"] for x in c.train], ".4f"),
-              ("val_loss", [x["val_loss"] for x in c.valid], [x["step"] for x in c.valid], ".4f"),
-              ("val_acc", [x["val_acc"] for x in c.valid], [x["step"] for x in c.valid], ".3f")]
+    series = [
+        ("loss", [x["loss"] for x in c.train], [x["step"] for x in c.train], ".4f"),
+        ("val_loss", [x["val_loss"] for x in c.valid], [x["step"] for x in c.valid], ".4f"),
+        ("val_acc", [x["val_acc"] for x in c.valid], [x["step"] for x in c.valid], ".3f"),
+    ]
     if not c.train and len(c.valid) < 2:
         say(f"no curves: {c.source} does not exist or holds no steps (it is written when `ptcli tune` finishes)")
         return

@@ -106,7 +106,11 @@ def _check_row(row: Any, training: bool, tag: str | tuple[str, ...] | None) -> l
             problems.append(f"unexpected field(s) {', '.join(map(repr, extra))}; rows have prompt_tag, text, answer")
         tags = (tag,) if isinstance(tag, str) else tag
         if tags and isinstance(row.get("prompt_tag"), str) and row["prompt_tag"] not in tags:
-            being = f"the tag being tuned ({tag!r})" if len(tags) == 1 else f"the tags being tuned ({', '.join(map(repr, tags))})"
+            being = (
+                f"the tag being tuned ({tag!r})"
+                if len(tags) == 1
+                else f"the tags being tuned ({', '.join(map(repr, tags))})"
+            )
             problems.append(f"prompt_tag {row['prompt_tag']!r} does not match {being}")
     return problems
 
@@ -138,7 +142,12 @@ class Encoded:
 
 
 def encode(
-    tok, records: list[Record], num_prompt_tokens: int, max_seq_length: int, answer_only: bool, source: str | None = None,
+    tok,
+    records: list[Record],
+    num_prompt_tokens: int,
+    max_seq_length: int,
+    answer_only: bool,
+    source: str | None = None,
     template: str = PREFIX,
 ) -> Encoded:
     """Tokenize text and answer separately (batched) and lay them out by the template, cutting long texts from the left.
@@ -168,7 +177,10 @@ def encode(
 
 def answer_ids(tok, answers: list[str]) -> list[list[int]]:
     """Answers as training targets: the answer prefix, the answer's tokens, end of sequence."""
-    return [ids + [tok.eos_token_id] for ids in tok([ANSWER_PREFIX + a for a in answers], add_special_tokens=False).input_ids]
+    return [
+        ids + [tok.eos_token_id]
+        for ids in tok([ANSWER_PREFIX + a for a in answers], add_special_tokens=False).input_ids
+    ]
 
 
 def closed_answers(records: list[Record]) -> list[str] | None:

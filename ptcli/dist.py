@@ -23,8 +23,19 @@ def in_launched_run() -> bool:
 
 def launch_command(devices: int, argv: list[str], cuda: bool) -> list[str]:
     if cuda:
-        head = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(devices), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
+        head = [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(devices),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     else:
         head = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(devices)]
     return [sys.executable, *head, "-m", "ptcli", *argv]
@@ -80,8 +91,10 @@ def shard_frozen_base(model) -> tuple[int, int]:
     if not layers:
         from ptcli.errors import ModelError
 
-        raise ModelError(f"cannot tell the decoder layers of {type(model).__name__} apart (no _no_split_modules)",
-                         hint="tune without --shard-base")
+        raise ModelError(
+            f"cannot tell the decoder layers of {type(model).__name__} apart (no _no_split_modules)",
+            hint="tune without --shard-base",
+        )
     for layer in layers:
         fully_shard(layer, **kw)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()

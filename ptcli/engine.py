@@ -68,7 +68,9 @@ class Engine:
         passes: dict[tuple[str, int, bool], list[int]] = {}  # one pass per mode, generation length and prompt placement
         for i, it in enumerate(items):
             if results[i] is None:
-                passes.setdefault((it.mode, it.max_new if it.mode == "generate" else 0, self.layout(it.prompt).prefix), []).append(i)
+                passes.setdefault(
+                    (it.mode, it.max_new if it.mode == "generate" else 0, self.layout(it.prompt).prefix), []
+                ).append(i)
         for (mode, _, _), idx in passes.items():
             run = self._generate if mode == "generate" else self._rank
             with torch.inference_mode():
@@ -92,7 +94,11 @@ class Engine:
             layout = self.layout(it.prompt)
             budget = it.prompt.meta["config"]["max_seq_length"] - layout.overhead() - room
             if budget < 1:
-                out.append(UsageError(f"the answers ({room} tokens) leave no room for text in {it.prompt.tag!r}'s max sequence length"))
+                out.append(
+                    UsageError(
+                        f"the answers ({room} tokens) leave no room for text in {it.prompt.tag!r}'s max sequence length"
+                    )
+                )
             else:
                 out.append(layout.context(t[-budget:]))
         return out
@@ -116,7 +122,9 @@ class Engine:
     def _generate(self, items: list[Item], seqs: list[list[int]]) -> list[Answer]:
         prompts, rows, which, spans = self._expand(items, seqs)
         tok = self.tok
-        max_new = items[0].max_new  # the same for the whole pass: a row never decodes past the room its text was cut for
+        max_new = items[
+            0
+        ].max_new  # the same for the whole pass: a row never decodes past the room its text was cut for
         outs, _ = answer(self.model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new)
         answers = []
         for it, s, span in zip(items, seqs, spans):
@@ -131,7 +139,9 @@ class Engine:
         prompts, rows, which, spans = self._expand(items, seqs)
         union = list(dict.fromkeys(c for it in items for c in it.choices))
         tok = self.tok
-        _, scores = answer(self.model, prompts, rows, tok.pad_token_id, tok.pad_token_id, which=which, choices=answer_ids(tok, union))  # (R, C)
+        _, scores = answer(
+            self.model, prompts, rows, tok.pad_token_id, tok.pad_token_id, which=which, choices=answer_ids(tok, union)
+        )  # (R, C)
         answers = []
         for it, s, span in zip(items, seqs, spans):
             cols = [union.index(c) for c in it.choices]

@@ -49,7 +49,9 @@ class ModelError(PtcliError):
 class ServeError(PtcliError):
     """A request the server refuses. `status` is its HTTP status; `extra` goes into the JSON error body."""
 
-    def __init__(self, message: str, status: int = 400, *, headers: dict[str, str] | None = None, extra: dict | None = None):
+    def __init__(
+        self, message: str, status: int = 400, *, headers: dict[str, str] | None = None, extra: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.headers, self.extra = status, headers or {}, extra or {}
 

@@ -26,6 +26,7 @@ from ptcli.arch import shared_prefix_exact
 from ptcli.placed import has_slots, placed_logprobs, placed_read
 from ptcli.rows import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
 
+
 def assemble(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
     """Lay out [pad ...][soft prompt][tokens] per row.
 
@@ -65,7 +66,9 @@ def read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which
     return pads_first(prefixed(model, prompts, seqs, pad_id, which, right=True, cache=whole))
 
 
-def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, right: bool = False, cache=None) -> Read:
+def prefixed(
+    model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, right: bool = False, cache=None
+) -> Read:
     """Run each prompt once and share its cache with the rows that use it: the fast path.
 
     Layout [prompt][pad ...][tokens], or with `right` [prompt][tokens][pad ...]: no pad
@@ -95,7 +98,9 @@ def prefixed(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, w
     tok_mask = pad([[1] * len(s) for s in seqs], 0, ids.shape[1]).to(device)  # (B, T)
     mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), tok_mask], dim=1)  # (B, P+T)
     pos = P + (tok_mask.cumsum(1) - 1).clamp(min=0)  # (B, T); a right pad repeats its row's last position
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **with_cache(model, cache))
+    out = model.base_model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **with_cache(model, cache)
+    )
     return Read(out.last_hidden_state, head.last_hidden_state[:, -1][which], tok_mask, mask, pos[:, -1:], cache_of(out))
 
 
@@ -111,13 +116,19 @@ def pads_first(r: Read) -> Read:
     src = (torch.arange(S, device=r.mask.device) - pads) % S  # (B, S): the slot each slot is taken from
     tok_src = (torch.arange(T, device=r.mask.device) - pads) % T  # (B, T): the same move over the tokens alone
     for layer in r.cache.layers:
-        at = src.to(layer.keys.device)[:, None, :, None]  # (B, 1, S, 1); layers may sit on several devices (--device-map)
-        layer.keys, layer.values = (t.gather(2, at.expand(-1, t.shape[1], -1, t.shape[3])) for t in (layer.keys, layer.values))  # (B, heads, S, d)
+        at = src.to(layer.keys.device)[
+            :, None, :, None
+        ]  # (B, 1, S, 1); layers may sit on several devices (--device-map)
+        layer.keys, layer.values = (
+            t.gather(2, at.expand(-1, t.shape[1], -1, t.shape[3])) for t in (layer.keys, layer.values)
+        )  # (B, heads, S, d)
     hidden = r.hidden.gather(1, tok_src.unsqueeze(-1).expand_as(r.hidden))  # (B, T, H), aligned with left_pad(seqs)
     return Read(hidden, r.prompt_end, r.tok_mask.gather(1, tok_src), r.mask.gather(1, src), r.pos, r.cache)
 
 
-def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):
+def token_logprobs(
+    model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None
+):
     """Log-probability of every labelled token, and the row it belongs to: (N,), (N,).
 
     labels[i] is aligned with seqs[i] (IGNORE where nothing is scored). The vocabulary
@@ -142,7 +153,15 @@ def token_logprobs(model, prompts: torch.Tensor, seqs: list[list[int]], labels: 
     return logp, row_of
 
 
-def lm_loss(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None, fast: bool = True):
+def lm_loss(
+    model,
+    prompts: torch.Tensor,
+    seqs: list[list[int]],
+    labels: list[list[int]],
+    pad_id: int,
+    which=None,
+    fast: bool = True,
+):
     """Summed cross entropy over labelled tokens, and their count.
 
     The plain path runs every row in full and computes logits everywhere (kept to test that
@@ -163,8 +182,18 @@ def lm_loss(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[li
 
 
 @torch.no_grad()  # not inference_mode: its tensors would poison a sharded base's gathered weights for training
-def answer(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, *, which=None, max_new: int = 0,
-           choices: list[list[int]] | None = None, agree=None) -> tuple[list[list[int]] | None, torch.Tensor | None]:
+def answer(
+    model,
+    prompts: torch.Tensor,
+    seqs: list[list[int]],
+    pad_id: int,
+    eos_id: int,
+    *,
+    which=None,
+    max_new: int = 0,
+    choices: list[list[int]] | None = None,
+    agree=None,
+) -> tuple[list[list[int]] | None, torch.Tensor | None]:
     """Read each row once, then decode greedily from it, score candidate answers after it, or both.
 
     Returns (greedy tokens per row, stopping at eos, not included) when max_new > 0, and
@@ -175,15 +204,23 @@ def answer(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos
     sharded base needs every process to make the same calls).
     """
     extra = max(max_new, max(map(len, choices or [[]]))) - 1  # tokens fed after the texts: decoded, or candidates' own
-    r = placed_read(model, prompts, seqs, pad_id, which, train=False) if has_slots(seqs) else read(model, prompts, seqs, pad_id, which, max(extra, 0))
+    r = (
+        placed_read(model, prompts, seqs, pad_id, which, train=False)
+        if has_slots(seqs)
+        else read(model, prompts, seqs, pad_id, which, max(extra, 0))
+    )
     last = r.hidden[:, -1]  # (B, H): predicts each row's next token
     scores = None
     if choices:
-        scores = _score_choices(model, copy.deepcopy(r.cache) if max_new else r.cache, last, r.mask, r.pos, choices, pad_id)
+        scores = _score_choices(
+            model, copy.deepcopy(r.cache) if max_new else r.cache, last, r.mask, r.pos, choices, pad_id
+        )
     return (_decode(model, r.cache, last, r.mask, r.pos, eos_id, max_new, agree or bool) if max_new else None), scores
 
 
-def _score_choices(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, choices: list[list[int]], pad_id: int):
+def _score_choices(
+    model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, choices: list[list[int]], pad_id: int
+):
     B, C = last.shape[0], len(choices)
     first = torch.tensor([c[0] for c in choices], device=last.device)  # (C,)
     scores = to_logits(model, last).float().log_softmax(-1)[:, first]  # (B, C): each candidate's first token
@@ -191,7 +228,9 @@ def _score_choices(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: to
     if rest == 0:
         return scores.cpu()
     cache.batch_repeat_interleave(C)  # (B*C, ...): row-major, candidate-minor
-    ids = torch.tensor([c + [pad_id] * (rest + 1 - len(c)) for c in choices], device=last.device)  # (C, L), padded on the right
+    ids = torch.tensor(
+        [c + [pad_id] * (rest + 1 - len(c)) for c in choices], device=last.device
+    )  # (C, L), padded on the right
     real = torch.tensor([[1] * len(c) + [0] * (rest + 1 - len(c)) for c in choices], device=last.device)  # (C, L)
     tail = model.base_model(
         input_ids=ids[:, :-1].repeat(B, 1),  # (B*C, L-1): a candidate's tokens predict its next ones
@@ -208,7 +247,9 @@ def _score_choices(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: to
     return (scores + more.view(B, C)).cpu()
 
 
-def _decode(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, eos_id: int, max_new: int, agree) -> list[list[int]]:
+def _decode(
+    model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, eos_id: int, max_new: int, agree
+) -> list[list[int]]:
     B = last.shape[0]
     results: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=mask.device)
@@ -221,16 +262,26 @@ def _decode(model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Ten
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)  # (B, S+step+1)
         pos = pos[:, -1:] + 1  # (B, 1)
-        out = model.base_model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **with_cache(model, cache))
+        out = model.base_model(
+            input_ids=nxt.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **with_cache(model, cache),
+        )
         last, cache = out.last_hidden_state[:, -1], cache_of(out)
     return results
 
 
-def greedy(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int, which=None) -> list[list[int]]:
+def greedy(
+    model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int, which=None
+) -> list[list[int]]:
     """Greedy decoding behind the soft prompts, with a KV cache; each row stops at eos (not included)."""
     return answer(model, prompts, seqs, pad_id, eos_id, which=which, max_new=max_new)[0]
 
 
-def choice_scores(model, prompts: torch.Tensor, seqs: list[list[int]], choices: list[list[int]], pad_id: int, which=None) -> torch.Tensor:
+def choice_scores(
+    model, prompts: torch.Tensor, seqs: list[list[int]], choices: list[list[int]], pad_id: int, which=None
+) -> torch.Tensor:
     """Summed log-likelihood of each candidate answer after each row: (B, C)."""
     return answer(model, prompts, seqs, pad_id, pad_id, which=which, choices=choices)[1]

@@ -37,7 +37,16 @@ class InferResult:
 MODES = ("generate", "rank")
 
 
-def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new: int = 0, choices: list[str] | None = None, agree=None):
+def answers(
+    model,
+    tok,
+    prompts: torch.Tensor,
+    seqs: list[list[int]],
+    *,
+    max_new: int = 0,
+    choices: list[str] | None = None,
+    agree=None,
+):
     """One batch behind one tag's prompts (K, P, H) or (P, H), every member in one pass.
 
     Returns (greedy answers, members voting; ties go to the first member) when max_new > 0,
@@ -47,8 +56,17 @@ def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new
     prompts = prompts if prompts.dim() == 3 else prompts.unsqueeze(0)  # (K, P, H)
     K, B = prompts.shape[0], len(seqs)
     rows, which = [s for s in seqs for _ in range(K)], list(range(K)) * B  # (B*K), member-minor
-    outs, scores = answer(model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new,
-                          choices=answer_ids(tok, choices) if choices else None, agree=agree)
+    outs, scores = answer(
+        model,
+        prompts,
+        rows,
+        tok.pad_token_id,
+        tok.eos_token_id,
+        which=which,
+        max_new=max_new,
+        choices=answer_ids(tok, choices) if choices else None,
+        agree=agree,
+    )
     voted = ranked = None
     if outs is not None:
         texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
@@ -59,8 +77,16 @@ def answers(model, tok, prompts: torch.Tensor, seqs: list[list[int]], *, max_new
     return voted, ranked, scores
 
 
-def predict(model, tok, prompts: torch.Tensor, seqs: list[list[int]], mode: str, choices: list[str] | None = None,
-            max_new: int = 32, bias: torch.Tensor | None = None) -> list[str]:
+def predict(
+    model,
+    tok,
+    prompts: torch.Tensor,
+    seqs: list[list[int]],
+    mode: str,
+    choices: list[str] | None = None,
+    max_new: int = 32,
+    bias: torch.Tensor | None = None,
+) -> list[str]:
     """One batch of answers in one mode; see `answers`. `bias` (K, C) calibrates ranked scores (see `calibrate`)."""
     if mode == "rank":
         scores = answers(model, tok, prompts, seqs, choices=choices)[2]  # (B, K, C)
@@ -141,8 +167,16 @@ def infer(
             if batch % world != rank:
                 continue
             with torch.inference_mode():
-                outs = predict(model, tok, prompt, [layout.context(texts[i][-budget:]) for i in chunk], how, options, tokens_to_generate,
-                               bias)
+                outs = predict(
+                    model,
+                    tok,
+                    prompt,
+                    [layout.context(texts[i][-budget:]) for i in chunk],
+                    how,
+                    options,
+                    tokens_to_generate,
+                    bias,
+                )
             for i, out in zip(chunk, outs):
                 predictions[i] = out
     if world > 1:
@@ -165,8 +199,10 @@ def tag_modes(project: Project, tags: list[str], mode: str | None, choices: list
     modes = {t: mode or bank.mode_of(metas[t]) for t in tags}
     missing = [t for t in tags if modes[t] == "rank" and not choices and not metas[t].get("choices")]
     if missing:
-        raise UsageError(f"--mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training",
-                         hint="pass --choices 'a,b,...', or use --mode generate")
+        raise UsageError(
+            f"--mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training",
+            hint="pass --choices 'a,b,...', or use --mode generate",
+        )
     return modes
 
 

@@ -48,8 +48,11 @@ class LiveBank:
             return self._served[tag][1]
         if tag in self._refused:
             raise ServeError(f"tag {tag!r} is in the bank but not served: {self._refused[tag][1]}", status=409)
-        raise ServeError(f"unknown tag {tag!r}; known tags: {', '.join(self.tags()) or 'none yet'}", status=404,
-                         extra={"known_tags": self.tags()})
+        raise ServeError(
+            f"unknown tag {tag!r}; known tags: {', '.join(self.tags()) or 'none yet'}",
+            status=404,
+            extra={"known_tags": self.tags()},
+        )
 
     def _listing(self) -> dict[str, Version]:
         found: dict[str, Version] = {}

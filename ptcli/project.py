@@ -114,7 +114,9 @@ def load(start: Path | None = None) -> Project:
         raise ProjectError(f"cannot read manifest {path}: {e}") from e
 
 
-def init(root: Path, base: str | None, num_prompt_tokens: int, trust_remote_code: bool = False, status=lambda _: None) -> Project:
+def init(
+    root: Path, base: str | None, num_prompt_tokens: int, trust_remote_code: bool = False, status=lambda _: None
+) -> Project:
     """Create a project: load the base once to record its fingerprint and hidden size."""
     from ptcli.arch import check_supported
     from ptcli.model import canonical_ref, fingerprint, load_base

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+
 def _mlp(h: int, inner: int, zero_last: bool) -> nn.Sequential:
     net = nn.Sequential(nn.Linear(h, inner), nn.ReLU(), nn.Linear(inner, h))
     if zero_last:

@@ -106,8 +106,10 @@ def sparkline(values: list[float], width: int = 48) -> str:
 def plot(tag: str, curves: Curves, out: Path, best_step: int | None = None) -> Path:
     """PNG of loss and val_loss against step, val_acc on a second axis, titled with the tag; the kept step marked."""
     if not curves.train and len(curves.valid) < 2:
-        raise ProjectError(f"no curves to plot for {tag!r}: {curves.source} does not exist or holds no steps",
-                           hint="it is written when `ptcli tune` finishes; imported prompts have none")
+        raise ProjectError(
+            f"no curves to plot for {tag!r}: {curves.source} does not exist or holds no steps",
+            hint="it is written when `ptcli tune` finishes; imported prompts have none",
+        )
     try:
         from matplotlib.figure import Figure  # a Figure renders through Agg on its own: no pyplot, no GUI backend
     except ImportError:
@@ -117,14 +119,22 @@ def plot(tag: str, curves: Curves, out: Path, best_step: int | None = None) -> P
     ax = fig.add_subplot()
     lines = []
     if curves.train:
-        lines += ax.plot([r["step"] for r in curves.train], [r["loss"] for r in curves.train], color="tab:blue", lw=1.2, label="loss (train)")
+        lines += ax.plot(
+            [r["step"] for r in curves.train],
+            [r["loss"] for r in curves.train],
+            color="tab:blue",
+            lw=1.2,
+            label="loss (train)",
+        )
     if curves.valid:
         steps = [r["step"] for r in curves.valid]
         lines += ax.plot(steps, [r["val_loss"] for r in curves.valid], "o-", color="tab:orange", ms=4, label="val_loss")
         acc = ax.twinx()
         lines += acc.plot(steps, [r["val_acc"] for r in curves.valid], "s--", color="tab:green", ms=4, label="val_acc")
         if all("val_acc_rank" in r for r in curves.valid):
-            lines += acc.plot(steps, [r["val_acc_rank"] for r in curves.valid], "^:", color="tab:red", ms=4, label="val_acc_rank")
+            lines += acc.plot(
+                steps, [r["val_acc_rank"] for r in curves.valid], "^:", color="tab:red", ms=4, label="val_acc_rank"
+            )
         acc.set_ylabel("val_acc")
         acc.set_ylim(-0.03, 1.03)
     if best_step is not None and (curves.train or curves.valid):

@@ -14,7 +14,9 @@ import torch
 IGNORE = -100
 
 
-def stack(prompts: torch.Tensor, rows: int, which: torch.Tensor | list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def stack(
+    prompts: torch.Tensor, rows: int, which: torch.Tensor | list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise to prompts (K, P, H) and which (B,) long."""
     if prompts.dim() == 2:
         prompts = prompts.unsqueeze(0)  # (1, P, H)

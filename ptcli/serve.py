@@ -53,13 +53,17 @@ class ServeConfig:
     graceful_timeout_s: int = 60
 
     def __post_init__(self) -> None:
-        problems = [f"--{flag} must be {rule}, got {value}" for flag, value, ok, rule in (
-            ("port", self.port, 0 <= self.port <= 65535, "0 to 65535 (0: any free port)"),
-            ("max-batch-size", self.max_batch_size, self.max_batch_size >= 1, "at least 1"),
-            ("max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "0 or more"),
-            ("max-queue", self.max_queue, self.max_queue >= self.max_batch_size, "at least --max-batch-size"),
-            ("max-body-bytes", self.max_body_bytes, self.max_body_bytes >= 1024, "at least 1024"),
-        ) if not ok]
+        problems = [
+            f"--{flag} must be {rule}, got {value}"
+            for flag, value, ok, rule in (
+                ("port", self.port, 0 <= self.port <= 65535, "0 to 65535 (0: any free port)"),
+                ("max-batch-size", self.max_batch_size, self.max_batch_size >= 1, "at least 1"),
+                ("max-wait-ms", self.max_wait_ms, self.max_wait_ms >= 0, "0 or more"),
+                ("max-queue", self.max_queue, self.max_queue >= self.max_batch_size, "at least --max-batch-size"),
+                ("max-body-bytes", self.max_body_bytes, self.max_body_bytes >= 1024, "at least 1024"),
+            )
+            if not ok
+        ]
         if self.api_key is not None and not self.api_key.strip():
             problems.append("--api-key (or PTCLI_API_KEY) must not be empty")
         if problems:
@@ -76,7 +80,9 @@ class Service:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, extra: dict | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status, **(extra or {})}}, status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": status, **(extra or {})}}, status, headers=headers
+    )
 
 
 def _authorize(request: Request, key: str | None) -> None:
@@ -84,7 +90,11 @@ def _authorize(request: Request, key: str | None) -> None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ServeError("missing or wrong API key: send `Authorization: Bearer KEY`", status=401, headers={"WWW-Authenticate": "Bearer"})
+        raise ServeError(
+            "missing or wrong API key: send `Authorization: Bearer KEY`",
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def endpoint(handler: Callable[[Request, Service], Awaitable[Response]], public: bool = False):
@@ -112,7 +122,9 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length", "")
     too_big = declared.isdigit() and int(declared) > limit
     size, chunks = 0, []
-    async for chunk in request.stream():  # read to the end even when too big (up to DRAIN_LIMIT), so the client hears 413
+    async for (
+        chunk
+    ) in request.stream():  # read to the end even when too big (up to DRAIN_LIMIT), so the client hears 413
         size += len(chunk)
         too_big = too_big or size > limit
         if size > DRAIN_LIMIT:
@@ -163,7 +175,15 @@ async def _disconnected(request: Request) -> None:
 
 async def health(request: Request, service: Service) -> Response:
     b = service.batcher
-    return JSONResponse({"status": "ok", "tags": len(service.bank.tags()), "queued_rows": b.queued(), "batches": b.batches, "rows": b.rows})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "tags": len(service.bank.tags()),
+            "queued_rows": b.queued(),
+            "batches": b.batches,
+            "rows": b.rows,
+        }
+    )
 
 
 async def models(request: Request, service: Service) -> Response:
@@ -200,10 +220,12 @@ async def _crash(request: Request, exc: Exception) -> Response:
 
 def build_app(service: Service) -> Starlette:
     app = Starlette(
-        routes=[Route("/health", endpoint(health, public=True), methods=["GET"]),
-                Route("/v1/models", endpoint(models), methods=["GET"]),
-                Route("/v1/completions", endpoint(completions), methods=["POST"]),
-                Route("/v1/ptcli/infer", endpoint(rows), methods=["POST"])],
+        routes=[
+            Route("/health", endpoint(health, public=True), methods=["GET"]),
+            Route("/v1/models", endpoint(models), methods=["GET"]),
+            Route("/v1/completions", endpoint(completions), methods=["POST"]),
+            Route("/v1/ptcli/infer", endpoint(rows), methods=["POST"]),
+        ],
         exception_handlers={HTTPException: _http_error, Exception: _crash},
     )
     app.state.service = service
@@ -219,7 +241,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}", hint="pick another --port or --host") from None
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}", hint="pick another --port or --host"
+        ) from None
     return sock
 
 
@@ -250,15 +274,20 @@ def serve(project: Project, cfg: ServeConfig, status: Callable[[str], None] = la
     bank.refresh()
     batcher = Batcher(Engine(model, tok), cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, status)
     app = build_app(Service(bank, batcher, cfg.api_key, cfg.max_body_bytes))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=cfg.graceful_timeout_s))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=cfg.graceful_timeout_s
+        )
+    )
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     if not cfg.api_key and host not in ("127.0.0.1", "::1", "localhost"):
         status(f"warning: listening on {host} without an API key; anyone who reaches it can use it (--api-key)")
     batcher.start()
-    status(f"listening on {url} ({len(bank.tags())} tags; batches of up to {cfg.max_batch_size}, "
-           f"waiting up to {cfg.max_wait_ms:g} ms)")
+    status(
+        f"listening on {url} ({len(bank.tags())} tags; batches of up to {cfg.max_batch_size}, "
+        f"waiting up to {cfg.max_wait_ms:g} ms)"
+    )
     try:
         with _signals_end_quietly():
             server.run(sockets=[sock])

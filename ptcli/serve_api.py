@@ -44,7 +44,9 @@ def _strings(value: Any, key: str, *, most: int | None = None) -> list[str]:
         try:
             v.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ServeError(f"`{key}` holds a lone surrogate {e.object[e.start]!r}, which is not valid Unicode") from None
+            raise ServeError(
+                f"`{key}` holds a lone surrogate {e.object[e.start]!r}, which is not valid Unicode"
+            ) from None
     return values
 
 
@@ -77,14 +79,23 @@ def completion_choices(answers: list[Answer], stop: list[str]) -> list[dict[str,
     choices = []
     for i, a in enumerate(answers):
         text, cut = _cut(a.text, stop)
-        choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": "stop" if cut or a.stopped else "length"})
+        choices.append(
+            {"index": i, "text": text, "logprobs": None, "finish_reason": "stop" if cut or a.stopped else "length"}
+        )
     return choices
 
 
 def completion_body(tag: str, answers: list[Answer], stop: list[str]) -> dict[str, Any]:
     prompt_tokens, completion_tokens = sum(a.prompt_tokens for a in answers), sum(a.tokens for a in answers)
-    return {**completion_head(tag), "choices": completion_choices(answers, stop),
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}}
+    return {
+        **completion_head(tag),
+        "choices": completion_choices(answers, stop),
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def completion_head(tag: str) -> dict[str, Any]:
@@ -108,14 +119,21 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
     tags = sorted({row["prompt_tag"] for row in rows})
     unknown = [t for t in tags if t not in bank.tags()]
     if unknown:
-        raise ServeError(f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(bank.tags()) or 'none yet'}",
-                         status=404, extra={"known_tags": bank.tags()})
+        raise ServeError(
+            f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(bank.tags()) or 'none yet'}",
+            status=404,
+            extra={"known_tags": bank.tags()},
+        )
     prompts = {t: bank.prompt(t) for t in tags}
-    modes = {t: mode or mode_of(prompts[t].meta) for t in tags}  # by default the mode each prompt was chosen by, as `ptcli infer`
+    modes = {
+        t: mode or mode_of(prompts[t].meta) for t in tags
+    }  # by default the mode each prompt was chosen by, as `ptcli infer`
     options = {t: tuple(choices or prompts[t].meta.get("choices") or ()) for t in tags}
     missing = [t for t in tags if modes[t] == "rank" and not options[t]]
     if missing:
-        raise ServeError(f"mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training; pass `choices`")
+        raise ServeError(
+            f"mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training; pass `choices`"
+        )
     tokens = _int(body, "tokens_to_generate", 32)
     items = [Item(prompts[t], r["text"], modes[t], tokens, options[t]) for r in rows for t in [r["prompt_tag"]]]
     return items, [Record(i + 1, r["prompt_tag"], r["text"], r.get("answer"), r) for i, r in enumerate(rows)]
@@ -123,4 +141,7 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
 
 def rows_body(records: list[Record], answers: list[Answer]) -> dict[str, Any]:
     predictions = [a.text for a in answers]
-    return {"rows": [{**r.row, "prediction": p} for r, p in zip(records, predictions)], "accuracy": accuracy(records, predictions)}
+    return {
+        "rows": [{**r.row, "prediction": p} for r, p in zip(records, predictions)],
+        "accuracy": accuracy(records, predictions),
+    }

@@ -49,10 +49,18 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _write_error(path: Path, e: OSError) -> ProjectError:
-    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
     reason = reasons.get(e.errno or 0, e.strerror or str(e))
-    return ProjectError(f"cannot write {path}: {reason}; nothing was changed", hint="free space or fix permissions, then run the command again")
+    return ProjectError(
+        f"cannot write {path}: {reason}; nothing was changed",
+        hint="free space or fix permissions, then run the command again",
+    )
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -36,7 +36,9 @@ class Piece:
 
 def parse(template: str, num_prompt_tokens: int) -> list[Piece]:
     """The pieces of a template, or UsageError naming every problem with it."""
-    source = NAMED.get(template, template).replace("\\n", "\n").replace("\\t", "\t")  # '\n' typed in a shell is a newline
+    source = (
+        NAMED.get(template, template).replace("\\n", "\n").replace("\\t", "\t")
+    )  # '\n' typed in a shell is a newline
     pieces: list[Piece] = []
     problems: list[str] = []
     at, bare = 0, 0
@@ -53,7 +55,9 @@ def parse(template: str, num_prompt_tokens: int) -> list[Piece]:
         elif name == "prompt" and size.isdigit() and int(size) > 0:
             pieces.append(Piece("prompt", size=int(size)))
         else:
-            problems.append(f"{m.group(0)!r} is not a placeholder (use {{text}}, {{answer}}, {{prompt}} or {{prompt:N}}, N >= 1)")
+            problems.append(
+                f"{m.group(0)!r} is not a placeholder (use {{text}}, {{answer}}, {{prompt}} or {{prompt:N}}, N >= 1)"
+            )
     if at < len(source):
         pieces.append(Piece("lit", source[at:]))
     kinds = [p.kind for p in pieces]
@@ -68,12 +72,16 @@ def parse(template: str, num_prompt_tokens: int) -> list[Piece]:
     if bare > 1:
         problems.append("at most one bare {prompt} (it takes the vectors the sized slots leave)")
     elif bare == 1 and fixed >= num_prompt_tokens:
-        problems.append(f"the sized slots take {fixed} vectors, leaving none of the project's {num_prompt_tokens} for the bare {{prompt}}")
+        problems.append(
+            f"the sized slots take {fixed} vectors, leaving none of the project's {num_prompt_tokens} for the bare {{prompt}}"
+        )
     elif bare == 0 and "prompt" in kinds and fixed != num_prompt_tokens:
         problems.append(f"the slots hold {fixed} vectors but the project's prompt length is {num_prompt_tokens}")
     if problems:
-        raise UsageError(f"--template {template!r}: " + "; ".join(problems),
-                         hint=f"e.g. --template '{{text}}{{prompt}}{{answer}}'; names: {', '.join(NAMED)}")
+        raise UsageError(
+            f"--template {template!r}: " + "; ".join(problems),
+            hint=f"e.g. --template '{{text}}{{prompt}}{{answer}}'; names: {', '.join(NAMED)}",
+        )
     return [Piece("prompt", size=num_prompt_tokens - fixed) if p.size == -1 else p for p in pieces]
 
 

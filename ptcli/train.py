@@ -113,10 +113,15 @@ def tune_many(
     if auto:
         resume = ckpt_path.exists()
     if resume and not ckpt_path.exists():
-        raise ProjectError(f"no interrupted run of {'+'.join(cfgs)!r} to resume ({ckpt_path} is missing)", hint="drop --resume")
+        raise ProjectError(
+            f"no interrupted run of {'+'.join(cfgs)!r} to resume ({ckpt_path} is missing)", hint="drop --resume"
+        )
     for tag in cfgs:
         if bank.path_of(project, tag).exists() and not (resume or overwrite or auto):
-            raise ProjectError(f"tag {tag!r} is already tuned", hint="pass --overwrite to retune it, or --resume to continue a killed run")
+            raise ProjectError(
+                f"tag {tag!r} is already tuned",
+                hint="pass --overwrite to retune it, or --resume to continue a killed run",
+            )
 
     started = time.perf_counter()
     train_rows, valid_rows = read_split(cfgs, "train"), read_split(cfgs, "valid")
@@ -134,26 +139,35 @@ def tune_many(
     tasks = []
     for n, (tag, cfg) in enumerate(cfgs.items()):
         train, valid = train_rows[tag], valid_rows[tag]
-        tasks.append(Task(
-            tag, cfg,
-            encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train, template=cfg.template),
-            encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid, template=cfg.template),
-            closed_answers(train),
-            cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100]),
-            list(range(n * K, (n + 1) * K)),
-        ))
+        tasks.append(
+            Task(
+                tag,
+                cfg,
+                encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train, template=cfg.template),
+                encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid, template=cfg.template),
+                closed_answers(train),
+                cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100]),
+                list(range(n * K, (n + 1) * K)),
+            )
+        )
     truncated = sum(t.train.truncated + t.valid.truncated for t in tasks)
     if truncated:
         reporter.status(f"cut {truncated} long text(s) from the left to fit --max-seq-length")
 
-    inits = [init_prompt(model, tok, P, t.cfg.init, t.init_text, run.seed + k, t.choices) for t in tasks for k in range(K)]
-    prompt = SoftPrompt(torch.stack(inits), run.reparam, seed=run.seed).to(acc.device)  # (S, P, H): one slot per (tag, member)
+    inits = [
+        init_prompt(model, tok, P, t.cfg.init, t.init_text, run.seed + k, t.choices) for t in tasks for k in range(K)
+    ]
+    prompt = SoftPrompt(torch.stack(inits), run.reparam, seed=run.seed).to(
+        acc.device
+    )  # (S, P, H): one slot per (tag, member)
     if shard_base and acc.num_processes > 1:  # after the fingerprint and the inits, which read whole weights
         from ptcli.dist import shard_frozen_base
 
         mine, whole = shard_frozen_base(model)
-        reporter.status(f"sharded the frozen base over {acc.num_processes} processes (FSDP): "
-                        f"this one holds {100 * mine / whole:.1f}% of its {whole / 2**20:,.1f} MiB of weights")
+        reporter.status(
+            f"sharded the frozen base over {acc.num_processes} processes (FSDP): "
+            f"this one holds {100 * mine / whole:.1f}% of its {whole / 2**20:,.1f} MiB of weights"
+        )
     model.to(acc.device)
     groups = [{"params": [prompt.weight], "peak": run.lr}]
     if run.reparam != "none":
@@ -167,7 +181,9 @@ def tune_many(
         with torch.no_grad():
             state.best_prompt = prompt().detach().clone()  # (S, P, H)
         for t in tasks:
-            state.initial[t.tag] = state.best[t.tag] = evaluate(model, tok, state.best_prompt[t.slots], t, run.batch_size, acc)
+            state.initial[t.tag] = state.best[t.tag] = evaluate(
+                model, tok, state.best_prompt[t.slots], t, run.batch_size, acc
+            )
             state.best_step[t.tag] = 0
             reporter.evaluated(0, state.initial[t.tag], t.tag)
 
@@ -201,12 +217,20 @@ def tune_many(
             save()
             acc.wait_for_everyone()
             raise preempt.stopped(f"at step {state.step}; checkpoint saved in {ckpt_path}")
-        picks = [(*pool[j], k) for k, order in enumerate(orders) for j in order.batch(step)][acc.process_index :: acc.num_processes]
+        picks = [(*pool[j], k) for k, order in enumerate(orders) for j in order.batch(step)][
+            acc.process_index :: acc.num_processes
+        ]
         lr = lr_at(step, run, elapsed)
         for group in opt.param_groups:
             group["lr"] = lr * group["peak"] / run.lr
-        loss_sum, n = lm_loss(model, prompt(), [t.train.ids[i] for t, i, _ in picks], [t.train.labels[i] for t, i, _ in picks],
-                              tok.pad_token_id, which=[t.slots[k] for t, _, k in picks])
+        loss_sum, n = lm_loss(
+            model,
+            prompt(),
+            [t.train.ids[i] for t, i, _ in picks],
+            [t.train.labels[i] for t, i, _ in picks],
+            tok.pad_token_id,
+            which=[t.slots[k] for t, _, k in picks],
+        )
         n_global = int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
         (loss_sum / n_global).backward()
         if acc.num_processes > 1:
@@ -215,7 +239,9 @@ def tune_many(
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
-        positions = sum(len(t.train.ids[i]) + P * (min(t.train.ids[i]) >= 0) for t, i, _ in picks)  # template rows hold their slots
+        positions = sum(
+            len(t.train.ids[i]) + P * (min(t.train.ids[i]) >= 0) for t, i, _ in picks
+        )  # template rows hold their slots
         reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         state.step = step + 1
         state.history.append({"step": state.step, "loss": loss, "lr": lr})
@@ -227,11 +253,19 @@ def tune_many(
     seconds = prior_seconds + time.perf_counter() - started
     results = []
     for t in tasks:
-        results.append(TuneResult(
-            tag=t.tag, steps=state.step, best_step=state.best_step[t.tag], metrics=state.best[t.tag],
-            initial_metrics=state.initial[t.tag], seconds=seconds, truncated=t.train.truncated + t.valid.truncated,
-            path=str(bank.path_of(project, t.tag)), history=[h for h in state.history if h.get("tag", t.tag) == t.tag],
-        ))
+        results.append(
+            TuneResult(
+                tag=t.tag,
+                steps=state.step,
+                best_step=state.best_step[t.tag],
+                metrics=state.best[t.tag],
+                initial_metrics=state.initial[t.tag],
+                seconds=seconds,
+                truncated=t.train.truncated + t.valid.truncated,
+                path=str(bank.path_of(project, t.tag)),
+                history=[h for h in state.history if h.get("tag", t.tag) == t.tag],
+            )
+        )
         if main:
             meta = {
                 "init": t.cfg.init,

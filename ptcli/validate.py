@@ -44,7 +44,9 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     if acc.num_processes > 1:  # every process makes the same calls (a sharded base's forward is collective)
         most = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max"))
         batches += [[]] * (most - len(batches))  # an empty batch runs one row and counts nothing
-    max_new = max(len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts))  # longest answer + eos, already tokenized
+    max_new = max(
+        len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts)
+    )  # longest answer + eos, already tokenized
     loss_from_scores = bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
     loss_sum, count, correct, ranked = 0.0, 0, 0, 0
     agree = (lambda flag: agreed(acc, flag, "min")) if acc.num_processes > 1 else None
@@ -56,8 +58,9 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
                     lm_loss(model, prompts, enc.ids[:1], enc.labels[:1], tok.pad_token_id)
                 continue
             truth = [enc.answers[i].strip() for i in idx]
-            voted, best, scores = answers(model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices,
-                                          agree=agree)
+            voted, best, scores = answers(
+                model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices, agree=agree
+            )
             correct += sum(p == a for p, a in zip(voted, truth))
             if choices:
                 ranked += sum(p == a for p, a in zip(best, truth))
@@ -67,8 +70,14 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
                 count += K * sum(len(enc.ids[i]) - len(enc.prompts[i]) for i in idx)
             else:
                 rows = [i for i in idx for _ in range(K)]
-                s, n = lm_loss(model, prompts, [enc.ids[i] for i in rows], [enc.labels[i] for i in rows], tok.pad_token_id,
-                               which=list(range(K)) * len(idx))
+                s, n = lm_loss(
+                    model,
+                    prompts,
+                    [enc.ids[i] for i in rows],
+                    [enc.labels[i] for i in rows],
+                    tok.pad_token_id,
+                    which=list(range(K)) * len(idx),
+                )
                 loss_sum, count = loss_sum + float(s), count + n
     totals = acc.reduce(torch.tensor([loss_sum, count, correct, ranked], dtype=torch.float64, device=acc.device), "sum")
     loss_sum, count, correct, ranked = totals.tolist()
@@ -80,6 +89,7 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
 
 def better(new: dict[str, float], best: dict[str, float] | None) -> bool:
     """Higher accuracy wins (ranked, where the task has an answer set); equal accuracy goes to lower loss."""
+
     def key(m: dict[str, float]) -> tuple[float, float]:
         return m.get("val_acc_rank", m["val_acc"]), -m["val_loss"]
 

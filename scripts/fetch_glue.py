@@ -27,8 +27,13 @@ from pathlib import Path
 
 TASKS = {  # task -> (GLUE config, row -> (text, answer))
     "SST2": ("sst2", lambda r, names: (r["sentence"].strip(), names[r["label"]])),
-    "RTE": ("rte", lambda r, names: (f"{r['sentence1']}\nQuestion: {r['sentence2']} True or False?",
-                                     {"entailment": "True", "not_entailment": "False"}[names[r["label"]]])),
+    "RTE": (
+        "rte",
+        lambda r, names: (
+            f"{r['sentence1']}\nQuestion: {r['sentence2']} True or False?",
+            {"entailment": "True", "not_entailment": "False"}[names[r["label"]]],
+        ),
+    ),
 }
 
 
@@ -37,13 +42,17 @@ def glue_train(task: str) -> list[dict]:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise SystemExit("error: scripts/fetch_glue.py needs the `datasets` library\nhint: pip install datasets") from None
+        raise SystemExit(
+            "error: scripts/fetch_glue.py needs the `datasets` library\nhint: pip install datasets"
+        ) from None
     config, convert = TASKS[task]
     try:
         ds = load_dataset("nyu-mll/glue", config, split="train")
     except Exception as e:  # no network, hub down, a proxy: say so, not a traceback
-        raise SystemExit(f"error: could not download GLUE {config} train through `datasets` ({type(e).__name__}: {e})\n"
-                         "hint: this needs access to the Hugging Face hub; or pass bench/ an existing folder with --data-dir") from None
+        raise SystemExit(
+            f"error: could not download GLUE {config} train through `datasets` ({type(e).__name__}: {e})\n"
+            "hint: this needs access to the Hugging Face hub; or pass bench/ an existing folder with --data-dir"
+        ) from None
     names = ds.features["label"].names
     return [dict(zip(("text", "answer"), convert(r, names)), prompt_tag=task) for r in ds]
 
@@ -75,13 +84,21 @@ def split_sentences(train: list[dict], n: int = 500, min_tokens: int = 15) -> tu
 
     def root(t: str) -> bool:
         toks = t.split()
-        return len(toks) >= min_tokens and t[-1] in ".!?" and not any(
-            u != t and f" {t} " in f" {u} " for u in by_start.get(tuple(toks[:min_tokens]), []))
+        return (
+            len(toks) >= min_tokens
+            and t[-1] in ".!?"
+            and not any(u != t and f" {t} " in f" {u} " for u in by_start.get(tuple(toks[:min_tokens]), []))
+        )
 
     picked = [t for t in texts if root(t)]
     random.Random(0).shuffle(picked)
     chosen = set(picked[:n])
-    spans = {" ".join(toks[a:b]) for toks in (t.split() for t in chosen) for a in range(len(toks)) for b in range(a + 3, len(toks) + 1)}
+    spans = {
+        " ".join(toks[a:b])
+        for toks in (t.split() for t in chosen)
+        for a in range(len(toks))
+        for b in range(a + 3, len(toks) + 1)
+    }
     return [r for r in train if r["text"] not in spans], [r for r in train if r["text"] in chosen]
 
 

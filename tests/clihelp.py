@@ -21,7 +21,9 @@ def ok(result) -> None:
 
 def failed(result, code: int) -> str:
     """The exit code is `code`, reached through ptcli's error handling (not a crash); returns stderr."""
-    assert result.exit_code == code, f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
+    assert result.exit_code == code, (
+        f"exit {result.exit_code}\nstderr:\n{result.stderr}\nexception: {result.exception!r}"
+    )
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.stderr.startswith("error: "), result.stderr
     return result.stderr

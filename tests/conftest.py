@@ -186,7 +186,9 @@ def tiny_data(tmp_path: Path) -> TinyData:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: uses the real default base model (needs it cached locally)")
     config.addinivalue_line("markers", "multiproc: launches several processes (accelerate / torchrun)")
-    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; scripts/gpu_check.sh runs them)")
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA device (skipped without one; scripts/gpu_check.sh runs them)"
+    )
 
 
 def _lively_copy(src: Path, dest: Path) -> Path:

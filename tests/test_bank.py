@@ -33,7 +33,13 @@ def _prompt(seed: int = 0, n: int = P, h: int = H) -> torch.Tensor:
     return torch.randn(n, h, generator=torch.Generator().manual_seed(seed))
 
 
-META = {"init": "text", "init_text": "yes no", "metrics": {"val_acc": 0.75, "val_loss": 1.5}, "config": {"lr": 0.03, "seed": 1}, "steps": 12}
+META = {
+    "init": "text",
+    "init_text": "yes no",
+    "metrics": {"val_acc": 0.75, "val_loss": 1.5},
+    "config": {"lr": 0.03, "seed": 1},
+    "steps": 12,
+}
 
 
 @pytest.fixture

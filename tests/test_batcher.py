@@ -116,7 +116,9 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
 
     batcher = Batcher(held, max_batch=1, max_wait_s=0, max_queue=1)
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(build_app(Service(LiveBank(project), batcher)), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(Service(LiveBank(project), batcher)), log_level="warning", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/ptcli/infer"
     row = {"rows": [{"prompt_tag": "t", "text": "x"}]}

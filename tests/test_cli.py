@@ -14,29 +14,46 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from clihelp import cli, failed, ok
 from typer.testing import CliRunner
 
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.cli import app
 from ptcli.model import fingerprint, load_base
-from clihelp import cli, failed, ok
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 P = 4
-FAST = ["--warmup-steps", "1", "--max-steps", "2", "--val-check-interval", "2", "--batch-size", "4", "--max-seq-length", "64"]
+FAST = [
+    "--warmup-steps",
+    "1",
+    "--max-steps",
+    "2",
+    "--val-check-interval",
+    "2",
+    "--batch-size",
+    "4",
+    "--max-seq-length",
+    "64",
+]
 
 SENT = [
-    ("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"),
-    ("i dislike the food", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative"),
+    ("i love it", "positive"),
+    ("i hate it", "negative"),
+    ("i really like the movie", "positive"),
+    ("i dislike the food", "negative"),
+    ("i adore this", "positive"),
+    ("i loathe the phone", "negative"),
 ]
 TOPIC = [
-    ("the team won the game on saturday night", "sports"), ("a new restaurant opened downtown", "food"),
-    ("researchers discovered a new planet", "science"), ("sports news : the team won", "sports"),
-    ("fresh bread", "food"), ("science news : this week", "science"),
+    ("the team won the game on saturday night", "sports"),
+    ("a new restaurant opened downtown", "food"),
+    ("researchers discovered a new planet", "science"),
+    ("sports news : the team won", "sports"),
+    ("fresh bread", "food"),
+    ("science news : this week", "science"),
 ]
-
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -72,7 +89,22 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 def _tune(root: Path, data: SimpleNamespace, tag: str, *extra) -> None:
-    ok(cli("tune", "--tag", tag, "--train", getattr(data, f"{tag}_train"), "--valid", getattr(data, f"{tag}_valid"), *FAST, *extra, "-p", root, "-q"))
+    ok(
+        cli(
+            "tune",
+            "--tag",
+            tag,
+            "--train",
+            getattr(data, f"{tag}_train"),
+            "--valid",
+            getattr(data, f"{tag}_valid"),
+            *FAST,
+            *extra,
+            "-p",
+            root,
+            "-q",
+        )
+    )
 
 
 def _model_files(path: Path) -> dict[str, str]:
@@ -106,8 +138,24 @@ def test_help_lists_commands() -> None:
         assert re.search(rf"^\W*{command}\s", result.stdout, re.M), command
 
 
-TASK_FLAGS = ["--train", "--valid", "--init", "--init-text", "--answer-only", "--full-text-loss", "--batch-size", "--lr", "--min-lr",
-              "--warmup-steps", "--constant-steps", "--max-steps", "--val-check-interval", "--max-seq-length", "--seed", "--project"]
+TASK_FLAGS = [
+    "--train",
+    "--valid",
+    "--init",
+    "--init-text",
+    "--answer-only",
+    "--full-text-loss",
+    "--batch-size",
+    "--lr",
+    "--min-lr",
+    "--warmup-steps",
+    "--constant-steps",
+    "--max-steps",
+    "--val-check-interval",
+    "--max-seq-length",
+    "--seed",
+    "--project",
+]
 
 
 def _has_flag(text: str, flag: str) -> bool:
@@ -134,7 +182,9 @@ def test_command_help(command: str, flags: list[str]) -> None:
 def test_tune_help_fits_80_columns() -> None:
     result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["tune", "--help"])
     ok(result)
-    assert all(_has_flag(result.stdout, f) for f in ["--val-check-interval", "--num-prompt-tokens", "--trust-remote-code"])
+    assert all(
+        _has_flag(result.stdout, f) for f in ["--val-check-interval", "--num-prompt-tokens", "--trust-remote-code"]
+    )
 
 
 # ---------------------------------------------------------------- init and project discovery
@@ -148,7 +198,11 @@ def test_init_records_the_base(base_project, lively_llama: Path) -> None:
     assert manifest["base"]["hidden_size"] == model.get_input_embeddings().weight.shape[1]
     assert manifest["num_prompt_tokens"] == P and manifest["tasks"] == {}
     assert (base_project.root / "bank").is_dir()
-    assert base_project.init_json == {"project": str(base_project.root), "base": manifest["base"], "num_prompt_tokens": P}
+    assert base_project.init_json == {
+        "project": str(base_project.root),
+        "base": manifest["base"],
+        "num_prompt_tokens": P,
+    }
 
 
 def test_second_init_fails(base_project, lively_llama: Path) -> None:
@@ -177,14 +231,21 @@ def test_a_locked_project_refuses_a_second_writer(base_project, data, tmp_path: 
 
     root = _copy(base_project.root, tmp_path)
     with project_lock(root, "ptcli tune --tag other"):
-        err = failed(cli("tune", "--tag", "sent", "--train", data.sent_train, "--valid", data.sent_valid, *FAST, "-p", root), 1)
+        err = failed(
+            cli("tune", "--tag", "sent", "--train", data.sent_train, "--valid", data.sent_valid, *FAST, "-p", root), 1
+        )
     assert f"project {root} is locked by pid" in err and "(ptcli tune --tag other)" in err
     assert not (root / "bank" / "sent.safetensors").exists()
 
 
 @pytest.mark.parametrize(
     "args",
-    [["list-tags"], ["add-task", "sent", "--train", "t.jsonl", "--valid", "v.jsonl"], ["tune", "--tag", "sent"], ["infer", "x.jsonl"]],
+    [
+        ["list-tags"],
+        ["add-task", "sent", "--train", "t.jsonl", "--valid", "v.jsonl"],
+        ["tune", "--tag", "sent"],
+        ["infer", "x.jsonl"],
+    ],
     ids=lambda a: a[0],
 )
 def test_commands_outside_a_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
@@ -210,15 +271,57 @@ def test_project_found_from_a_subdirectory(tuned, monkeypatch: pytest.MonkeyPatc
 
 def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path: Path) -> None:
     root = _copy(base_project.root, tmp_path)
-    recorded = ["--train", data.sent_train, "--valid", data.sent_valid, "--init", "random", "--seed", "9", "--full-text-loss",
-                "--batch-size", "3", "--lr", "0.05", "--min-lr", "0.001", "--warmup-steps", "1", "--constant-steps", "1",
-                "--max-steps", "3", "--val-check-interval", "3", "--max-seq-length", "48"]
+    recorded = [
+        "--train",
+        data.sent_train,
+        "--valid",
+        data.sent_valid,
+        "--init",
+        "random",
+        "--seed",
+        "9",
+        "--full-text-loss",
+        "--batch-size",
+        "3",
+        "--lr",
+        "0.05",
+        "--min-lr",
+        "0.001",
+        "--warmup-steps",
+        "1",
+        "--constant-steps",
+        "1",
+        "--max-steps",
+        "3",
+        "--val-check-interval",
+        "3",
+        "--max-seq-length",
+        "48",
+    ]
     result = cli("add-task", "sent", *recorded, "-p", root, "--json")
     ok(result)
-    expected = {"train": str(data.sent_train), "valid": str(data.sent_valid), "init": "random", "init_text": None, "answer_only": False,
-                "batch_size": 3, "lr": 0.05, "min_lr": 0.001, "warmup_steps": 1, "constant_steps": 1, "max_steps": 3,
-                "val_check_interval": 3, "max_seq_length": 48, "seed": 9, "group_by_length": True, "ensemble": 1, "max_minutes": None,
-                "template": "prefix", "reparam": "none", "reparam_lr": 1e-3}
+    expected = {
+        "train": str(data.sent_train),
+        "valid": str(data.sent_valid),
+        "init": "random",
+        "init_text": None,
+        "answer_only": False,
+        "batch_size": 3,
+        "lr": 0.05,
+        "min_lr": 0.001,
+        "warmup_steps": 1,
+        "constant_steps": 1,
+        "max_steps": 3,
+        "val_check_interval": 3,
+        "max_seq_length": 48,
+        "seed": 9,
+        "group_by_length": True,
+        "ensemble": 1,
+        "max_minutes": None,
+        "template": "prefix",
+        "reparam": "none",
+        "reparam_lr": 1e-3,
+    }
     assert json.loads(result.stdout) == {"tag": "sent", "config": expected}
     assert json.loads((root / "ptcli.json").read_text())["tasks"] == {"sent": expected}
     assert not (root / "bank" / "sent.safetensors").exists()
@@ -233,7 +336,9 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
 
 
-def test_recorded_relative_paths_survive_a_change_of_directory(base_project, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recorded_relative_paths_survive_a_change_of_directory(
+    base_project, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = _copy(base_project.root, tmp_path)
     monkeypatch.chdir(data.dir)
     ok(cli("add-task", "sent", "--train", data.sent_train.name, "--valid", data.sent_valid.name, *FAST, "-p", root))
@@ -278,7 +383,9 @@ def test_retune_needs_overwrite(tuned, data, tmp_path: Path) -> None:
     _tune(root, data, "sent", "--overwrite", "--seed", "5", "--num-prompt-tokens", str(P))
     _, meta = bank.get(proj.load(root), "sent")
     assert meta["config"]["seed"] == 5
-    assert (root / "bank" / "topic.safetensors").read_bytes() == (tuned.root / "bank" / "topic.safetensors").read_bytes()
+    assert (root / "bank" / "topic.safetensors").read_bytes() == (
+        tuned.root / "bank" / "topic.safetensors"
+    ).read_bytes()
 
 
 def test_other_prompt_length_is_a_usage_error(tuned) -> None:
@@ -288,8 +395,24 @@ def test_other_prompt_length_is_a_usage_error(tuned) -> None:
 
 
 def test_bad_flag_value_is_a_usage_error(base_project, data) -> None:
-    err = failed(cli("tune", "--tag", "sent", "--train", data.sent_train, "--valid", data.sent_valid, "--batch-size", "0",
-                     "--min-lr", "9", "-p", base_project.root), 2)
+    err = failed(
+        cli(
+            "tune",
+            "--tag",
+            "sent",
+            "--train",
+            data.sent_train,
+            "--valid",
+            data.sent_valid,
+            "--batch-size",
+            "0",
+            "--min-lr",
+            "9",
+            "-p",
+            base_project.root,
+        ),
+        2,
+    )
     assert "--batch-size must be at least 1" in err and "--min-lr must be between" in err
 
 
@@ -297,7 +420,9 @@ def test_broken_jsonl_exits_2_and_writes_nothing(base_project, data, tmp_path: P
     root = _copy(base_project.root, tmp_path)
     broken = tmp_path / "broken.jsonl"
     lines = data.sent_train.read_text().splitlines()
-    broken.write_text("\n".join([lines[0], lines[1], '{"prompt_tag": "sent", "text": "x"', lines[2], '{"prompt_tag": "sent"}']) + "\n")
+    broken.write_text(
+        "\n".join([lines[0], lines[1], '{"prompt_tag": "sent", "text": "x"', lines[2], '{"prompt_tag": "sent"}']) + "\n"
+    )
     err = failed(cli("tune", "--tag", "sent", "--train", broken, "--valid", data.sent_valid, *FAST, "-p", root), 2)
     assert f"{broken}:3: invalid JSON" in err
     assert f"{broken}:5: missing field 'text'" in err
@@ -319,7 +444,22 @@ def test_error_message_shows_paths_verbatim(base_project, tmp_path: Path, name: 
 
 def test_max_steps_0_stores_the_initial_prompt(base_project, data, lively_llama: Path, tmp_path: Path) -> None:
     root = _copy(base_project.root, tmp_path)
-    ok(cli("tune", "--tag", "sent", "--train", data.sent_train, "--valid", data.sent_valid, "--max-steps", "0", "-p", root, "-q"))
+    ok(
+        cli(
+            "tune",
+            "--tag",
+            "sent",
+            "--train",
+            data.sent_train,
+            "--valid",
+            data.sent_valid,
+            "--max-steps",
+            "0",
+            "-p",
+            root,
+            "-q",
+        )
+    )
     prompt, meta = bank.get(proj.load(root), "sent")
     # text init from the task's answers: "negative positive", tokenized, tiled to P
     model, tok = load_base(str(lively_llama))
@@ -373,7 +513,12 @@ def test_mixed_tags_get_their_own_prompts(tuned, mixed, tmp_path: Path) -> None:
     alone = {}
     for tag in ("sent", "topic"):
         rows = [r for r in mixed if r["prompt_tag"] == tag]
-        alone.update({(r["prompt_tag"], r["text"]): r["prediction"] for r in _infer(tuned.root, _jsonl(tmp_path / f"{tag}.jsonl", rows))})
+        alone.update(
+            {
+                (r["prompt_tag"], r["text"]): r["prediction"]
+                for r in _infer(tuned.root, _jsonl(tmp_path / f"{tag}.jsonl", rows))
+            }
+        )
     assert {(r["prompt_tag"], r["text"]): r["prediction"] for r in both} == alone
     # the two prompts really differ in what they make the model say
     assert any(alone[("sent", t)] != alone[("topic", t)] for t in TEXTS)
@@ -384,7 +529,9 @@ def test_infer_json_with_accuracy(tuned, mixed, tmp_path: Path) -> None:
     # answers chosen so that accuracy is known: sent right on row 0 and wrong on row 2; topic right on row 3
     rows = [dict(r) for r in mixed]
     rows[0]["answer"], rows[2]["answer"], rows[3]["answer"] = preds[0] or "x", preds[2] + "x", preds[3] or "x"
-    result = cli("infer", _jsonl(tmp_path / "scored.jsonl", rows), "-p", tuned.root, "--tokens-to-generate", "4", "--json")
+    result = cli(
+        "infer", _jsonl(tmp_path / "scored.jsonl", rows), "-p", tuned.root, "--tokens-to-generate", "4", "--json"
+    )
     ok(result)
     doc = json.loads(result.stdout)
     assert [r.pop("prediction") for r in doc["predictions"]] == preds  # same rows and batches: same predictions
@@ -418,15 +565,41 @@ def test_infer_rank_needs_an_answer_set(tuned, mixed, tmp_path: Path) -> None:
     assert "--choices" in err
     out = _infer(tuned.root, path, "--mode", "rank", "--choices", "sports,food,science,positive,negative")
     assert {r["prediction"] for r in out} <= {"sports", "food", "science", "positive", "negative"}
-    assert "--choices needs at least two" in failed(cli("infer", path, "-p", tuned.root, "--mode", "rank", "--choices", "one"), 2)
-    assert "--mode must be one of generate, rank, got 'vote'" in failed(cli("infer", path, "-p", tuned.root, "--mode", "vote"), 2)
+    assert "--choices needs at least two" in failed(
+        cli("infer", path, "-p", tuned.root, "--mode", "rank", "--choices", "one"), 2
+    )
+    assert "--mode must be one of generate, rank, got 'vote'" in failed(
+        cli("infer", path, "-p", tuned.root, "--mode", "vote"), 2
+    )
 
 
 def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> None:
     root = _copy(base_project.root, tmp_path)
-    both = _jsonl(tmp_path / "both.jsonl", [json.loads(line) for f in (data.sent_train, data.topic_train) for line in f.read_text().splitlines()])
-    valid = _jsonl(tmp_path / "both_valid.jsonl", [json.loads(line) for f in (data.sent_valid, data.topic_valid) for line in f.read_text().splitlines()])
-    result = cli("tune", "--tag", "sent", "--tag", "topic", "--train", both, "--valid", valid, *FAST, "--ensemble", "2", "-p", root, "--json")
+    both = _jsonl(
+        tmp_path / "both.jsonl",
+        [json.loads(line) for f in (data.sent_train, data.topic_train) for line in f.read_text().splitlines()],
+    )
+    valid = _jsonl(
+        tmp_path / "both_valid.jsonl",
+        [json.loads(line) for f in (data.sent_valid, data.topic_valid) for line in f.read_text().splitlines()],
+    )
+    result = cli(
+        "tune",
+        "--tag",
+        "sent",
+        "--tag",
+        "topic",
+        "--train",
+        both,
+        "--valid",
+        valid,
+        *FAST,
+        "--ensemble",
+        "2",
+        "-p",
+        root,
+        "--json",
+    )
     ok(result)
     doc = json.loads(result.stdout)
     assert [r["tag"] for r in doc] == ["sent", "topic"] and all(r["steps"] == 2 for r in doc)
@@ -434,10 +607,15 @@ def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> Non
     assert bank.tags(proj.load(root)) == ["sent", "topic"]
     prompt, meta = bank.get(proj.load(root), "sent")
     assert prompt.shape[0] == 2 and meta["ensemble"] == 2  # both members in one file
-    rows = [{"prompt_tag": t, "text": text} for t, text in (("sent", "i love it"), ("topic", "the team won"), ("sent", "i hate it"))]
+    rows = [
+        {"prompt_tag": t, "text": text}
+        for t, text in (("sent", "i love it"), ("topic", "the team won"), ("sent", "i hate it"))
+    ]
     path = _jsonl(tmp_path / "ens.jsonl", rows)
     voted = _infer(root, path, "--mode", "generate")  # the members vote
-    assert [r["text"] for r in voted] == [r["text"] for r in rows] and all(isinstance(r["prediction"], str) for r in voted)
+    assert [r["text"] for r in voted] == [r["text"] for r in rows] and all(
+        isinstance(r["prediction"], str) for r in voted
+    )
     ranked = _infer(root, path, "--mode", "rank", "--choices", "sports,food,science")  # the members' scores averaged
     assert all(r["prediction"] in {"sports", "food", "science"} for r in ranked)
     err = failed(cli("tune", "--tag", "sent", "--train", both, "--valid", valid, *FAST, "-p", root, "--overwrite"), 2)
@@ -469,11 +647,21 @@ def test_each_tag_answers_the_way_its_prompt_was_chosen(tuned, mixed, tmp_path: 
     doc = json.loads(_ran("infer", path, "-p", tuned.root, "--tokens-to-generate", "4", "--json", "-q").stdout)
     assert doc["modes"] == {"sent": "rank", "topic": "generate"}
     default = {r["id"]: r["prediction"] for r in doc["predictions"]}
-    ranked = {r["id"]: r["prediction"] for r in _infer(tuned.root, _jsonl(tmp_path / "sent.jsonl", [r for r in mixed if r["prompt_tag"] == "sent"]), "--mode", "rank")}
+    ranked = {
+        r["id"]: r["prediction"]
+        for r in _infer(
+            tuned.root,
+            _jsonl(tmp_path / "sent.jsonl", [r for r in mixed if r["prompt_tag"] == "sent"]),
+            "--mode",
+            "rank",
+        )
+    }
     generated = {r["id"]: r["prediction"] for r in _infer(tuned.root, path, "--mode", "generate")}
     assert {i: p for i, p in default.items() if i % 2 == 0} == ranked  # ids: sent even, topic odd
     assert {i: p for i, p in default.items() if i % 2 == 1} == {i: p for i, p in generated.items() if i % 2 == 1}
-    overridden = json.loads(_ran("infer", path, "-p", tuned.root, "--mode", "generate", "--tokens-to-generate", "4", "--json", "-q").stdout)
+    overridden = json.loads(
+        _ran("infer", path, "-p", tuned.root, "--mode", "generate", "--tokens-to-generate", "4", "--json", "-q").stdout
+    )
     assert overridden["modes"] == {"sent": "generate", "topic": "generate"}  # --mode still overrides every tag
 
 
@@ -482,7 +670,9 @@ def test_a_record_without_a_mode_ranks_when_it_has_an_answer_set(tuned, tmp_path
     p = proj.load(root)
     for tag in ("sent", "topic"):
         prompt, meta = bank.get(p, tag)
-        bank.put(p, tag, prompt, {k: v for k, v in meta.items() if k != "mode"})  # as written before `mode` was recorded
+        bank.put(
+            p, tag, prompt, {k: v for k, v in meta.items() if k != "mode"}
+        )  # as written before `mode` was recorded
         assert "mode" not in bank.read_meta(p, tag).meta
     listed = json.loads(_ran("list-tags", "-p", root, "--json").stdout)
     assert {e["tag"]: e["mode"] for e in listed} == {"sent": "rank", "topic": "generate"}
@@ -499,9 +689,22 @@ def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Pat
     prompt, meta = bank.get(proj.load(tuned.root), "sent")
     options = answer_ids(tok, meta["choices"])
     with torch.no_grad():
-        scores = choice_scores(model, prompt, tok([r["text"] for r in sent], add_special_tokens=False).input_ids, options, tok.pad_token_id)
-        free = choice_scores(model, prompt, tok(list(CONTENT_FREE), add_special_tokens=False).input_ids, options, tok.pad_token_id)
+        scores = choice_scores(
+            model, prompt, tok([r["text"] for r in sent], add_special_tokens=False).input_ids, options, tok.pad_token_id
+        )
+        free = choice_scores(
+            model, prompt, tok(list(CONTENT_FREE), add_special_tokens=False).input_ids, options, tok.pad_token_id
+        )
     expected = [meta["choices"][j] for j in calibrate(scores, free).argmax(-1).tolist()]
     assert [r["prediction"] for r in out] == expected
-    err = failed(cli("infer", _jsonl(tmp_path / "topic.jsonl", [r for r in mixed if r["prompt_tag"] == "topic"]), "-p", tuned.root, "--calibrate"), 2)
+    err = failed(
+        cli(
+            "infer",
+            _jsonl(tmp_path / "topic.jsonl", [r for r in mixed if r["prompt_tag"] == "topic"]),
+            "-p",
+            tuned.root,
+            "--calibrate",
+        ),
+        2,
+    )
     assert "--calibrate corrects ranked answers" in err

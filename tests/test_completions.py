@@ -32,14 +32,18 @@ def _generate(shell: str) -> str:
 @pytest.mark.parametrize("shell", SHELLS)
 def test_completion_scripts_match_the_app(shell: str) -> None:
     committed = (REPO / "completions" / f"ptcli.{shell}").read_text(encoding="utf-8")
-    assert committed == _generate(shell), f"regenerate it: _PTCLI_COMPLETE=source_{shell} ptcli > completions/ptcli.{shell}"
+    assert committed == _generate(shell), (
+        f"regenerate it: _PTCLI_COMPLETE=source_{shell} ptcli > completions/ptcli.{shell}"
+    )
 
 
 def test_the_installed_command_generates_the_same_script() -> None:
     exe = Path(sys.executable).with_name("ptcli")
     if not exe.is_file():
         pytest.skip("no ptcli console script next to this Python")
-    proc = subprocess.run([str(exe)], env={"_PTCLI_COMPLETE": "source_bash", "PATH": ""}, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(exe)], env={"_PTCLI_COMPLETE": "source_bash", "PATH": ""}, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == _generate("bash")
 
@@ -98,8 +102,11 @@ def test_tags_complete_from_the_cwd(project: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("shell", ["zsh", "fish"])
 def test_zsh_and_fish_complete_tags(project: Path, shell: str) -> None:
-    env = {"_PTCLI_COMPLETE": f"complete_{shell}", "_TYPER_COMPLETE_ARGS": f"ptcli show -p {project} ",
-           "_TYPER_COMPLETE_FISH_ACTION": "get-args"}
+    env = {
+        "_PTCLI_COMPLETE": f"complete_{shell}",
+        "_TYPER_COMPLETE_ARGS": f"ptcli show -p {project} ",
+        "_TYPER_COMPLETE_FISH_ACTION": "get-args",
+    }
     result = runner.invoke(app, [], env=env, prog_name="ptcli")
     assert result.exit_code == 0, result.output
     assert "sent" in result.stdout and "topic" in result.stdout

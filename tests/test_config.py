@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import pytest
@@ -93,7 +92,9 @@ def test_merge_validates_the_result() -> None:
         merge_task(recorded, {"lr": 0.01})
 
 
-@pytest.mark.parametrize(("given", "missing"), [({}, "--train"), ({"train": "t"}, "--valid"), ({"valid": "v"}, "--train")])
+@pytest.mark.parametrize(
+    ("given", "missing"), [({}, "--train"), ({"train": "t"}, "--valid"), ({"valid": "v"}, "--train")]
+)
 def test_train_and_valid_required(given, missing: str) -> None:
     with pytest.raises(UsageError) as info:
         merge_task(None, given)

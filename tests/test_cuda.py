@@ -13,15 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clihelp import cli, ok
+
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.data import answer_ids
 from ptcli.forward import IGNORE, choice_scores, greedy, lm_loss
 
 DEVICE = os.environ.get("PTCLI_TEST_DEVICE", "cuda")
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"),
+]
 P = 4
 TEXTS = ["i love it", "the food was terrible and i hated it", "sports news : the team won", "i"]
 
@@ -38,7 +41,12 @@ def _batch(model, tok, k: int = 3):
     prompts = torch.randn(k, P, H, generator=torch.Generator().manual_seed(0)) * 0.5  # (K, P, H)
     texts = tok(TEXTS, add_special_tokens=False).input_ids
     answers = answer_ids(tok, ["positive", "negative", "sports", "entailment"])
-    return prompts, [t + a for t, a in zip(texts, answers)], [[IGNORE] * len(t) + a for t, a in zip(texts, answers)], texts
+    return (
+        prompts,
+        [t + a for t, a in zip(texts, answers)],
+        [[IGNORE] * len(t) + a for t, a in zip(texts, answers)],
+        texts,
+    )
 
 
 def test_fast_loss_and_gradient_equal_the_plain_path(pair) -> None:
@@ -58,8 +66,9 @@ def test_fast_loss_and_gradient_equal_the_plain_path(pair) -> None:
 def test_answers_on_the_device_equal_the_cpu(pair) -> None:
     cpu, model, tok = pair
     prompts, _, _, texts = _batch(model, tok, k=1)
-    assert greedy(model, prompts[0].to(DEVICE), texts, tok.pad_token_id, tok.eos_token_id, 5) == \
-        greedy(cpu, prompts[0], texts, tok.pad_token_id, tok.eos_token_id, 5)
+    assert greedy(model, prompts[0].to(DEVICE), texts, tok.pad_token_id, tok.eos_token_id, 5) == greedy(
+        cpu, prompts[0], texts, tok.pad_token_id, tok.eos_token_id, 5
+    )
     choices = answer_ids(tok, ["positive", "negative", "entailment"])
     on_device = choice_scores(model, prompts[0].to(DEVICE), texts, choices, tok.pad_token_id).cpu()
     assert torch.allclose(on_device, choice_scores(cpu, prompts[0], texts, choices, tok.pad_token_id), atol=1e-4)
@@ -80,13 +89,33 @@ def test_bfloat16_base_keeps_a_float32_prompt_and_close_losses(pair) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tune_and_infer_run_on_the_device(lively_llama, tiny_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+def test_tune_and_infer_run_on_the_device(
+    lively_llama, tiny_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
     if DEVICE == "cpu":
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     root = tmp_path / "p"
     ok(cli("init", root, "--base", lively_llama, "--num-prompt-tokens", P, "-q"))
-    ok(cli("tune", "--tag", "sent", "-p", root, "--train", tiny_data.train, "--valid", tiny_data.valid, "--max-steps", 6,
-           "--val-check-interval", 3, "--dtype", dtype, "-q"))
+    ok(
+        cli(
+            "tune",
+            "--tag",
+            "sent",
+            "-p",
+            root,
+            "--train",
+            tiny_data.train,
+            "--valid",
+            tiny_data.valid,
+            "--max-steps",
+            6,
+            "--val-check-interval",
+            3,
+            "--dtype",
+            dtype,
+            "-q",
+        )
+    )
     prompt, meta = bank.get(proj.load(root), "sent")
     assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all() and meta["steps"] == 6
     result = cli("infer", tiny_data.valid, "-p", root, "--dtype", dtype, "--json", "--tokens-to-generate", 3)

@@ -35,7 +35,11 @@ def _problems(path: str, **kw) -> InputError:
 
 
 def test_good_file(tmp_path: Path) -> None:
-    rows = [GOOD, {"prompt_tag": "sent", "text": "i hate it", "answer": "negative"}, {"prompt_tag": "sent", "text": "ünï ✓", "answer": "positive"}]
+    rows = [
+        GOOD,
+        {"prompt_tag": "sent", "text": "i hate it", "answer": "negative"},
+        {"prompt_tag": "sent", "text": "ünï ✓", "answer": "positive"},
+    ]
     path = _write(tmp_path / "d.jsonl", [json.dumps(r, ensure_ascii=False).encode() for r in rows])
     records = read_jsonl(path, training=True, tag="sent")
     assert [(r.line, r.tag, r.text, r.answer, r.row) for r in records] == [
@@ -126,7 +130,11 @@ def test_inference_rows_answer_optional_extra_fields_kept(tmp_path: Path) -> Non
 
 
 def test_inference_rows_still_checked(tmp_path: Path) -> None:
-    lines = [_line({"text": "x"}), _line({"prompt_tag": "a", "text": "x", "answer": 3}), _line({"prompt_tag": "a", "text": "x"})]
+    lines = [
+        _line({"text": "x"}),
+        _line({"prompt_tag": "a", "text": "x", "answer": 3}),
+        _line({"prompt_tag": "a", "text": "x"}),
+    ]
     e = _problems(_write(tmp_path / "d.jsonl", lines), training=False)
     assert [p.split(": ", 1) for p in e.problems] == [
         [f"{e.message.split()[0]}:1", "missing field 'prompt_tag'"],

@@ -34,12 +34,41 @@ def test_tuning_the_default_model_raises_accuracy(tmp_path, monkeypatch, default
     ok("init", proj, "--num-prompt-tokens", "8", "--quiet")
     manifest = json.loads((tmp_path / "proj" / "ptcli.json").read_text())
     assert manifest["base"]["ref"] == "default" and manifest["base"]["hidden_size"] == 576
-    ok("add-task", "reviews", "-p", proj, "--train", str(tmp_path / "train.jsonl"), "--valid", str(tmp_path / "valid.jsonl"),
-       "--init-text", "is this review positive or negative", "--batch-size", "16", "--lr", "0.05", "--warmup-steps", "3",
-       "--val-check-interval", "20", "--quiet")
+    ok(
+        "add-task",
+        "reviews",
+        "-p",
+        proj,
+        "--train",
+        str(tmp_path / "train.jsonl"),
+        "--valid",
+        str(tmp_path / "valid.jsonl"),
+        "--init-text",
+        "is this review positive or negative",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.05",
+        "--warmup-steps",
+        "3",
+        "--val-check-interval",
+        "20",
+        "--quiet",
+    )
 
     def test_accuracy(mode: str) -> float:
-        out = ok("infer", str(tmp_path / "test.jsonl"), "-p", proj, "--json", "--mode", mode, "--tokens-to-generate", "3", "--quiet")
+        out = ok(
+            "infer",
+            str(tmp_path / "test.jsonl"),
+            "-p",
+            proj,
+            "--json",
+            "--mode",
+            mode,
+            "--tokens-to-generate",
+            "3",
+            "--quiet",
+        )
         return json.loads(out)["accuracy"]["reviews"]["accuracy"]
 
     ok("tune", "--tag", "reviews", "-p", proj, "--max-steps", "0", "--quiet")

@@ -21,22 +21,64 @@ from typer.testing import CliRunner
 from ptcli.cli import app
 
 pytestmark = pytest.mark.multiproc
-TUNE = ["--tag", "sent", "--max-steps", "6", "--val-check-interval", "3", "--batch-size", "8", "--seed", "3", "--lr", "0.1", "--quiet"]
+TUNE = [
+    "--tag",
+    "sent",
+    "--max-steps",
+    "6",
+    "--val-check-interval",
+    "3",
+    "--batch-size",
+    "8",
+    "--seed",
+    "3",
+    "--lr",
+    "0.1",
+    "--quiet",
+]
 
 
 @pytest.fixture
 def project(tiny_llama, tiny_data, tmp_path) -> Path:
     root = tmp_path / "proj"
-    result = CliRunner().invoke(app, ["init", str(root), "--base", str(tiny_llama), "--num-prompt-tokens", "4", "--quiet"])
+    result = CliRunner().invoke(
+        app, ["init", str(root), "--base", str(tiny_llama), "--num-prompt-tokens", "4", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["add-task", "sent", "-p", str(root), "--train", str(tiny_data.train), "--valid", str(tiny_data.valid), "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "add-task",
+            "sent",
+            "-p",
+            str(root),
+            "--train",
+            str(tiny_data.train),
+            "--valid",
+            str(tiny_data.valid),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root
 
 
 def _launch(root: Path, *extra: str, processes: int = 2, mark: str = "", quiet: bool = True) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "ptcli", "tune", "-p", str(root), *(TUNE if quiet else TUNE[:-1]), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "ptcli",
+        "tune",
+        "-p",
+        str(root),
+        *(TUNE if quiet else TUNE[:-1]),
+        *extra,
+    ]
     env = {**os.environ, "PTCLI_TEST_MARK": mark}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -65,8 +107,13 @@ def test_two_processes_reach_the_one_process_prompt(project, tmp_path, shard: bo
 
 def test_devices_flag_launches_accelerate(project):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, "-m", "ptcli", "tune", "-p", str(project), *TUNE, "--devices", "2", "--json"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "ptcli", "tune", "-p", str(project), *TUNE, "--devices", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["steps"] == 6
     meta = json.loads(_header(project / "bank" / "sent.safetensors"))

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import transformers
+from clihelp import cli, failed
+from conftest import make_tokenizer
+
 from ptcli import bank, forward, peft_io
 from ptcli import project as proj
 from ptcli.arch import window_of
@@ -25,43 +27,74 @@ from ptcli.errors import ModelError
 from ptcli.forward import IGNORE, choice_scores, greedy, token_logprobs
 from ptcli.model import load_base
 from ptcli.train import tune_many
-from clihelp import cli, failed
-from conftest import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WINDOW = 8
 P = 4
-DENSE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+DENSE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
+)
 GQA = dict(DENSE, num_key_value_heads=2)
 # family: (config class, its settings); sliding-window families get WINDOW, with windowed layers switched on
 FAMILIES = {
     "llama": ("LlamaConfig", GQA),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
     "qwen2": ("Qwen2Config", dict(GQA, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
-    "qwen3": ("Qwen3Config", dict(GQA, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": (
+        "Qwen3Config",
+        dict(GQA, head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    ),
     "gemma2": ("Gemma2Config", dict(GQA, head_dim=16, sliding_window=WINDOW)),
-    "gemma3": ("Gemma3TextConfig", dict(GQA, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(GQA, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    ),
     "phi3": ("Phi3Config", dict(GQA, sliding_window=WINDOW)),
     "mistral": ("MistralConfig", dict(GQA, sliding_window=WINDOW)),
-    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-                              max_position_embeddings=256)),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=256,
+        ),
+    ),
     "gpt_neox": ("GPTNeoXConfig", DENSE),
     "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256)),
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
     "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
     "starcoder2": ("Starcoder2Config", dict(GQA, sliding_window=WINDOW)),
     "olmo2": ("Olmo2Config", DENSE),
-    "cohere2": ("Cohere2Config", dict(GQA, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),  # logit_scale
+    "cohere2": (
+        "Cohere2Config",
+        dict(GQA, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    ),  # logit_scale
     "granite": ("GraniteConfig", dict(GQA, logits_scaling=4.0)),
-    "gpt_oss": ("GptOssConfig", dict(GQA, head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
-                                     layer_types=["sliding_attention", "full_attention"])),  # attention sinks
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            GQA,
+            head_dim=16,
+            sliding_window=WINDOW,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),  # attention sinks
     "mixtral": ("MixtralConfig", dict(GQA, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
 }
 PRESENT = [f for f, (cls, _) in FAMILIES.items() if hasattr(transformers, cls)]
 
-TEXTS = ["i love it", "the food was terrible and i hated it , a negative review .", "sports news : the team won the game",
-         "this phone is good , i like it . that one is bad , i dislike it . the movie was great"]
+TEXTS = [
+    "i love it",
+    "the food was terrible and i hated it , a negative review .",
+    "sports news : the team won the game",
+    "this phone is good , i like it . that one is bad , i dislike it . the movie was great",
+]
 ANSWERS = ["positive", "negative", "sports", "entailment"]
 CHOICES = ["positive", "negative", "entailment"]  # "entailment" is several tokens
 WHICH = [1, 0, 0, 1]  # two prompts in one batch: an ensemble, or two tags
@@ -72,8 +105,14 @@ def family(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_jso
     """(name, folder, model, tokenizer) of one family, built and loaded once per module."""
     cls, settings = FAMILIES[request.param]
     tok = make_tokenizer(tiny_tokenizer_json)
-    config = getattr(transformers, cls)(**settings, vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
-                                        pad_token_id=None, initializer_range=0.2)
+    config = getattr(transformers, cls)(
+        **settings,
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp(request.param)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -135,7 +174,9 @@ def test_loss_and_gradient_equal_the_unpadded_reference(family, n: int) -> None:
     ours = torch.zeros(len(seqs)).index_add(0, row_of, logp)  # (B,)
     ours.sum().backward()
     ref_prompts = _prompts(model, n=n).requires_grad_()
-    ref = torch.stack([_reference_logprobs(model, ref_prompts[w], s)[len(t):].sum() for w, s, t in zip(WHICH, seqs, texts)])  # (B,)
+    ref = torch.stack(
+        [_reference_logprobs(model, ref_prompts[w], s)[len(t) :].sum() for w, s, t in zip(WHICH, seqs, texts)]
+    )  # (B,)
     ref.sum().backward()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(prompts.grad, ref_prompts.grad, atol=1e-4, rtol=1e-3)
@@ -154,8 +195,12 @@ def _scores_match(model, tok, texts: list[list[int]], prompts: torch.Tensor, cho
     which, options = WHICH[: len(texts)], [_answer_ids(tok, c) for c in choices]
     with torch.no_grad():
         ours = choice_scores(model, prompts, texts, options, tok.pad_token_id, which)  # (B, C)
-        ref = torch.tensor([[_reference_logprobs(model, prompts[w], t + c)[len(t):].sum().item() for c in options]
-                            for w, t in zip(which, texts)])  # (B, C)
+        ref = torch.tensor(
+            [
+                [_reference_logprobs(model, prompts[w], t + c)[len(t) :].sum().item() for c in options]
+                for w, t in zip(which, texts)
+            ]
+        )  # (B, C)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
@@ -179,7 +224,9 @@ def test_rows_that_fit_the_window_share_the_prompt(family, monkeypatch: pytest.M
     """At the rule's edge (prompt + padded row + appended tokens == window) the fast path runs, and is exact."""
     _, _, model, tok = family
     texts = tok(["i", "i love it"], add_special_tokens=False).input_ids  # 1 and 3 tokens: two pads in the short row
-    assert [len(t) for t in texts] == [1, 3] and all(len(c) == 2 for c in map(lambda a: _answer_ids(tok, a), ANSWERS[:2]))
+    assert [len(t) for t in texts] == [1, 3] and all(
+        len(c) == 2 for c in map(lambda a: _answer_ids(tok, a), ANSWERS[:2])
+    )
 
     def pads_first(*args, **kwargs):
         raise AssertionError("the rows were read for a window they could cross")
@@ -208,18 +255,31 @@ def test_peft_export_gives_the_reference_logits(family, tmp_path: Path) -> None:
     torch.testing.assert_close(theirs, ref, atol=1e-4, rtol=1e-4)
 
 
-VALID = [("i love it", "positive"), ("the food was terrible and i hated it , a negative review .", "negative"),
-         ("this phone is good , i like it", "positive"), ("i hate it", "negative"), ("the movie was great and i loved it", "positive")]
+VALID = [
+    ("i love it", "positive"),
+    ("the food was terrible and i hated it , a negative review .", "negative"),
+    ("this phone is good , i like it", "positive"),
+    ("i hate it", "negative"),
+    ("the movie was great and i loved it", "positive"),
+]
 
 
 def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) -> None:
     """A real `tune` (0 steps) of two tags at once: one scored on the answer (its loss comes from ranking), one on text and answer."""
     _, path, model, tok = family
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt_tag": tag, "text": t, "answer": a}) + "\n" for tag in ("ans", "all") for t, a in VALID))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt_tag": tag, "text": t, "answer": a}) + "\n" for tag in ("ans", "all") for t, a in VALID
+        )
+    )
     init_text = "is this review positive or negative"
-    cfgs = {tag: TaskConfig(train=str(data), valid=str(data), init_text=init_text, answer_only=tag == "ans", max_steps=0, batch_size=8)
-            for tag in ("ans", "all")}
+    cfgs = {
+        tag: TaskConfig(
+            train=str(data), valid=str(data), init_text=init_text, answer_only=tag == "ans", max_steps=0, batch_size=8
+        )
+        for tag in ("ans", "all")
+    }
     results = tune_many(proj.init(tmp_path / "p", str(path), P), cfgs, _Quiet())
     ids = (tok(init_text, add_special_tokens=False).input_ids * P)[:P]
     prompt = model.get_input_embeddings().weight.detach()[ids]  # (P, H): the text init
@@ -230,11 +290,14 @@ def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) 
             for text, answer in VALID:
                 t = tok(text, add_special_tokens=False).input_ids
                 logp = _reference_logprobs(model, prompt, t + _answer_ids(tok, answer))
-                scored = logp[len(t):] if result.tag == "ans" else logp
+                scored = logp[len(t) :] if result.tag == "ans" else logp
                 nll, count = nll - scored.sum().item(), count + len(scored)
                 out = tok.decode(_reference_greedy(model, prompt, t, tok.eos_token_id, max_new))
                 greedy_ok += out.strip() == answer
-                scores = [_reference_logprobs(model, prompt, t + _answer_ids(tok, c))[len(t):].sum() for c in ("negative", "positive")]
+                scores = [
+                    _reference_logprobs(model, prompt, t + _answer_ids(tok, c))[len(t) :].sum()
+                    for c in ("negative", "positive")
+                ]
                 rank_ok += ("negative", "positive")[int(torch.stack(scores).argmax())] == answer
             got = result.initial_metrics
             assert got["val_loss"] == pytest.approx(nll / count, abs=1e-4)
@@ -243,17 +306,41 @@ def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) 
 
 
 UNSUPPORTED = {  # model class: (its tiny config, what `ptcli init` says)
-    "T5ForConditionalGeneration": (dict(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, decoder_start_token_id=0), "encoder-decoder"),
-    "BartForConditionalGeneration": (dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                                          encoder_ffn_dim=64, decoder_ffn_dim=64), "encoder-decoder"),  # loadable as BartForCausalLM
-    "CpmAntForCausalLM": (dict(hidden_size=32, num_attention_heads=2, dim_head=16, dim_ff=64, num_hidden_layers=1), "does not accept inputs_embeds"),
-    "MambaForCausalLM": (dict(hidden_size=32, num_hidden_layers=1, state_size=4), "has recurrent layers (linear_attention)"),
-    "RwkvForCausalLM": (dict(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64), "cannot run"),
+    "T5ForConditionalGeneration": (
+        dict(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, decoder_start_token_id=0),
+        "encoder-decoder",
+    ),
+    "BartForConditionalGeneration": (
+        dict(
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+        ),
+        "encoder-decoder",
+    ),  # loadable as BartForCausalLM
+    "CpmAntForCausalLM": (
+        dict(hidden_size=32, num_attention_heads=2, dim_head=16, dim_ff=64, num_hidden_layers=1),
+        "does not accept inputs_embeds",
+    ),
+    "MambaForCausalLM": (
+        dict(hidden_size=32, num_hidden_layers=1, state_size=4),
+        "has recurrent layers (linear_attention)",
+    ),
+    "RwkvForCausalLM": (
+        dict(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64),
+        "cannot run",
+    ),
 }
 
 
 @pytest.mark.parametrize("model_class", [m for m in UNSUPPORTED if hasattr(transformers, m)])
-def test_init_refuses_what_cannot_take_a_soft_prompt(model_class: str, tmp_path: Path, tiny_tokenizer_json: str) -> None:
+def test_init_refuses_what_cannot_take_a_soft_prompt(
+    model_class: str, tmp_path: Path, tiny_tokenizer_json: str
+) -> None:
     settings, says = UNSUPPORTED[model_class]
     cls = getattr(transformers, model_class)
     tok = make_tokenizer(tiny_tokenizer_json)
@@ -264,12 +351,15 @@ def test_init_refuses_what_cannot_take_a_soft_prompt(model_class: str, tmp_path:
     assert not (tmp_path / "p").exists()
 
 
-def test_init_refuses_a_base_the_batched_forward_gets_wrong(tmp_path: Path, tiny_tokenizer_json: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_refuses_a_base_the_batched_forward_gets_wrong(
+    tmp_path: Path, tiny_tokenizer_json: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """init's probe, on the bug it exists for: a window of 2 and the shared prefix forced on padded rows that cross it."""
     tok = make_tokenizer(tiny_tokenizer_json)
     cls, settings = FAMILIES["mistral"]
-    config = getattr(transformers, cls)(**{**settings, "sliding_window": 2}, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                        initializer_range=0.2)
+    config = getattr(transformers, cls)(
+        **{**settings, "sliding_window": 2}, vocab_size=len(tok), eos_token_id=tok.eos_token_id, initializer_range=0.2
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     proj.init(tmp_path / "ok", str(tmp_path / "base"), P)  # as ptcli runs it: exact
@@ -292,8 +382,14 @@ TEMPLATES = ["suffix", "{prompt:1}{text} so:{prompt}{answer}"]
 
 def _slotted_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """Full logits (T, V) of one unpadded row whose prompt vector j is written -(j+1)."""
-    E = model.get_input_embeddings()(torch.tensor([max(t, 0) for t in ids]))  # (T, H), scaled as the model scales its own (Gemma)
-    return model(inputs_embeds=torch.stack([prompt[-t - 1] if t < 0 else e for t, e in zip(ids, E)])[None]).logits[0].float()  # (T, V)
+    E = model.get_input_embeddings()(
+        torch.tensor([max(t, 0) for t in ids])
+    )  # (T, H), scaled as the model scales its own (Gemma)
+    return (
+        model(inputs_embeds=torch.stack([prompt[-t - 1] if t < 0 else e for t, e in zip(ids, E)])[None])
+        .logits[0]
+        .float()
+    )  # (T, V)
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
@@ -307,7 +403,9 @@ def test_templates_equal_the_unpadded_reference(family, template: str) -> None:
     rows = [layout.row(t, _answer_ids(tok, a), True) for t, a in zip(texts, ANSWERS)]  # (ids, labels, context)
     _crosses_the_window(model, [ids for ids, _, _ in rows])
     prompts = _prompts(model).requires_grad_()
-    logp, row_of = token_logprobs(model, prompts, [r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id, which=WHICH)
+    logp, row_of = token_logprobs(
+        model, prompts, [r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id, which=WHICH
+    )
     ours = torch.zeros(len(rows)).index_add(0, row_of, logp)  # (B,)
     ours.sum().backward()
     ref_prompts = _prompts(model).requires_grad_()
@@ -327,7 +425,9 @@ def test_templates_equal_the_unpadded_reference(family, template: str) -> None:
         for i, (w, c) in enumerate(zip(WHICH, contexts)):
             for j, o in enumerate(options):
                 lp = _slotted_logits(model, prompts[w], c + o)[len(c) - 1 : -1].log_softmax(-1)  # (len(o), V)
-                torch.testing.assert_close(scores[i, j], lp[torch.arange(len(o)), torch.tensor(o)].sum(), atol=1e-4, rtol=0)
+                torch.testing.assert_close(
+                    scores[i, j], lp[torch.arange(len(o)), torch.tensor(o)].sum(), atol=1e-4, rtol=0
+                )
             out: list[int] = []
             for _ in range(4):
                 nxt = int(_slotted_logits(model, prompts[w], c + out)[-1].argmax())

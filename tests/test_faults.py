@@ -11,18 +11,42 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from clihelp import cli, failed, ok
+
 from ptcli import checkpoint, storage
 from ptcli import project as proj
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative")]
+ROWS = [
+    ("i love it", "positive"),
+    ("i hate it", "negative"),
+    ("i adore this", "positive"),
+    ("i loathe the phone", "negative"),
+]
 
 
 def _tune(tag: str, data: Path, *extra) -> list:
-    return ["tune", "--tag", tag, "--train", data, "--valid", data, "--max-steps", 4, "--val-check-interval", 2, "--batch-size", 2,
-            "--max-seq-length", 64, "--lr", 0.1, "-q", *extra]
+    return [
+        "tune",
+        "--tag",
+        tag,
+        "--train",
+        data,
+        "--valid",
+        data,
+        "--max-steps",
+        4,
+        "--val-check-interval",
+        2,
+        "--batch-size",
+        2,
+        "--max-seq-length",
+        64,
+        "--lr",
+        0.1,
+        "-q",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +86,17 @@ def _full_disk_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {f.relative_to(root).as_posix(): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file() and f.name != ".ptcli.lock"}
+    return {
+        f.relative_to(root).as_posix(): f.read_bytes()
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.name != ".ptcli.lock"
+    }
 
 
 @pytest.mark.parametrize("target", ["a.safetensors", "checkpoint.safetensors", "ptcli.json"])
-def test_a_full_disk_keeps_the_old_file_and_says_so(root: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                                    target: str) -> None:
+def test_a_full_disk_keeps_the_old_file_and_says_so(
+    root: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
     before = _snapshot(root)
     _full_disk_at(monkeypatch, target)
     if target == "ptcli.json":
@@ -79,7 +108,9 @@ def test_a_full_disk_keeps_the_old_file_and_says_so(root: Path, data: dict[str, 
     monkeypatch.undo()
     assert f"cannot write {where}: the disk is full; nothing was changed" in err
     after = _snapshot(root)
-    if target == "checkpoint.safetensors":  # the run died before its first checkpoint: the bank and manifest are as they were
+    if (
+        target == "checkpoint.safetensors"
+    ):  # the run died before its first checkpoint: the bank and manifest are as they were
         assert after == before
     else:  # the run's log and history were written before the bank; the failed file is the old one
         assert {k: v for k, v in after.items() if k in before} == before
@@ -143,7 +174,11 @@ def test_a_damaged_checkpoint_and_log_are_reported(root: Path, data: dict[str, P
 
 
 def test_leftover_temp_files_are_noted_then_removed_by_the_next_write(root: Path) -> None:
-    planted = [root / ".ptcli.json.x1.tmp", root / "bank" / ".a.safetensors.x2.tmp", root / "runs" / "a" / ".checkpoint.safetensors.x3.tmp"]
+    planted = [
+        root / ".ptcli.json.x1.tmp",
+        root / "bank" / ".a.safetensors.x2.tmp",
+        root / "runs" / "a" / ".checkpoint.safetensors.x3.tmp",
+    ]
     for f in planted:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"half a file")
@@ -157,8 +192,10 @@ def test_leftover_temp_files_are_noted_then_removed_by_the_next_write(root: Path
 
 def test_check_stays_light(root: Path) -> None:
     """`check` reads headers and bytes only: it imports neither torch nor transformers."""
-    code = ("import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
-            f"r = CliRunner().invoke(app, ['check', '-p', {str(root)!r}, '--json']); "
-            "print(r.exit_code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
+        f"r = CliRunner().invoke(app, ['check', '-p', {str(root)!r}, '--json']); "
+        "print(r.exit_code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split("\n")[-2] == "0 []", proc.stdout + proc.stderr

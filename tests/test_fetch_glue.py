@@ -34,11 +34,19 @@ def test_sentences_are_roots_and_leave_train_with_their_sub_phrases() -> None:
     s1 = "the film is a quiet , moving portrait of a family that never stops surprising us ."
     s2 = "we watched every minute of it and we would gladly watch the whole thing again tomorrow ."
     s3 = "honestly , " + s2  # holds s2: s3 is a root, s2 is not
-    phrases = ["a quiet , moving portrait", "is a", "portrait of a famil", "unrelated phrase here", "too short to count ."]
+    phrases = [
+        "a quiet , moving portrait",
+        "is a",
+        "portrait of a famil",
+        "unrelated phrase here",
+        "too short to count .",
+    ]
     rest, picked = fetch_glue.split_sentences(_rows([s1, s2, s3, *phrases]), n=5)
     assert [r["text"] for r in picked] == [s1, s3]  # >= 15 tokens, end in . ! ?, inside no other text; source order
     assert [r["text"] for r in rest] == phrases[1:]  # s2 and "a quiet , moving portrait" sit inside a picked sentence
-    assert len(fetch_glue.split_sentences(_rows([s1, s2, s3, *phrases]), n=1)[1]) == 1  # n of them, drawn with a fixed seed
+    assert (
+        len(fetch_glue.split_sentences(_rows([s1, s2, s3, *phrases]), n=1)[1]) == 1
+    )  # n of them, drawn with a fixed seed
 
 
 def test_without_datasets_it_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,8 +68,12 @@ def test_rows_are_converted_as_the_shared_files_are(monkeypatch: pytest.MonkeyPa
     class Split(list):
         features = {"label": types.SimpleNamespace(names=["entailment", "not_entailment"])}
 
-    glue = Split([{"sentence1": "A man sleeps.", "sentence2": "A man rests.", "label": 0},
-                  {"sentence1": "P", "sentence2": "H", "label": 1}])
+    glue = Split(
+        [
+            {"sentence1": "A man sleeps.", "sentence2": "A man rests.", "label": 0},
+            {"sentence1": "P", "sentence2": "H", "label": 1},
+        ]
+    )
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: glue))
     assert fetch_glue.glue_train("RTE") == [
         {"prompt_tag": "RTE", "text": "A man sleeps.\nQuestion: A man rests. True or False?", "answer": "True"},

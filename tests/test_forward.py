@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptcli.data import ANSWER_PREFIX, answer_ids, closed_answers, Record
+from ptcli.data import ANSWER_PREFIX, Record, answer_ids, closed_answers
 from ptcli.errors import ModelError
 from ptcli.forward import IGNORE, answer, choice_scores, greedy, lm_loss
 from ptcli.infer import predict
@@ -40,7 +40,9 @@ def test_stacked_loss_equals_one_prompt_per_row(base, fast: bool) -> None:
     seqs, labels = _rows(tok)
     which = [2, 0, 2, 1]
     total, n = lm_loss(model, prompts, seqs, labels, tok.pad_token_id, which=which, fast=fast)
-    parts = [lm_loss(model, prompts[w], [s], [lab], tok.pad_token_id, fast=False) for w, s, lab in zip(which, seqs, labels)]
+    parts = [
+        lm_loss(model, prompts[w], [s], [lab], tok.pad_token_id, fast=False) for w, s, lab in zip(which, seqs, labels)
+    ]
     assert n == sum(c for _, c in parts)
     assert total.item() == pytest.approx(sum(s.item() for s, _ in parts), rel=1e-5)
 
@@ -84,10 +86,14 @@ def test_ranked_ensemble_averages_member_scores(llama) -> None:
     model, tok = llama
     prompts = _stack(model, 3, seed=3)
     texts = tok(TEXTS, add_special_tokens=False).input_ids
-    per_member = torch.stack([choice_scores(model, prompts[k], texts, answer_ids(tok, CHOICES), tok.pad_token_id) for k in range(3)])
+    per_member = torch.stack(
+        [choice_scores(model, prompts[k], texts, answer_ids(tok, CHOICES), tok.pad_token_id) for k in range(3)]
+    )
     expected = [CHOICES[j] for j in per_member.mean(0).argmax(-1).tolist()]
     assert predict(model, tok, prompts, texts, "rank", CHOICES) == expected
-    assert predict(model, tok, prompts[1], texts, "rank", CHOICES) == [CHOICES[j] for j in per_member[1].argmax(-1).tolist()]
+    assert predict(model, tok, prompts[1], texts, "rank", CHOICES) == [
+        CHOICES[j] for j in per_member[1].argmax(-1).tolist()
+    ]
 
 
 def test_generated_ensemble_takes_the_majority(llama) -> None:
@@ -98,7 +104,9 @@ def test_generated_ensemble_takes_the_majority(llama) -> None:
     alone_b = predict(model, tok, b, texts, "generate", max_new=3)
     assert alone_a != alone_b  # otherwise the vote below proves nothing
     assert predict(model, tok, torch.stack([b, a, a]), texts, "generate", max_new=3) == alone_a  # two of three
-    assert predict(model, tok, torch.stack([b, a]), texts, "generate", max_new=3) == alone_b  # a tie goes to the first member
+    assert (
+        predict(model, tok, torch.stack([b, a]), texts, "generate", max_new=3) == alone_b
+    )  # a tie goes to the first member
 
 
 def test_labels_init_embeds_each_class_then_samples_vocabulary(llama) -> None:
@@ -137,6 +145,8 @@ def test_one_pass_decodes_and_scores_like_two(base) -> None:
     texts = tok(TEXTS, add_special_tokens=False).input_ids
     options = answer_ids(tok, CHOICES)
     which = [0, 1, 0, 1]
-    outs, scores = answer(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, which=which, max_new=3, choices=options)
+    outs, scores = answer(
+        model, prompts, texts, tok.pad_token_id, tok.eos_token_id, which=which, max_new=3, choices=options
+    )
     assert outs == greedy(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, 3, which=which)
     assert torch.allclose(scores, choice_scores(model, prompts, texts, options, tok.pad_token_id, which), atol=1e-5)

@@ -32,11 +32,14 @@ def test_the_bias_averages_the_content_free_distributions_per_member() -> None:
     assert calibrate(scores, free).shape == (4, 2, 2)
 
 
-@pytest.mark.parametrize("record, mode", [
-    ({"mode": "generate", "choices": ["a", "b"]}, "generate"),  # recorded: as validation chose it
-    ({"choices": ["a", "b"]}, "rank"),  # older records: validation ranked whenever there was an answer set
-    ({"choices": None}, "generate"),
-    ({}, "generate"),  # e.g. an imported PEFT adapter
-])
+@pytest.mark.parametrize(
+    "record, mode",
+    [
+        ({"mode": "generate", "choices": ["a", "b"]}, "generate"),  # recorded: as validation chose it
+        ({"choices": ["a", "b"]}, "rank"),  # older records: validation ranked whenever there was an answer set
+        ({"choices": None}, "generate"),
+        ({}, "generate"),  # e.g. an imported PEFT adapter
+    ],
+)
 def test_mode_of_a_record(record: dict, mode: str) -> None:
     assert mode_of(record) == mode

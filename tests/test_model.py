@@ -156,7 +156,9 @@ def test_greedy_matches_manual_argmax(base) -> None:
 # ---------------------------------------------------------------- init_prompt
 
 
-@pytest.mark.parametrize(("text", "n"), [("positive negative", 5), ("positive negative", 1), ("the movie was great and i loved it", 3)])
+@pytest.mark.parametrize(
+    ("text", "n"), [("positive negative", 5), ("positive negative", 1), ("the movie was great and i loved it", 3)]
+)
 def test_text_init_tiles_or_clips(llama, text: str, n: int) -> None:
     model, tok = llama
     ids = tok(text, add_special_tokens=False).input_ids

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clihelp import cli, ok
+
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 
@@ -53,12 +53,21 @@ def _free_port() -> int:
 def _nodes(root: Path, port: int, job: str, *extra: str) -> list[subprocess.Popen]:
     procs = []
     for r in (0, 1):
-        words = [w.replace("$R", str(r)).replace("$HOST:29400", f"127.0.0.1:{port}").replace("$JOB", job) for w in recipe()]
+        words = [
+            w.replace("$R", str(r)).replace("$HOST:29400", f"127.0.0.1:{port}").replace("$JOB", job) for w in recipe()
+        ]
         words = [str(root) if w == "proj" else "sent" if w == "T" else w for w in words]
         assert words[0] == "torchrun" and words[words.index("-p") - 1] == "tune"
         env = {**ENV, "PTCLI_TEST_MARK": f"{job}-{r}"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *words[1:], "-q", *extra],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *words[1:], "-q", *extra],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
     return procs
 
 
@@ -138,7 +147,22 @@ def tuned(lively_llama, tiny_data, tmp_path) -> tuple[Path, Path]:
     """A project with a tuned tag on a model whose answers depend on the input, and 23 rows to answer."""
     root = tmp_path / "lively"
     ok(cli("init", root, "--base", lively_llama, "--num-prompt-tokens", 4, "-q"))
-    ok(cli("tune", "--tag", "sent", "-p", root, "--train", tiny_data.train, "--valid", tiny_data.valid, "--max-steps", 4, "-q"))
+    ok(
+        cli(
+            "tune",
+            "--tag",
+            "sent",
+            "-p",
+            root,
+            "--train",
+            tiny_data.train,
+            "--valid",
+            tiny_data.valid,
+            "--max-steps",
+            4,
+            "-q",
+        )
+    )
     rows = tmp_path / "rows.jsonl"
     texts = [json.loads(line)["text"] for line in tiny_data.train.read_text().splitlines()][:23]
     rows.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
@@ -152,7 +176,17 @@ def test_infer_over_two_processes_equals_one(tuned: tuple[Path, Path], launch: s
     single = cli(*args)
     ok(single)
     if launch == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ptcli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "ptcli",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "ptcli", *args, "--devices", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)

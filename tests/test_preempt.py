@@ -12,22 +12,47 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clihelp import cli, failed, ok
+
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative")]
+ROWS = [
+    ("i love it", "positive"),
+    ("i hate it", "negative"),
+    ("i adore this", "positive"),
+    ("i loathe the phone", "negative"),
+]
 
 
 LONG = 400  # steps: long enough (a few seconds) that a SIGTERM sent once training has begun lands mid-run
 
 
 def _args(data: Path, steps: int = 12) -> list[str]:
-    return ["tune", "--tag", "sent", "--train", str(data), "--valid", str(data), "--max-steps", str(steps), "--val-check-interval", "4",
-            "--batch-size", "2", "--max-seq-length", "64", "--lr", "0.1", "--seed", "5", "--auto-resume"]
+    return [
+        "tune",
+        "--tag",
+        "sent",
+        "--train",
+        str(data),
+        "--valid",
+        str(data),
+        "--max-steps",
+        str(steps),
+        "--val-check-interval",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--lr",
+        "0.1",
+        "--seed",
+        "5",
+        "--auto-resume",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +93,14 @@ def test_a_relaunch_after_the_run_finished_does_nothing(finished: Path, data: Pa
     assert (finished / "bank" / "sent.safetensors").read_bytes() == before
 
 
-def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(empty: Path, data: Path, reference: torch.Tensor,
-                                                                  tmp_path: Path) -> None:
+def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(
+    empty: Path, data: Path, reference: torch.Tensor, tmp_path: Path
+) -> None:
     root = Path(shutil.copytree(empty, tmp_path / "p"))
     cmd = [sys.executable, "-m", "ptcli", *_args(data, steps=LONG), "-p", str(root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **ONE_THREAD}, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **ONE_THREAD}, text=True
+    )
     for line in proc.stderr:  # the initial validation is done: training has begun
         if line.startswith("step 0:"):
             break
@@ -108,8 +136,19 @@ def _interrupted(empty: Path, data: Path, tmp_path: Path) -> Path:
 
     from ptcli.config import merge_task
 
-    cfg = merge_task(None, {"train": str(data), "valid": str(data), "max_steps": 12, "val_check_interval": 4, "batch_size": 2,
-                            "max_seq_length": 64, "lr": 0.1, "seed": 5})
+    cfg = merge_task(
+        None,
+        {
+            "train": str(data),
+            "valid": str(data),
+            "max_steps": 12,
+            "val_check_interval": 4,
+            "batch_size": 2,
+            "max_seq_length": 64,
+            "lr": 0.1,
+            "seed": 5,
+        },
+    )
     with pytest.raises(KeyboardInterrupt):
         tune(p, "sent", cfg, Stop())
     assert checkpoint.path(p, "sent").exists()

@@ -20,9 +20,24 @@ pytestmark = pytest.mark.slow
 def test_quality_bench_quick_configuration_runs(tmp_path, monkeypatch, default_cache):
     monkeypatch.setenv("PTCLI_CACHE", str(default_cache))
     out, md = tmp_path / "quality.json", tmp_path / "quality.md"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--calibrate", "--recipe", "ptcli_x=--init labels",
-                        "--out", str(out), "--markdown", str(md)],
-                       capture_output=True, text=True, timeout=3600, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "quality.py"),
+            "--quick",
+            "--calibrate",
+            "--recipe",
+            "ptcli_x=--init labels",
+            "--out",
+            str(out),
+            "--markdown",
+            str(md),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())
     assert {"machine", "date", "config"} <= set(results)
@@ -32,7 +47,10 @@ def test_quality_bench_quick_configuration_runs(tmp_path, monkeypatch, default_c
             assert 0 <= row["val_acc"] <= 1, (task, method)
             assert ("val_acc_calibrated" in row) == (method != "majority"), (task, method)  # every ranked method
             assert 0 <= row.get("val_acc_calibrated", 0) <= 1, (task, method)
-            assert ("val_acc_phrases" in row) == (task == "SST2"), (task, method)  # SST-2: val_sentences first, val.jsonl too
+            assert ("val_acc_phrases" in row) == (task == "SST2"), (
+                task,
+                method,
+            )  # SST-2: val_sentences first, val.jsonl too
             assert row["train_seconds"] >= 0, (task, method)
             assert isinstance(row["trainable_params"], int), (task, method)
             assert f"{task} | {method} |" in md.read_text()

@@ -24,7 +24,11 @@ def tour_commands() -> str:
 
 
 def _write(path: Path, tag: str, split: str, n: int) -> None:
-    rows = [r for r in map(json.loads, (ROOT / "examples" / "data" / f"{split}.jsonl").read_text().splitlines()) if r["prompt_tag"] == tag]
+    rows = [
+        r
+        for r in map(json.loads, (ROOT / "examples" / "data" / f"{split}.jsonl").read_text().splitlines())
+        if r["prompt_tag"] == tag
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
 
 
@@ -39,9 +43,13 @@ def test_the_readme_tour_runs(tiny_llama, tmp_path):
     _write(proj / "valid.jsonl", "reviews", "valid", 8)
     _write(proj / "topic-train.jsonl", "topic", "train", 32)
     _write(proj / "topic-valid.jsonl", "topic", "valid", 8)
-    (proj / "mixed.jsonl").write_text("".join((ROOT / "examples" / "data" / "test.jsonl").read_text().splitlines(keepends=True)[:12]))
+    (proj / "mixed.jsonl").write_text(
+        "".join((ROOT / "examples" / "data" / "test.jsonl").read_text().splitlines(keepends=True)[:12])
+    )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     split = lines.index("{")  # `jq -r .prediction` lines, then the `jq .accuracy` document

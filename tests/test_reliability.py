@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clihelp import cli, failed, ok
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -40,7 +41,6 @@ from ptcli import bank, checkpoint, storage
 from ptcli import project as proj
 from ptcli.data import MAX_REPORTED, TRAIN_FIELDS, Record, encode, read_jsonl
 from ptcli.errors import InputError, ProjectError
-from clihelp import cli, failed, ok
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,9 +49,14 @@ STEPS = 30
 # Child processes: one torch thread like the tests (same kernels, same bits), and no pointless thread pools.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"),
-        ("i dislike the food", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative")]
-
+ROWS = [
+    ("i love it", "positive"),
+    ("i hate it", "negative"),
+    ("i really like the movie", "positive"),
+    ("i dislike the food", "negative"),
+    ("i adore this", "positive"),
+    ("i loathe the phone", "negative"),
+]
 
 
 def _line(obj) -> bytes:
@@ -65,20 +70,46 @@ def _copy(src: Path, dest: Path) -> Path:
 def _tune_args(tag: str, data: Path, steps: int = STEPS) -> list[str]:
     """`tune` with a checkpoint (and a write) after every step: a kill always lands near one."""
     path = data / f"{tag}.jsonl"
-    return ["tune", "--tag", tag, "--train", str(path), "--valid", str(path), "--warmup-steps", "2", "--max-steps", str(steps),
-            "--val-check-interval", "1", "--batch-size", "4", "--max-seq-length", "64", "--lr", "0.1", "--seed", "7"]
+    return [
+        "tune",
+        "--tag",
+        tag,
+        "--train",
+        str(path),
+        "--valid",
+        str(path),
+        "--warmup-steps",
+        "2",
+        "--max-steps",
+        str(steps),
+        "--val-check-interval",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "64",
+        "--lr",
+        "0.1",
+        "--seed",
+        "7",
+    ]
 
 
 def _saved(root: Path) -> dict[str, bytes]:
     """The bytes of the manifest and of every bank entry."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in [root / "ptcli.json", *sorted((root / "bank").iterdir())]}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in [root / "ptcli.json", *sorted((root / "bank").iterdir())]
+    }
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("data")
     for tag in ("first", "second"):
-        (d / f"{tag}.jsonl").write_text("".join(json.dumps({"prompt_tag": tag, "text": t, "answer": a}) + "\n" for t, a in ROWS))
+        (d / f"{tag}.jsonl").write_text(
+            "".join(json.dumps({"prompt_tag": tag, "text": t, "answer": a}) + "\n" for t, a in ROWS)
+        )
     return d
 
 
@@ -174,9 +205,36 @@ def _load(blob: bytes, path: Path, tok, *, training: bool, tag: str | None, stdi
 MODES = st.sampled_from([(True, "sent"), (True, None), (False, None)])
 GOOD = {"prompt_tag": "sent", "text": "i love it", "answer": "positive"}
 # Byte strings that stress a JSON Lines reader: markers, line ends, escapes, broken UTF-8, deep nesting.
-SPICE = [b"\xef\xbb\xbf", b"\x00", b"\r", b"\n", b"\r\n", b'"', b"{", b"}", b"[", b",", b":", b"\\", b"\\u0000", b"\\ud800",
-         b"\\udc00", b"\\ud83d\\ude00", b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xe2\x80\xa8", b"1e999", b"NaN", b"9" * 5000,
-         b"[" * 5000, b'{"a":' * 3000, _line(GOOD), _line({**GOOD, "text": ""}), _line({**GOOD, "id": 1})]
+SPICE = [
+    b"\xef\xbb\xbf",
+    b"\x00",
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b'"',
+    b"{",
+    b"}",
+    b"[",
+    b",",
+    b":",
+    b"\\",
+    b"\\u0000",
+    b"\\ud800",
+    b"\\udc00",
+    b"\\ud83d\\ude00",
+    b"\xff",
+    b"\xc3",
+    b"\xed\xa0\x80",
+    b"\xe2\x80\xa8",
+    b"1e999",
+    b"NaN",
+    b"9" * 5000,
+    b"[" * 5000,
+    b'{"a":' * 3000,
+    _line(GOOD),
+    _line({**GOOD, "text": ""}),
+    _line({**GOOD, "id": 1}),
+]
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -200,27 +258,47 @@ def test_random_bytes_load_or_report(tok, scratch: Path, chunks: list[bytes], mo
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(values=st.lists(ROW, min_size=1, max_size=4) | st.lists(ROW | JSON, max_size=8), ascii_only=st.booleans(), end=st.sampled_from([b"\n", b"\r\n"]), mode=MODES)
-def test_random_json_values_load_or_report(tok, scratch: Path, values: list, ascii_only: bool, end: bytes, mode) -> None:
+@given(
+    values=st.lists(ROW, min_size=1, max_size=4) | st.lists(ROW | JSON, max_size=8),
+    ascii_only=st.booleans(),
+    end=st.sampled_from([b"\n", b"\r\n"]),
+    mode=MODES,
+)
+def test_random_json_values_load_or_report(
+    tok, scratch: Path, values: list, ascii_only: bool, end: bytes, mode
+) -> None:
     training, tag = mode
     blob = b"".join(json.dumps(v, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass") + end for v in values)
     _load(blob, scratch, tok, training=training, tag=tag, stdin=False)
 
 
-ROW_MUTATIONS = ["swap values", "rename field", "drop field", "extra field", "wrong type", "empty", "other tag", "lone surrogate"]
+ROW_MUTATIONS = [
+    "swap values",
+    "rename field",
+    "drop field",
+    "extra field",
+    "wrong type",
+    "empty",
+    "other tag",
+    "lone surrogate",
+]
 BYTE_MUTATIONS = ["delete", "duplicate", "insert", "truncate", "bom", "crlf"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
-    pairs=st.lists(st.tuples(st.text(min_size=1, max_size=16), st.text(min_size=1, max_size=8)), min_size=1, max_size=5),
+    pairs=st.lists(
+        st.tuples(st.text(min_size=1, max_size=16), st.text(min_size=1, max_size=8)), min_size=1, max_size=5
+    ),
     mode=MODES,
 )
 def test_mutated_valid_files_load_or_report(tok, scratch: Path, data, pairs: list[tuple[str, str]], mode) -> None:
     training, tag = mode
     rows = [{"prompt_tag": "sent", "text": t, "answer": a} for t, a in pairs]
-    row_edits = data.draw(st.lists(st.tuples(st.integers(0, len(rows) - 1), st.sampled_from(ROW_MUTATIONS)), max_size=3))
+    row_edits = data.draw(
+        st.lists(st.tuples(st.integers(0, len(rows) - 1), st.sampled_from(ROW_MUTATIONS)), max_size=3)
+    )
     for i, kind in row_edits:
         row = rows[i]
         field = data.draw(st.sampled_from(sorted(row) or ["text"]))
@@ -241,7 +319,9 @@ def test_mutated_valid_files_load_or_report(tok, scratch: Path, data, pairs: lis
             row["prompt_tag"] = data.draw(st.text(max_size=6))
         elif kind == "lone surrogate":
             row[field] = f"a{chr(data.draw(st.integers(0xD800, 0xDFFF)))}b"
-    blob = b"".join(json.dumps(r, ensure_ascii=data.draw(st.booleans())).encode("utf-8", "surrogatepass") + b"\n" for r in rows)
+    blob = b"".join(
+        json.dumps(r, ensure_ascii=data.draw(st.booleans())).encode("utf-8", "surrogatepass") + b"\n" for r in rows
+    )
     byte_edits = data.draw(st.lists(st.sampled_from(BYTE_MUTATIONS), max_size=4))
     for kind in byte_edits:
         at = data.draw(st.integers(0, len(blob)))
@@ -267,7 +347,10 @@ def test_mutated_valid_files_load_or_report(tok, scratch: Path, data, pairs: lis
     [
         (b"[" * 100_000, "invalid JSON (nested too deeply)"),
         (b'{"a": ' * 100_000, "invalid JSON (nested too deeply)"),
-        (_line({**GOOD, "text": "a\ud800b"}), "field 'text' holds a lone surrogate '\\ud800', which is not valid Unicode"),
+        (
+            _line({**GOOD, "text": "a\ud800b"}),
+            "field 'text' holds a lone surrogate '\\ud800', which is not valid Unicode",
+        ),
         (_line({**GOOD, "id": "\udfff"}), "field 'id' holds a lone surrogate '\\udfff', which is not valid Unicode"),
     ],
     ids=["deep array", "deep object", "surrogate in text", "surrogate in a passed-through field"],
@@ -286,7 +369,7 @@ def test_hostile_rows_found_by_fuzzing(scratch: Path, blob: bytes, message: str)
 # set, the process stops just before it renames a finished temp file onto a path ending so, i.e. in the
 # middle of one of ptcli's atomic writes: it SIGKILLs itself there, or, with PTCLI_TEST_WAIT_FOR set,
 # waits there (holding whatever it holds) until that file exists.
-HOOK = '''
+HOOK = """
 import os, signal, time
 _target, _release = os.environ.get("PTCLI_TEST_AT"), os.environ.get("PTCLI_TEST_WAIT_FOR")
 if _target:
@@ -302,19 +385,30 @@ if _target:
         return _replace(src, dst, *args, **kwargs)
 
     os.replace = _replace_hooked
-'''
+"""
 
 
 def _hooked(hook: Path, at: str, wait_for: Path | None = None) -> dict[str, str]:
     """Environment for a child process that runs HOOK at writes to `at`."""
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
-            "PTCLI_TEST_AT": at, "PTCLI_TEST_WAIT_FOR": str(wait_for or "")}
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+        "PTCLI_TEST_AT": at,
+        "PTCLI_TEST_WAIT_FOR": str(wait_for or ""),
+    }
 
 
 # Everything a project may hold after these runs, besides temp files.
-KNOWN_FILES = {"ptcli.json", ".ptcli.lock", "bank/first.safetensors", "bank/second.safetensors", "runs/first/metrics.jsonl",
-               "runs/second/metrics.jsonl", "runs/first/checkpoint.safetensors", "runs/second/checkpoint.safetensors",
-               "runs/history.jsonl"}
+KNOWN_FILES = {
+    "ptcli.json",
+    ".ptcli.lock",
+    "bank/first.safetensors",
+    "bank/second.safetensors",
+    "runs/first/metrics.jsonl",
+    "runs/second/metrics.jsonl",
+    "runs/first/checkpoint.safetensors",
+    "runs/second/checkpoint.safetensors",
+    "runs/history.jsonl",
+}
 
 
 @dataclass
@@ -384,19 +478,30 @@ def test_sigkill_loses_nothing_and_resume_matches(with_first: Path, data_dir: Pa
     ok(cli(*_tune_args("second", data_dir), "-p", ref_root, "-q"))
     span = time.perf_counter() - t0  # one uninterrupted run, in process: how long training and its writes take
     reference, ref_meta = bank.get(proj.load(ref_root), "second")
-    expected = {"second": (reference, ref_meta["best_step"], proj.load(ref_root).tasks["second"]),
-                "first": (first_prompt, first_meta["best_step"], proj.load(with_first).tasks["first"])}
+    expected = {
+        "second": (reference, ref_meta["best_step"], proj.load(ref_root).tasks["second"]),
+        "first": (first_prompt, first_meta["best_step"], proj.load(with_first).tasks["first"]),
+    }
 
     rng = random.Random(1234)
     n_random = 7
     # one delay in each seventh of [0, 1.5 * span] after training starts: early, mid-run, near the final bank
     # write, and (on an idle machine) after it, while the process exits; the hooked kills below hit the writes
-    jobs = [Kill(f"random-{i}", tmp_path / f"random-{i}", delay=1.5 * span * (i + rng.random()) / n_random) for i in range(n_random)]
+    jobs = [
+        Kill(f"random-{i}", tmp_path / f"random-{i}", delay=1.5 * span * (i + rng.random()) / n_random)
+        for i in range(n_random)
+    ]
     jobs += [
         Kill("in the first checkpoint write", tmp_path / "ckpt", kill_at="runs/second/checkpoint.safetensors"),
         Kill("in the bank write", tmp_path / "bank-write", kill_at="bank/second.safetensors"),
         Kill("in the manifest write", tmp_path / "manifest-write", kill_at="ptcli.json"),
-        Kill("in the bank write of a retune", tmp_path / "retune", tag="first", kill_at="bank/first.safetensors", extra=("--overwrite",)),
+        Kill(
+            "in the bank write of a retune",
+            tmp_path / "retune",
+            tag="first",
+            kill_at="bank/first.safetensors",
+            extra=("--overwrite",),
+        ),
     ]
     for job in jobs:
         _copy(with_first, job.root)
@@ -454,8 +559,12 @@ def test_two_tunes_on_one_project_one_gets_the_lock(base: Path, data_dir: Path, 
     # exists: the other one certainly meets the lock, however the two processes are scheduled.
     env = {**os.environ, **ONE_THREAD, **_hooked(hook, "checkpoint.safetensors", wait_for=release)}
     procs = {
-        tag: subprocess.Popen([sys.executable, "-m", "ptcli", *_tune_args(tag, data_dir, steps=4), "-p", str(root), "-q"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        tag: subprocess.Popen(
+            [sys.executable, "-m", "ptcli", *_tune_args(tag, data_dir, steps=4), "-p", str(root), "-q"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         for tag in ("first", "second")
     }  # both start now
     deadline = time.monotonic() + 60
@@ -505,7 +614,9 @@ def test_a_contender_names_a_holder_that_has_just_locked(tmp_path: Path) -> None
 
 def test_a_released_lock_names_nobody(tmp_path: Path) -> None:
     with storage.project_lock(tmp_path, "ptcli tune --tag a"):
-        assert (tmp_path / ".ptcli.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()} (ptcli tune --tag a)"
+        assert (
+            tmp_path / ".ptcli.lock"
+        ).read_text() == f"pid {os.getpid()} on {socket.gethostname()} (ptcli tune --tag a)"
     assert (tmp_path / ".ptcli.lock").read_text() == ""  # so a later contender never names a finished command
 
 
@@ -540,8 +651,12 @@ def test_planted_pickles_are_never_run(with_first: Path, data_dir: Path, tmp_pat
     rows = tmp_path / "in.jsonl"
     rows.write_text(json.dumps({"prompt_tag": "evil", "text": "i love it"}) + "\n")
 
-    assert failed(cli("list-tags", "-p", root), 1).startswith(f"error: prompt file {evil} is truncated or not a safetensors file")
-    assert failed(cli("infer", rows, "-p", root), 1).startswith(f"error: prompt file {evil} is truncated or not a safetensors file")
+    assert failed(cli("list-tags", "-p", root), 1).startswith(
+        f"error: prompt file {evil} is truncated or not a safetensors file"
+    )
+    assert failed(cli("infer", rows, "-p", root), 1).startswith(
+        f"error: prompt file {evil} is truncated or not a safetensors file"
+    )
     assert f"checkpoint {ckpt} is unreadable" in failed(cli(*_tune_args("second", data_dir), "--resume", "-p", root), 1)
     assert not marker.exists()
     assert not (root / "bank" / "second.safetensors").exists()
@@ -594,10 +709,16 @@ def test_failed_rename_keeps_the_old_file(old_file: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize(
     ("code", "reason"),
-    [(errno.ENOSPC, "the disk is full"), (errno.EDQUOT, "the disk quota is exhausted"),
-     (errno.EROFS, "the file system is read-only"), (errno.EACCES, "permission denied")],
+    [
+        (errno.ENOSPC, "the disk is full"),
+        (errno.EDQUOT, "the disk quota is exhausted"),
+        (errno.EROFS, "the file system is read-only"),
+        (errno.EACCES, "permission denied"),
+    ],
 )
-def test_failed_write_says_why_and_keeps_the_old_file(old_file: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str) -> None:
+def test_failed_write_says_why_and_keeps_the_old_file(
+    old_file: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str
+) -> None:
     monkeypatch.setattr(_FailingFile, "exc", OSError(code, os.strerror(code)))
     monkeypatch.setattr(storage.os, "fdopen", lambda fd, mode: _FailingFile(fd, "wb"))
     with pytest.raises(ProjectError) as info:
@@ -649,8 +770,26 @@ def test_atomic_write_does_not_change_permissions(tmp_path: Path) -> None:
 
 
 def _tune_first(root: Path, train: Path, valid: Path, *extra: str):
-    return cli("tune", "--tag", "first", "--train", train, "--valid", valid, "--max-steps", "2", "--val-check-interval", "2",
-               "--batch-size", "4", "--max-seq-length", "64", *extra, "-p", root)
+    return cli(
+        "tune",
+        "--tag",
+        "first",
+        "--train",
+        train,
+        "--valid",
+        valid,
+        "--max-steps",
+        "2",
+        "--val-check-interval",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "64",
+        *extra,
+        "-p",
+        root,
+    )
 
 
 def test_every_problem_in_a_training_file_is_reported(base: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -725,12 +864,16 @@ def test_unusable_data_files_exit_2_and_write_nothing(base: Path, data_dir: Path
 def test_only_the_first_20_problems_are_listed(base: Path, data_dir: Path, tmp_path: Path) -> None:
     root = _copy(base, tmp_path / "p")
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(_line({"prompt_tag": "first", "text": "a", "answer": "b"}) + b"\n" + b"{oops\n" * (MAX_REPORTED + 7))
+    bad.write_bytes(
+        _line({"prompt_tag": "first", "text": "a", "answer": "b"}) + b"\n" + b"{oops\n" * (MAX_REPORTED + 7)
+    )
     before = _saved(root)
     err = failed(_tune_first(root, bad, data_dir / "first.jsonl"), 2)
     listed = [line for line in err.splitlines() if line.startswith("  ")]
     assert len(listed) == MAX_REPORTED + 1
-    assert all(line.startswith(f"  {bad.resolve()}:{n}: invalid JSON (") for line, n in zip(listed, range(2, 2 + MAX_REPORTED)))
+    assert all(
+        line.startswith(f"  {bad.resolve()}:{n}: invalid JSON (") for line, n in zip(listed, range(2, 2 + MAX_REPORTED))
+    )
     assert listed[-1] == "  ... and 7 more problems"
     assert err.splitlines()[0] == f"error: {bad.resolve()} has {MAX_REPORTED + 7} problem(s)"
     assert _saved(root) == before
@@ -738,11 +881,15 @@ def test_only_the_first_20_problems_are_listed(base: Path, data_dir: Path, tmp_p
 
 def test_infer_input_is_validated_too(base: Path, tmp_path: Path) -> None:
     bad = tmp_path / "in.jsonl"
-    bad.write_bytes(_line({"prompt_tag": "first", "text": "a", "id": 1}) + b"\n" + _line({"prompt_tag": "first"}) + b"\n\xff\n")
+    bad.write_bytes(
+        _line({"prompt_tag": "first", "text": "a", "id": 1}) + b"\n" + _line({"prompt_tag": "first"}) + b"\n\xff\n"
+    )
     result = cli("infer", bad, "-p", base)
     err = failed(result, 2)
     assert result.stdout == ""
-    assert f"  {bad}:2: missing field 'text'" in err.splitlines() and f"  {bad}:3: not UTF-8 (byte 0)" in err.splitlines()
+    assert (
+        f"  {bad}:2: missing field 'text'" in err.splitlines() and f"  {bad}:3: not UTF-8 (byte 0)" in err.splitlines()
+    )
 
 
 def test_long_texts_are_cut_from_the_left_and_counted(base: Path, tmp_path: Path, tiny_tokenizer) -> None:
@@ -753,7 +900,9 @@ def test_long_texts_are_cut_from_the_left_and_counted(base: Path, tmp_path: Path
     paths = {}
     for name, pairs in (("train", train), ("valid", valid)):
         paths[name] = tmp_path / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps({"prompt_tag": "first", "text": t, "answer": a}) + "\n" for t, a in pairs))
+        paths[name].write_text(
+            "".join(json.dumps({"prompt_tag": "first", "text": t, "answer": a}) + "\n" for t, a in pairs)
+        )
     max_len = 24
 
     def cut(text: str, answer: str) -> bool:
@@ -768,7 +917,9 @@ def test_long_texts_are_cut_from_the_left_and_counted(base: Path, tmp_path: Path
     assert bank.tags(proj.load(root)) == ["first"]
 
 
-def test_an_answer_too_long_to_fit_names_its_file_and_line(base: Path, data_dir: Path, tmp_path: Path, tiny_tokenizer) -> None:
+def test_an_answer_too_long_to_fit_names_its_file_and_line(
+    base: Path, data_dir: Path, tmp_path: Path, tiny_tokenizer
+) -> None:
     root = _copy(base, tmp_path / "p")
     train = tmp_path / "train.jsonl"
     rows = [("i love it", "positive"), ("i hate it", "entailment entailment"), ("i like it", "positive")]
@@ -778,6 +929,8 @@ def test_an_answer_too_long_to_fit_names_its_file_and_line(base: Path, data_dir:
     assert n_answer + P > max_len
     before = _saved(root)
     err = failed(_tune_first(root, train, data_dir / "first.jsonl", "--max-seq-length", str(max_len)), 2)
-    assert err.startswith(f"error: {train.resolve()}:2: the answer alone ({n_answer} tokens) plus the prompt ({P}) "
-                          f"exceed --max-seq-length {max_len}")
+    assert err.startswith(
+        f"error: {train.resolve()}:2: the answer alone ({n_answer} tokens) plus the prompt ({P}) "
+        f"exceed --max-seq-length {max_len}"
+    )
     assert _saved(root) == before

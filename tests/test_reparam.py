@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clihelp import cli, failed, ok
+from test_train import ROWS, Reporter
+
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 from ptcli.config import TaskConfig
 from ptcli.reparam import SoftPrompt
-from test_train import ROWS, Reporter
-
 from ptcli.train import tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,9 +38,21 @@ def start(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple
     proj.init(root, str(lively_llama), 4)
     data = root.parent / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": a}) + "\n" for t, a in ROWS))
-    cfg = TaskConfig(train=str(data), valid=str(data), max_steps=6, val_check_interval=2, warmup_steps=1, batch_size=4,
-                     lr=0.1, min_lr=0.01, max_seq_length=64, seed=3, template="{text} so{prompt}{answer}",
-                     reparam="residual", reparam_lr=0.01)
+    cfg = TaskConfig(
+        train=str(data),
+        valid=str(data),
+        max_steps=6,
+        val_check_interval=2,
+        warmup_steps=1,
+        batch_size=4,
+        lr=0.1,
+        min_lr=0.01,
+        max_seq_length=64,
+        seed=3,
+        template="{text} so{prompt}{answer}",
+        reparam="residual",
+        reparam_lr=0.01,
+    )
     return root, cfg
 
 
@@ -68,8 +79,26 @@ def test_resume_with_an_encoder_and_a_template_reaches_the_uninterrupted_prompt(
 def test_cli_records_the_template_and_infers_with_it(tmp_path: Path, tiny_llama: Path, tiny_data) -> None:
     root = tmp_path / "p"
     ok(cli("init", root, "--base", tiny_llama, "--num-prompt-tokens", 4))
-    ok(cli("tune", "-p", root, "--tag", "sent", "--train", tiny_data.train, "--valid", tiny_data.valid, "--max-steps", 2,
-           "--template", "{text} Answer:{prompt}{answer}", "--reparam", "mlp", "-q"))
+    ok(
+        cli(
+            "tune",
+            "-p",
+            root,
+            "--tag",
+            "sent",
+            "--train",
+            tiny_data.train,
+            "--valid",
+            tiny_data.valid,
+            "--max-steps",
+            2,
+            "--template",
+            "{text} Answer:{prompt}{answer}",
+            "--reparam",
+            "mlp",
+            "-q",
+        )
+    )
     shown = json.loads(cli("show", "-p", root, "sent", "--json").stdout)["record"]
     assert shown["config"]["template"] == "{text} Answer:{prompt}{answer}" and shown["config"]["reparam"] == "mlp"
     result = cli("infer", "-p", root, tiny_data.valid, "--mode", "rank")
@@ -78,13 +107,22 @@ def test_cli_records_the_template_and_infers_with_it(tmp_path: Path, tiny_llama:
     assert rows and all(r["prediction"] in shown["choices"] for r in rows)
 
 
-@pytest.mark.parametrize(("template", "problem"), [("{text}{answer}", "needs at least one {prompt} slot"),
-                                                   ("{prompt:3}{text}{answer}", "the slots hold 3 vectors but the project's prompt length is 4")])
-def test_cli_refuses_a_bad_template_with_exit_2(tmp_path: Path, tiny_llama: Path, tiny_data, template: str, problem: str) -> None:
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("{text}{answer}", "needs at least one {prompt} slot"),
+        ("{prompt:3}{text}{answer}", "the slots hold 3 vectors but the project's prompt length is 4"),
+    ],
+)
+def test_cli_refuses_a_bad_template_with_exit_2(
+    tmp_path: Path, tiny_llama: Path, tiny_data, template: str, problem: str
+) -> None:
     root = tmp_path / "p"
     ok(cli("init", root, "--base", tiny_llama, "--num-prompt-tokens", 4))
     for command in (["add-task", "sent"], ["tune", "--tag", "sent"]):
-        err = failed(cli(*command, "-p", root, "--train", tiny_data.train, "--valid", tiny_data.valid, "--template", template), 2)
+        err = failed(
+            cli(*command, "-p", root, "--train", tiny_data.train, "--valid", tiny_data.valid, "--template", template), 2
+        )
         assert "--template" in err and problem in err
     assert bank.tags(proj.load(root)) == [] and not proj.load(root).tasks
 
@@ -92,8 +130,24 @@ def test_cli_refuses_a_bad_template_with_exit_2(tmp_path: Path, tiny_llama: Path
 def test_peft_export_refuses_a_template_it_cannot_express(tmp_path: Path, tiny_llama: Path, tiny_data) -> None:
     root = tmp_path / "p"
     ok(cli("init", root, "--base", tiny_llama, "--num-prompt-tokens", 4))
-    ok(cli("tune", "-p", root, "--tag", "sent", "--train", tiny_data.train, "--valid", tiny_data.valid, "--max-steps", 1,
-           "--template", "suffix", "-q"))
+    ok(
+        cli(
+            "tune",
+            "-p",
+            root,
+            "--tag",
+            "sent",
+            "--train",
+            tiny_data.train,
+            "--valid",
+            tiny_data.valid,
+            "--max-steps",
+            1,
+            "--template",
+            "suffix",
+            "-q",
+        )
+    )
     err = failed(cli("export", "-p", root, "sent", tmp_path / "adapter", "--format", "peft"), 2)
     assert "template 'suffix'" in err and "only prepends" in err and not (tmp_path / "adapter").exists()
     ok(cli("export", "-p", root, "sent", tmp_path / "sent.safetensors"))  # the ptcli format carries the template

@@ -22,21 +22,44 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from clihelp import cli, ok, write_jsonl as _jsonl
+from clihelp import cli, ok
+from clihelp import write_jsonl as _jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 P = 4
-FAST = ["--warmup-steps", "1", "--max-steps", "2", "--val-check-interval", "2", "--batch-size", "4", "--max-seq-length", "64", "-q"]
+FAST = [
+    "--warmup-steps",
+    "1",
+    "--max-steps",
+    "2",
+    "--val-check-interval",
+    "2",
+    "--batch-size",
+    "4",
+    "--max-seq-length",
+    "64",
+    "-q",
+]
 DATA = {
-    "sent": [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"), ("i dislike the food", "negative")],
-    "topic": [("the team won the game", "sports"), ("a new restaurant opened", "food"), ("the team lost on saturday", "sports"),
-              ("fresh bread downtown", "food")],
+    "sent": [
+        ("i love it", "positive"),
+        ("i hate it", "negative"),
+        ("i really like the movie", "positive"),
+        ("i dislike the food", "negative"),
+    ],
+    "topic": [
+        ("the team won the game", "sports"),
+        ("a new restaurant opened", "food"),
+        ("the team lost on saturday", "sports"),
+        ("fresh bread downtown", "food"),
+    ],
 }
 ROWS = [{"prompt_tag": t, "text": x, "answer": a, "id": f"{t}-{i}"} for t in DATA for i, (x, a) in enumerate(DATA[t])]
 MIXED = [ROWS[i] for i in (0, 4, 5, 1, 6, 2, 7, 3)]  # tags interleaved, as a client would send them
-http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, whatever the environment's proxies
+http = urllib.request.build_opener(
+    urllib.request.ProxyHandler({})
+)  # 127.0.0.1 only, whatever the environment's proxies
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +67,10 @@ def project(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> Pat
     d = tmp_path_factory.mktemp("serve")
     root = d / "p"
     ok(cli("init", root, "--base", lively_llama, "--num-prompt-tokens", P, "-q"))
-    for tag, extra in (("sent", ["--ensemble", "2"]), ("topic", ["--template", "suffix"])):  # prompt before / after the text
+    for tag, extra in (
+        ("sent", ["--ensemble", "2"]),
+        ("topic", ["--template", "suffix"]),
+    ):  # prompt before / after the text
         rows = [{"prompt_tag": tag, "text": x, "answer": a} for x, a in DATA[tag]]
         train, valid = _jsonl(d / f"{tag}-train.jsonl", rows), _jsonl(d / f"{tag}-valid.jsonl", rows[:2])
         ok(cli("tune", "--tag", tag, "--train", train, "--valid", valid, *FAST, *extra, "-p", root))
@@ -116,13 +142,25 @@ def test_openai_client_gets_what_infer_gives(server: Server, project: Path) -> N
     client = _client(server)
     assert sorted(m.id for m in client.models.list()) == ["sent", "topic"]
     texts = [x for x, _ in DATA["topic"]]
-    want = [r["prediction"] for r in infer(project, [{"prompt_tag": "topic", "text": x} for x in texts], "--mode", "generate", "--tokens-to-generate", "6")]
+    want = [
+        r["prediction"]
+        for r in infer(
+            project,
+            [{"prompt_tag": "topic", "text": x} for x in texts],
+            "--mode",
+            "generate",
+            "--tokens-to-generate",
+            "6",
+        )
+    ]
     got = client.completions.create(model="topic", prompt=texts, max_tokens=6)
     assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
     assert got.model == "topic" and got.usage.completion_tokens > 0
     one = client.completions.create(model="topic", prompt=texts[0], max_tokens=6)
     assert one.choices[0].text == want[0] and one.choices[0].finish_reason in ("stop", "length")
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="topic", prompt=texts[0], max_tokens=6, stream=True))
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(model="topic", prompt=texts[0], max_tokens=6, stream=True)
+    )
     assert streamed == want[0]
 
 
@@ -133,7 +171,9 @@ def test_stop_strings_cut_the_answer(server: Server, project: Path) -> None:
     assert cut.text == full[:1] and cut.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("flags", [[], ["--mode", "generate"], ["--mode", "rank"], ["--mode", "rank", "--choices", "food,positive,science"]])
+@pytest.mark.parametrize(
+    "flags", [[], ["--mode", "generate"], ["--mode", "rank"], ["--mode", "rank", "--choices", "food,positive,science"]]
+)
 def test_rows_endpoint_mixes_tags_and_equals_infer(server: Server, project: Path, flags: list[str]) -> None:
     body: dict = {"rows": MIXED, "tokens_to_generate": 5}
     if flags:
@@ -148,13 +188,22 @@ def test_rows_endpoint_mixes_tags_and_equals_infer(server: Server, project: Path
 
 def test_concurrent_requests_of_mixed_tags_equal_infer(server: Server, project: Path) -> None:
     """Rows of both tags, two generation lengths and both modes, in flight together."""
-    kinds = [{"mode": "generate", "tokens_to_generate": 4}, {"mode": "generate", "tokens_to_generate": 6}, {"mode": "rank"}]
-    want = [infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "4"),
-            infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "6"), infer(project, ROWS, "--mode", "rank")]
+    kinds = [
+        {"mode": "generate", "tokens_to_generate": 4},
+        {"mode": "generate", "tokens_to_generate": 6},
+        {"mode": "rank"},
+    ]
+    want = [
+        infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "4"),
+        infer(project, ROWS, "--mode", "generate", "--tokens-to-generate", "6"),
+        infer(project, ROWS, "--mode", "rank"),
+    ]
     before = server.call("/health")[2]
     requests = [(k, i) for i in range(len(ROWS)) for k in range(len(kinds))]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda ki: server.call("/v1/ptcli/infer", {"rows": [ROWS[ki[1]]], **kinds[ki[0]]}), requests))
+        got = list(
+            pool.map(lambda ki: server.call("/v1/ptcli/infer", {"rows": [ROWS[ki[1]]], **kinds[ki[0]]}), requests)
+        )
     assert all(status == 200 for status, _, _ in got)
     assert [body["rows"][0] for _, _, body in got] == [want[k][i] for k, i in requests]
     after = server.call("/health")[2]
@@ -178,7 +227,9 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(server: Server) 
     for kwargs, status, words in cases:
         got_status, _, body = server.call("/v1/completions", **kwargs)
         assert (got_status, words in body["error"]["message"]) == (status, True), (kwargs, body)
-    status, _, body = server.call("/v1/ptcli/infer", {"rows": [{"prompt_tag": "sent"}, {"prompt_tag": "ghost", "text": "x"}]})
+    status, _, body = server.call(
+        "/v1/ptcli/infer", {"rows": [{"prompt_tag": "sent"}, {"prompt_tag": "ghost", "text": "x"}]}
+    )
     assert status == 400 and body["error"]["problems"] == ["rows[0]: missing field 'text'"]
     status, _, body = server.call("/v1/ptcli/infer", {"rows": [{"prompt_tag": "ghost", "text": "x"}]})
     assert status == 404 and body["error"]["known_tags"] == ["sent", "topic"]
@@ -250,9 +301,11 @@ def test_api_key_then_sigterm_finishes_the_request_in_flight(project: Path) -> N
 
 
 def test_light_commands_do_not_import_the_server_stack() -> None:
-    code = ("import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
-            "codes = [CliRunner().invoke(app, a).exit_code for a in (['--help'], ['serve', '--help'])]; "
-            "print(codes, sorted(m for m in ('starlette', 'uvicorn', 'torch') if m in sys.modules))")
+    code = (
+        "import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
+        "codes = [CliRunner().invoke(app, a).exit_code for a in (['--help'], ['serve', '--help'])]; "
+        "print(codes, sorted(m for m in ('starlette', 'uvicorn', 'torch') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[0, 0] []", proc.stderr
 

@@ -9,17 +9,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import ROWS
 
 from ptcli.data import Record, answer_ids, encode
 from ptcli.errors import UsageError
 from ptcli.forward import IGNORE, choice_scores, greedy, lm_loss
 from ptcli.template import Layout, parse
-from test_model import ROWS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 P = 6
-TEMPLATES = ["suffix", "{text} so:{prompt}{answer}", "{prompt:2}{text}{prompt}{answer}", "Q:{prompt:1} {text}{prompt}{answer}"]
+TEMPLATES = [
+    "suffix",
+    "{text} so:{prompt}{answer}",
+    "{prompt:2}{text}{prompt}{answer}",
+    "Q:{prompt:1} {text}{prompt}{answer}",
+]
 
 
 def _prompt(model, seed: int = 0) -> torch.Tensor:
@@ -29,7 +34,9 @@ def _prompt(model, seed: int = 0) -> torch.Tensor:
 
 def _row_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """Full logits (T, V) of one unpadded row whose prompt vector j is written -(j+1)."""
-    E = model.get_input_embeddings()(torch.tensor([max(t, 0) for t in ids]))  # (T, H), as the model embeds its own tokens
+    E = model.get_input_embeddings()(
+        torch.tensor([max(t, 0) for t in ids])
+    )  # (T, H), as the model embeds its own tokens
     embeds = torch.stack([prompt[-t - 1] if t < 0 else e for t, e in zip(ids, E)])[None]  # (1, T, H)
     return model(inputs_embeds=embeds).logits[0]  # (T, V)
 
@@ -122,7 +129,9 @@ def test_greedy_and_ranked_answers_equal_unpadded_rows(base, template: str) -> N
         for i, seq in enumerate(seqs):
             for j, c in enumerate(choices):
                 logp = _row_logits(model, prompt, seq + c).log_softmax(-1)[len(seq) - 1 : -1]  # (len(c), V)
-                torch.testing.assert_close(scores[i, j], logp[torch.arange(len(c)), torch.tensor(c)].sum(), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(
+                    scores[i, j], logp[torch.arange(len(c)), torch.tensor(c)].sum(), rtol=1e-4, atol=1e-4
+                )
     assert got == expected
 
 

@@ -41,8 +41,9 @@ def test_lr_schedule_by_hand() -> None:
 
 def test_lr_without_warmup_starts_at_peak() -> None:
     cfg = TaskConfig(lr=0.5, min_lr=0.0, warmup_steps=0, constant_steps=0, max_steps=4)
-    assert [lr_at(s, cfg) for s in range(5)] == pytest.approx([0.5, 0.5 * 0.5 * (1 + math.cos(math.pi / 4)), 0.25,
-                                                                0.5 * 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
+    assert [lr_at(s, cfg) for s in range(5)] == pytest.approx(
+        [0.5, 0.5 * 0.5 * (1 + math.cos(math.pi / 4)), 0.25, 0.5 * 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]
+    )
 
 
 def test_lr_never_decays_when_warmup_and_hold_outlast_the_run() -> None:
@@ -61,7 +62,9 @@ def test_lr_never_decays_when_warmup_and_hold_outlast_the_run() -> None:
     frac=st.floats(0.0, 1.0),
 )
 def test_lr_warms_up_then_decays_monotonically(warmup, constant, decay, lr, frac) -> None:
-    cfg = TaskConfig(lr=lr, min_lr=lr * frac, warmup_steps=warmup, constant_steps=constant, max_steps=warmup + constant + decay)
+    cfg = TaskConfig(
+        lr=lr, min_lr=lr * frac, warmup_steps=warmup, constant_steps=constant, max_steps=warmup + constant + decay
+    )
     lrs = [lr_at(s, cfg) for s in range(cfg.max_steps + 1)]
     held = warmup + constant
     assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
@@ -107,8 +110,14 @@ class Reporter:
 
 
 # Six different answers: no closed answer set, so the best prompt is picked by greedy accuracy then loss
-ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "good"),
-        ("i dislike the food", "bad"), ("i adore this", "great"), ("i loathe the phone", "awful")]
+ROWS = [
+    ("i love it", "positive"),
+    ("i hate it", "negative"),
+    ("i really like the movie", "good"),
+    ("i dislike the food", "bad"),
+    ("i adore this", "great"),
+    ("i loathe the phone", "awful"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +127,18 @@ def fresh(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple
     data = root.parent / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": a}) + "\n" for t, a in ROWS))
     # validation on the training rows: the loss falls, so the best prompt is a late one
-    cfg = TaskConfig(train=str(data), valid=str(data), max_steps=6, val_check_interval=2, warmup_steps=1, batch_size=4,
-                     lr=0.1, min_lr=0.01, max_seq_length=64, seed=3)
+    cfg = TaskConfig(
+        train=str(data),
+        valid=str(data),
+        max_steps=6,
+        val_check_interval=2,
+        warmup_steps=1,
+        batch_size=4,
+        lr=0.1,
+        min_lr=0.01,
+        max_seq_length=64,
+        seed=3,
+    )
     return root, cfg
 
 
@@ -204,8 +223,24 @@ def test_every_finished_run_appends_one_line_to_the_history(tmp_path, tiny_llama
 
     root = tmp_path / "p"
     runner = CliRunner()
-    assert runner.invoke(app, ["init", str(root), "--base", str(tiny_llama), "--num-prompt-tokens", "4", "-q"]).exit_code == 0
-    args = ["tune", "-p", str(root), "--tag", "sent", "--train", str(tiny_data.train), "--valid", str(tiny_data.valid), "--max-steps", "2", "-q"]
+    assert (
+        runner.invoke(app, ["init", str(root), "--base", str(tiny_llama), "--num-prompt-tokens", "4", "-q"]).exit_code
+        == 0
+    )
+    args = [
+        "tune",
+        "-p",
+        str(root),
+        "--tag",
+        "sent",
+        "--train",
+        str(tiny_data.train),
+        "--valid",
+        str(tiny_data.valid),
+        "--max-steps",
+        "2",
+        "-q",
+    ]
     assert runner.invoke(app, args).exit_code == 0
     assert runner.invoke(app, [*args, "--overwrite", "--max-steps", "3"]).exit_code == 0
     lines = [json.loads(x) for x in (root / "runs" / "history.jsonl").read_text().splitlines()]
@@ -215,9 +250,16 @@ def test_every_finished_run_appends_one_line_to_the_history(tmp_path, tiny_llama
 
 # ---------------------------------------------------------------- ensembles, several tags, time budget
 
-MIXED = [("sent", "i love it", "positive"), ("topic", "the team won the game", "sports"), ("sent", "i hate it", "negative"),
-         ("topic", "fresh bread and soup", "food"), ("sent", "i adore this", "positive"), ("topic", "a goal in the final", "sports"),
-         ("sent", "i loathe the phone", "negative"), ("topic", "pasta for dinner", "food")]
+MIXED = [
+    ("sent", "i love it", "positive"),
+    ("topic", "the team won the game", "sports"),
+    ("sent", "i hate it", "negative"),
+    ("topic", "fresh bread and soup", "food"),
+    ("sent", "i adore this", "positive"),
+    ("topic", "a goal in the final", "sports"),
+    ("sent", "i loathe the phone", "negative"),
+    ("topic", "pasta for dinner", "food"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +286,9 @@ def test_several_tags_with_ensembles_in_one_run(mixed, tmp_path: Path) -> None:
         assert meta["tuned_with"] == [t for t in cfgs if t != r.tag] and meta["steps"] == 6
         log = [json.loads(line) for line in (p.run_dir(r.tag) / "metrics.jsonl").read_text().splitlines()]
         assert [h["step"] for h in log if "val_loss" in h] == [2, 4, 6] and all("tag" not in h for h in log)
-        assert [h for h in log if "val_loss" in h] == [{k: v for k, v in h.items() if k != "tag"} for h in r.history if "val_loss" in h]
+        assert [h for h in log if "val_loss" in h] == [
+            {k: v for k, v in h.items() if k != "tag"} for h in r.history if "val_loss" in h
+        ]
     assert set(proj.load(p.root).tasks) == {"sent", "topic"}
     assert not checkpoint.path(p, ["sent", "topic"]).exists()
 
@@ -269,8 +313,9 @@ def test_tags_tuned_together_share_their_run_settings(mixed) -> None:
     odd = {**cfgs, "topic": TaskConfig(**{**cfgs["topic"].to_dict(), "lr": 0.5, "batch_size": 2})}
     with pytest.raises(UsageError) as info:
         tune_many(proj.load(src), odd, Reporter())
-    assert info.value.message == ("tags tuned together must share their run settings "
-                                  "(--batch-size: sent=4, topic=2; --lr: sent=0.1, topic=0.5)")
+    assert info.value.message == (
+        "tags tuned together must share their run settings (--batch-size: sent=4, topic=2; --lr: sent=0.1, topic=0.5)"
+    )
 
 
 def test_time_budget_stops_early_and_keeps_the_best(fresh, tmp_path: Path) -> None:
@@ -278,7 +323,9 @@ def test_time_budget_stops_early_and_keeps_the_best(fresh, tmp_path: Path) -> No
     p = proj.load(Path(shutil.copytree(src, tmp_path / "p")))
     rep = Reporter()
     result = tune(p, "sent", TaskConfig(**{**cfg.to_dict(), "max_steps": 10_000, "max_minutes": 1e-9}), rep)
-    assert result.steps == 0 and rep.steps == [] and rep.evaluations == [0]  # the budget was spent before the first step
+    assert (
+        result.steps == 0 and rep.steps == [] and rep.evaluations == [0]
+    )  # the budget was spent before the first step
     assert bank.get(proj.load(p.root), "sent")[1]["steps"] == 0
 
 

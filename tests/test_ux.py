@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from clihelp import cli, failed, ok
 
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.cli import app
-from clihelp import cli, failed, ok
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -31,10 +31,26 @@ pytestmark = [
 
 P = 4
 STEPS = 4
-FAST = ["--warmup-steps", "1", "--max-steps", str(STEPS), "--val-check-interval", "2", "--batch-size", "4", "--max-seq-length", "64"]
-ROWS = [("i love it", "positive"), ("i hate it", "negative"), ("i really like the movie", "positive"),
-        ("i dislike the food", "negative"), ("i adore this", "positive"), ("i loathe the phone", "negative")]
-
+FAST = [
+    "--warmup-steps",
+    "1",
+    "--max-steps",
+    str(STEPS),
+    "--val-check-interval",
+    "2",
+    "--batch-size",
+    "4",
+    "--max-seq-length",
+    "64",
+]
+ROWS = [
+    ("i love it", "positive"),
+    ("i hate it", "negative"),
+    ("i really like the movie", "positive"),
+    ("i dislike the food", "negative"),
+    ("i adore this", "positive"),
+    ("i loathe the phone", "negative"),
+]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -90,7 +106,9 @@ def test_new_commands_have_help_and_flags(command: str, flags: list[str]) -> Non
     assert re.search(rf"^\W*{command}\s", cli("--help").stdout, re.M)
 
 
-@pytest.mark.parametrize("args", [["remove-tag", "../runs"], ["show", "../ptcli"], ["export", "../x", "out"], ["rename-tag", "../sent", "x"]])
+@pytest.mark.parametrize(
+    "args", [["remove-tag", "../runs"], ["show", "../ptcli"], ["export", "../x", "out"], ["rename-tag", "../sent", "x"]]
+)
 def test_tags_cannot_reach_outside_the_bank(root: Path, args: list[str]) -> None:
     before = sorted(str(p) for p in root.rglob("*"))
     assert "is not a valid tag" in failed(cli(*args, "-p", root), 2)
@@ -174,7 +192,11 @@ def test_remove_tag(root: Path) -> None:
     result = cli("remove-tag", "sent", "-p", root, "--json")
     ok(result)
     doc = json.loads(result.stdout)
-    assert doc == {"tag": "sent", "removed": [str(_bank_file(root, "sent")), str(root / "runs" / "sent")], "task_record": True}
+    assert doc == {
+        "tag": "sent",
+        "removed": [str(_bank_file(root, "sent")), str(root / "runs" / "sent")],
+        "task_record": True,
+    }
     assert "removed 'sent'" in result.stderr
     assert not _bank_file(root, "sent").exists() and not (root / "runs" / "sent").exists()
     assert proj.load(root).tasks == {}
@@ -206,8 +228,12 @@ def test_rename_tag(root: Path) -> None:
     old_sha = json.loads(cli("show", "sent", "-p", root, "--json").stdout)["record"]["sha256"]
     result = cli("rename-tag", "sent", "pos-neg", "-p", root, "--json")
     ok(result)
-    assert json.loads(result.stdout) == {"old": "sent", "new": "pos-neg", "path": str(_bank_file(root, "pos-neg")),
-                                         "moved": ["task record", str(root / "runs" / "pos-neg")]}
+    assert json.loads(result.stdout) == {
+        "old": "sent",
+        "new": "pos-neg",
+        "path": str(_bank_file(root, "pos-neg")),
+        "moved": ["task record", str(root / "runs" / "pos-neg")],
+    }
     assert not _bank_file(root, "sent").exists() and not (root / "runs" / "sent").exists()
     p = proj.load(root)
     after, meta = bank.get(p, "pos-neg")  # loads through safetensors: the rewritten header is valid
@@ -263,8 +289,13 @@ def test_import_under_a_new_tag(root: Path, tmp_path: Path) -> None:
     assert "tag 'sent' is already in the bank" in err and "--tag" in err
     result = cli("import", exported, "--tag", "copy", "-p", root, "--json")
     ok(result)
-    assert json.loads(result.stdout) == {"tag": "copy", "format": "ptcli", "source": str(exported),
-                                         "path": str(_bank_file(root, "copy")), "warnings": []}
+    assert json.loads(result.stdout) == {
+        "tag": "copy",
+        "format": "ptcli",
+        "source": str(exported),
+        "path": str(_bank_file(root, "copy")),
+        "warnings": [],
+    }
     p = proj.load(root)
     (a, meta_a), (b, meta_b) = bank.get(p, "sent"), bank.get(p, "copy")
     assert torch.equal(a, b) and meta_b["tag"] == "copy"
@@ -290,7 +321,10 @@ def test_import_refuses_another_base_naming_both(tuned, tiny_llama: Path, tmp_pa
     exported = _export(tuned.root, "sent", tmp_path)
     other = _other_project(tmp_path, tiny_llama)
     err = failed(cli("import", exported, "-p", other), 1)
-    assert f"was tuned on base {str(tuned.base.resolve())!r}" in err and f"this project's base is {str(tiny_llama.resolve())!r}" in err
+    assert (
+        f"was tuned on base {str(tuned.base.resolve())!r}" in err
+        and f"this project's base is {str(tiny_llama.resolve())!r}" in err
+    )
     longer = _other_project(tmp_path, tuned.base, P + 1)
     assert f"has {P} prompt tokens; this project uses {P + 1}" in failed(cli("import", exported, "-p", longer), 1)
     assert bank.tags(proj.load(other)) == [] and bank.tags(proj.load(longer)) == []
@@ -302,7 +336,10 @@ def test_import_refuses_another_base_naming_both(tuned, tiny_llama: Path, tmp_pa
 def _peft_export(root: Path, tag: str, out: Path) -> Path:
     result = cli("export", tag, out, "--format", "peft", "-p", root, "--json")
     ok(result)
-    assert json.loads(result.stdout)["files"] == [str(out / "adapter_config.json"), str(out / "adapter_model.safetensors")]
+    assert json.loads(result.stdout)["files"] == [
+        str(out / "adapter_config.json"),
+        str(out / "adapter_model.safetensors"),
+    ]
     return out
 
 
@@ -333,7 +370,10 @@ def test_peft_loads_the_exported_adapter_and_agrees_with_ptcli(tuned, tmp_path: 
     ids = tok("i really like the movie", add_special_tokens=False).input_ids  # one unpadded row
     with torch.inference_mode():
         embeds, mask, pos = assemble(model, prompt, [ids], tok.pad_token_id)  # (1, P+T, H)
-        ours = to_logits(model, model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1])  # (1, V)
+        ours = to_logits(
+            model,
+            model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1],
+        )  # (1, V)
         x = torch.tensor([ids])
         theirs = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1]  # (1, V)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
@@ -342,9 +382,16 @@ def test_peft_loads_the_exported_adapter_and_agrees_with_ptcli(tuned, tmp_path: 
     # use_cache=False: with transformers 5, PEFT 0.21's cached generate re-inserts the virtual tokens at every
     # decoding step (its prepare_inputs_for_generation looks for `past_key_values`), so it disagrees with its own forward.
     with torch.inference_mode():
-        gen = peft_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, use_cache=False,
-                                  pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)[0].tolist()
-    new = gen[len(ids):] if gen[: len(ids)] == ids else gen  # PEFT returns the input ids first
+        gen = peft_model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=False,
+            pad_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )[0].tolist()
+    new = gen[len(ids) :] if gen[: len(ids)] == ids else gen  # PEFT returns the input ids first
     new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
     assert new == ours_greedy and len(ours_greedy) > 0
 
@@ -372,7 +419,9 @@ def _foreign_adapter(base: Path, out: Path, n: int = P) -> torch.Tensor:
     model, _ = load_base(str(base))
     pm = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
     with torch.no_grad():
-        pm.prompt_encoder["default"].embedding.weight.copy_(torch.arange(n * 32, dtype=torch.float32).reshape(n, 32) / 100)
+        pm.prompt_encoder["default"].embedding.weight.copy_(
+            torch.arange(n * 32, dtype=torch.float32).reshape(n, 32) / 100
+        )
     pm.save_pretrained(str(out))
     return pm.get_prompt_embedding_to_save("default")
 
@@ -393,7 +442,9 @@ def test_import_a_peft_made_adapter(root: Path, tuned, tmp_path: Path) -> None:
     result = cli("import", out, "--tag", "named-other", "-p", root)
     ok(result)
     assert "warning: the adapter names base 'org/other'" in result.stderr and result.stdout == ""
-    infer = cli("infer", "-", "-p", root, "--tokens-to-generate", "2", input='{"prompt_tag": "foreign", "text": "i love it"}\n')
+    infer = cli(
+        "infer", "-", "-p", root, "--tokens-to-generate", "2", input='{"prompt_tag": "foreign", "text": "i love it"}\n'
+    )
     ok(infer)
     assert "prediction" in json.loads(infer.stdout)
 
@@ -412,13 +463,20 @@ def test_peft_import_refusals(root: Path, tuned, tmp_path: Path) -> None:
     assert "peft_type is 'LORA'; ptcli imports PROMPT_TUNING adapters only" in err
     err = failed(cli("import", variant("longer", num_virtual_tokens=P + 2), "--tag", "x", "-p", root), 1)
     assert f"has {P + 2} virtual tokens; this project uses {P}" in err
-    err = failed(cli("import", variant("wider", token_dim=64, base_model_name_or_path="org/big"), "--tag", "x", "-p", root), 1)
-    assert "was made for base 'org/big' (token_dim 64)" in err and f"this project's base is {str(tuned.base.resolve())!r} (hidden size 32)" in err
+    err = failed(
+        cli("import", variant("wider", token_dim=64, base_model_name_or_path="org/big"), "--tag", "x", "-p", root), 1
+    )
+    assert (
+        "was made for base 'org/big' (token_dim 64)" in err
+        and f"this project's base is {str(tuned.base.resolve())!r} (hidden size 32)" in err
+    )
     pickled = variant("pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     err = failed(cli("import", pickled, "--tag", "x", "-p", root), 2)
     assert "adapter_model.bin, a pickle; ptcli never loads pickles" in err
-    assert "is a file" in failed(cli("import", good / "adapter_config.json", "--format", "peft", "--tag", "x", "-p", root), 2)
+    assert "is a file" in failed(
+        cli("import", good / "adapter_config.json", "--format", "peft", "--tag", "x", "-p", root), 2
+    )
     assert bank.tags(proj.load(root)) == ["sent"]
 
 

@@ -60,3 +60,32 @@ def test_serve_bench_quick_configuration_runs(tmp_path, tiny_llama):
         results["runs"][3]["mean_batch"] == 1.0 and results["runs"][2]["mean_batch"] > 1
     )  # off: one row a pass; on: shared
     assert "| batching | clients |" in r.stdout
+
+
+def test_probe_finds_a_label_the_features_carry(tmp_path, tiny_llama):
+    """bench/probe.py on a task whose label is the first word: the probe must separate val."""
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "film", "story", "actors", "music", "plot", "scene", "end"]
+    (tmp_path / "RTE").mkdir()
+    for split, n in (("train", 48), ("val", 24)):
+        rows = []
+        for i in range(n):
+            label = i % 2 == 0
+            text = ("good " if label else "bad ") + " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+            rows.append({"prompt_tag": "RTE", "text": text, "answer": "True" if label else "False"})
+        (tmp_path / "RTE" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "probe.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "probe.py"), "--base", str(tiny_llama), "--data-dir", str(tmp_path)]
+        + ["--layer-stride", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rte = json.loads(out.read_text())["RTE"]
+    assert (rte["train_rows"], rte["val_rows"], rte["val_majority"]) == (48, 24, 0.5)
+    assert max(f["val_acc"] for f in rte["fits"]) == 1.0
+    assert "| RTE | 48 | 0.500 |" in r.stdout

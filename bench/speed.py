@@ -135,7 +135,7 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
 def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
     import torch
 
-    from ptcli.forward import greedy
+    from ptcli.forward import answer
     from ptcli.model import init_prompt, load_base
 
     model, tok = load_base("default")
@@ -149,7 +149,7 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
         for tag in tags:  # ptcli: group the mixed file by tag, length-sorted batches, one pass per batch
             idx = sorted((i for i, r in enumerate(rows) if r["prompt_tag"] == tag), key=lambda i: len(texts[i]))
             for s in range(0, len(idx), batch):
-                greedy(
+                answer(
                     model,
                     prompts[tag],
                     [texts[i] for i in idx[s : s + batch]],
@@ -328,7 +328,8 @@ def main() -> None:
     for r in rows:
         print(f"{r[0]:<20}{r[1]:<14}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
     print(
-        f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; list-tags on 50 prompts {results['list_tags_seconds']:.3f} s"
+        f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; "
+        f"list-tags on 50 prompts {results['list_tags_seconds']:.3f} s"
     )
     for key in [k for k in results if "ratio" in k] + ["train_peak_fraction"]:
         print(f"{key}: {results[key]:.3f}")

@@ -17,6 +17,7 @@ import torch
 import transformers
 from clihelp import cli, failed
 from conftest import make_tokenizer
+from reference import greedy
 
 from ptcli import bank, forward, peft_io
 from ptcli import project as proj
@@ -24,7 +25,7 @@ from ptcli.arch import window_of
 from ptcli.config import TaskConfig
 from ptcli.data import ANSWER_PREFIX
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, choice_scores, greedy, token_logprobs
+from ptcli.forward import IGNORE, choice_scores, token_logprobs
 from ptcli.model import load_base
 from ptcli.train import tune_many
 
@@ -394,7 +395,10 @@ def _slotted_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_templates_equal_the_unpadded_reference(family, template: str) -> None:
-    """Loss, gradient, greedy answers and ranked scores of template rows, two prompts in one batch, rows wider than the window."""
+    """Loss, gradient, greedy answers and ranked scores of template rows.
+
+    Two prompts in one batch, rows wider than the window.
+    """
     from ptcli.template import Layout
 
     _, _, model, tok = family

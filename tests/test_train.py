@@ -338,7 +338,8 @@ def test_time_budget_drives_the_decay() -> None:
 
 def test_validation_loss_from_the_ranking_pass_equals_the_loss(mixed, llama) -> None:
     from ptcli.data import closed_answers, encode, read_jsonl
-    from ptcli.forward import lm_loss
+    from reference import plain_lm_loss
+
     from ptcli.validate import Task, evaluate
 
     model, tok = llama
@@ -358,6 +359,6 @@ def test_validation_loss_from_the_ranking_pass_equals_the_loss(mixed, llama) -> 
     got = evaluate(model, tok, prompts, task, 3, One())
     total, n = 0.0, 0
     for k in range(2):
-        s, c = lm_loss(model, prompts[k], enc.ids, enc.labels, tok.pad_token_id, fast=False)
+        s, c = plain_lm_loss(model, prompts[k], enc.ids, enc.labels, tok.pad_token_id)
         total, n = total + float(s), n + c
     assert got["val_loss"] == pytest.approx(total / n, rel=1e-5)

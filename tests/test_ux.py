@@ -348,7 +348,8 @@ def test_peft_loads_the_exported_adapter_and_agrees_with_ptcli(tuned, tmp_path: 
 
     from peft import PeftConfig, PeftModel, PromptTuningConfig
 
-    from ptcli.forward import assemble, greedy, to_logits
+    from reference import assemble, greedy
+    from ptcli.forward import to_logits
     from ptcli.model import load_base
 
     out = _peft_export(tuned.root, "sent", tmp_path / "adapter")

@@ -155,7 +155,7 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
                     [texts[i] for i in idx[s : s + batch]],
                     tok.pad_token_id,
                     tok.eos_token_id,
-                    new_tokens,
+                    max_new=new_tokens,
                 )
     else:
         from peft import PromptTuningConfig, TaskType, get_peft_model
@@ -216,6 +216,7 @@ def list_tags_seconds(n_tags: int = 50) -> float:
     import torch
 
     from ptcli import bank, project
+    from ptcli.record import PromptRecord
 
     with tempfile.TemporaryDirectory() as d:
         p = project.create(Path(d) / "p", project.BaseInfo("default", "0" * 64, 576, "llama"), 20)
@@ -224,7 +225,7 @@ def list_tags_seconds(n_tags: int = 50) -> float:
                 p,
                 f"task{i:02d}",
                 torch.randn(20, 576),
-                {"steps": 100, "metrics": {"val_acc": 0.5, "val_loss": 1.0}, "init": "text"},
+                PromptRecord(steps=100, metrics={"val_acc": 0.5, "val_loss": 1.0}, init="text"),
             )
         ptcli = str(Path(sys.executable).parent / "ptcli")
         walls = []

@@ -309,6 +309,8 @@ def tune(
             shard_base=shard_base,
         )
 
+    from ptcli.record import headline
+
     with preempt.on_sigterm():
         if is_main_process():
             with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):
@@ -323,7 +325,7 @@ def tune(
         emit_json(records[0] if len(records) == 1 else records)
     for r in results:
         m, m0 = r.metrics, r.initial_metrics
-        key = "val_acc_rank" if "val_acc_rank" in m else "val_acc"
+        key = headline(m)
         say(
             f"tuned {r.tag!r}: {key} {m0.get(key, float('nan')):.3f} -> {m[key]:.3f} (best at step {r.best_step} of {r.steps}), "
             f"{r.seconds:.0f} s; saved {r.path}",

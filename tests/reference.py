@@ -56,3 +56,10 @@ def greedy(
 ) -> list[list[int]]:
     """Greedy decoding behind the soft prompts, with a KV cache; each row stops at eos (not included)."""
     return answer(model, prompts, seqs, pad_id, eos_id, which=which, max_new=max_new)[0]
+
+
+def tune(project, tag: str, cfg, reporter, **options):
+    """Tune one tag: `train.tune_many` with a single entry, its one TuneResult."""
+    from ptcli.train import tune_many
+
+    return tune_many(project, {tag: cfg}, reporter, **options)[0]

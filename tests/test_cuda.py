@@ -118,7 +118,7 @@ def test_tune_and_infer_run_on_the_device(
         )
     )
     prompt, meta = bank.get(proj.load(root), "sent")
-    assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all() and meta["steps"] == 6
+    assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all() and meta.steps == 6
     result = cli("infer", tiny_data.valid, "-p", root, "--dtype", dtype, "--json", "--tokens-to-generate", 3)
     ok(result)
     assert len(json.loads(result.stdout)["predictions"]) == 10

@@ -56,7 +56,10 @@ WRITES = ["checkpoint.safetensors", "metrics.jsonl", "soak.safetensors", "ptcli.
 
 
 def child(fn, *args) -> tuple[int, threading.Thread, list[str], threading.Event]:
-    """Fork; the child runs fn(*args) with stderr on a pipe and exits with its code. Returns (pid, reader, lines, started)."""
+    """Fork; the child runs fn(*args) with stderr on a pipe and exits with its code.
+
+    Returns (pid, reader, lines, started).
+    """
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -211,7 +214,10 @@ def plan(rng: random.Random) -> tuple[str, object]:
 
 
 def soak(target: int, seed: int, out: Path, workers: int) -> dict:
-    """Build the project and the uninterrupted reference, then `workers` processes kill and resume until `target` kills."""
+    """Build the project and the uninterrupted reference.
+
+    Then `workers` processes kill and resume until `target` kills.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -319,7 +325,7 @@ def episodes(where: Path, reference, span: float, target: int, rng: random.Rando
         if code == 0:
             prompt, meta = bank.get(proj.load(root), "soak")
             stats["max_prompt_diff"] = max(stats["max_prompt_diff"], float((prompt - reference).abs().max()))
-            stats["wrong_steps"] += meta.get("steps") != STEPS
+            stats["wrong_steps"] += meta.steps != STEPS
         stats["temp_files_after_episodes"] += len(storage.temp_files(root))
         stats["check_problems"] += len(check(root).problems)
         shutil.rmtree(root)

@@ -135,7 +135,7 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
 def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
     import torch
 
-    from ptcli.forward import greedy
+    from ptcli.forward import answer
     from ptcli.model import init_prompt, load_base
 
     model, tok = load_base("default")
@@ -149,13 +149,13 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
         for tag in tags:  # ptcli: group the mixed file by tag, length-sorted batches, one pass per batch
             idx = sorted((i for i, r in enumerate(rows) if r["prompt_tag"] == tag), key=lambda i: len(texts[i]))
             for s in range(0, len(idx), batch):
-                greedy(
+                answer(
                     model,
                     prompts[tag],
                     [texts[i] for i in idx[s : s + batch]],
                     tok.pad_token_id,
                     tok.eos_token_id,
-                    new_tokens,
+                    max_new=new_tokens,
                 )
     else:
         from peft import PromptTuningConfig, TaskType, get_peft_model
@@ -216,6 +216,7 @@ def list_tags_seconds(n_tags: int = 50) -> float:
     import torch
 
     from ptcli import bank, project
+    from ptcli.record import PromptRecord
 
     with tempfile.TemporaryDirectory() as d:
         p = project.create(Path(d) / "p", project.BaseInfo("default", "0" * 64, 576, "llama"), 20)
@@ -224,7 +225,7 @@ def list_tags_seconds(n_tags: int = 50) -> float:
                 p,
                 f"task{i:02d}",
                 torch.randn(20, 576),
-                {"steps": 100, "metrics": {"val_acc": 0.5, "val_loss": 1.0}, "init": "text"},
+                PromptRecord(steps=100, metrics={"val_acc": 0.5, "val_loss": 1.0}, init="text"),
             )
         ptcli = str(Path(sys.executable).parent / "ptcli")
         walls = []
@@ -328,7 +329,8 @@ def main() -> None:
     for r in rows:
         print(f"{r[0]:<20}{r[1]:<14}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
     print(
-        f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; list-tags on 50 prompts {results['list_tags_seconds']:.3f} s"
+        f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; "
+        f"list-tags on 50 prompts {results['list_tags_seconds']:.3f} s"
     )
     for key in [k for k in results if "ratio" in k] + ["train_peak_fraction"]:
         print(f"{key}: {results[key]:.3f}")

@@ -62,7 +62,8 @@ def check_config(config, ref: str) -> None:
     """
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(
-            f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only (causal) language models",
+            f"{ref!r} is an encoder-decoder model ({config.model_type}); "
+            "ptcli tunes decoder-only (causal) language models",
             hint="pick a causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)",
         )
     recurrent = sorted(set(getattr(config.get_text_config(), "layer_types", None) or []) & set(RECURRENT_LAYERS))
@@ -75,7 +76,8 @@ def check_config(config, ref: str) -> None:
 
 
 def check_supported(model, ref: str) -> None:
-    """Refuse a loaded base that takes no `inputs_embeds`, or on which ptcli's fast paths fail or disagree with a plain forward.
+    """Refuse a loaded base that takes no `inputs_embeds`, or on which ptcli's fast paths fail or disagree
+    with a plain forward.
 
     The probe: two rows of different lengths behind a 2-vector prompt, their loss (rows padded
     on the right) and a 2-token answer's score after each (rows padded on the left, then
@@ -98,8 +100,7 @@ def check_supported(model, ref: str) -> None:
         with torch.no_grad():
             fast = lm_loss(model, prompt, rows, rows, 0)[0] - choice_scores(model, prompt, rows, [answer], 0).sum()
             plain = sum(
-                lm_loss(model, prompt, [r], [r], 0, fast=False)[0]
-                + lm_loss(model, prompt, [r + answer], [[IGNORE] * len(r) + answer], 0, fast=False)[0]
+                _row_nll(model, prompt, r, r) + _row_nll(model, prompt, r + answer, [IGNORE] * len(r) + answer)
                 for r in rows
             )
     except Exception as e:  # whatever breaks inside transformers, the user gets one clear refusal
@@ -113,3 +114,15 @@ def check_supported(model, ref: str) -> None:
             f"one row at a time gives {float(plain):.5f}",
             hint="pick another causal LM, and report the model to ptcli",
         )
+
+
+def _row_nll(model, prompt, row: list[int], labels: list[int]):
+    """Summed cross entropy of one row read whole and unpadded behind the prompt, [prompt][row]: the plain answer."""
+    import torch
+    import torch.nn.functional as F
+
+    emb = model.get_input_embeddings()
+    ids = torch.tensor([row], device=emb.weight.device)  # (1, T)
+    embeds = torch.cat([prompt.to(emb.weight).unsqueeze(0), emb(ids)], dim=1)  # (1, P+T, H)
+    logits = model(inputs_embeds=embeds).logits[0, prompt.shape[0] - 1 : -1]  # (T, V): prompt end predicts row[0]
+    return F.cross_entropy(logits.float(), torch.tensor(labels, device=logits.device), reduction="sum")

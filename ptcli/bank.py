@@ -8,6 +8,7 @@ are never unpickled; writes are atomic.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ptcli.errors import CompatibilityError, ProjectError
+from ptcli.errors import CompatibilityError, unknown_tags
 from ptcli.project import Project
+from ptcli.record import PromptRecord
 from ptcli.storage import atomic_write
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ SUFFIX = ".safetensors"
 @dataclass
 class Entry:
     tag: str
-    meta: dict[str, Any]
+    record: PromptRecord
     path: Path
 
 
@@ -72,72 +74,62 @@ def read_meta(project: Project, tag: str) -> Entry:
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         blob = head + f.read(min(n, 10_000_000))
     header, _ = _split(path, blob)
-    return Entry(tag, header["__metadata__"]["ptcli"], path)
+    return Entry(tag, PromptRecord.from_json(header["__metadata__"]["ptcli"]), path)
 
 
-def mode_of(meta: dict[str, Any]) -> str:
-    """The infer mode a prompt was chosen by: `rank` where validation ranked a closed answer set, else `generate`.
-
-    Records from before `mode` was stored (and imported prompts) get the mode today's validation
-    would have used: rank exactly when the record has an answer set (`choices`).
-    """
-    return meta.get("mode") or ("rank" if meta.get("choices") else "generate")
-
-
-def check_compatible(project: Project, meta: dict[str, Any], source: str) -> None:
+def check_compatible(project: Project, record: PromptRecord, source: str) -> None:
     """Refuse a prompt made for another base model or prompt length, naming both."""
     base = project.base
-    if meta.get("base_fingerprint") != base.fingerprint or meta.get("hidden_size") != base.hidden_size:
+    if record.base_fingerprint != base.fingerprint or record.hidden_size != base.hidden_size:
         raise CompatibilityError(
-            f"{source} was tuned on base {meta.get('base_ref')!r} (fingerprint {str(meta.get('base_fingerprint'))[:12]}, "
-            f"hidden size {meta.get('hidden_size')}); this project's base is {base.ref!r} "
+            f"{source} was tuned on base {record.base_ref!r} (fingerprint {str(record.base_fingerprint)[:12]}, "
+            f"hidden size {record.hidden_size}); this project's base is {base.ref!r} "
             f"(fingerprint {base.fingerprint[:12]}, hidden size {base.hidden_size})",
             hint="a soft prompt only works with the base model it was tuned on",
         )
-    if meta.get("num_prompt_tokens") != project.num_prompt_tokens:
+    if record.num_prompt_tokens != project.num_prompt_tokens:
         raise CompatibilityError(
-            f"{source} has {meta.get('num_prompt_tokens')} prompt tokens; this project uses {project.num_prompt_tokens}"
+            f"{source} has {record.num_prompt_tokens} prompt tokens; this project uses {project.num_prompt_tokens}"
         )
 
 
-def get(project: Project, tag: str) -> tuple[torch.Tensor, dict[str, Any]]:
+def get(project: Project, tag: str) -> tuple[torch.Tensor, PromptRecord]:
     """Load a prompt (P, H), or an ensemble's (K, P, H), after verifying its checksum and its base model."""
     from safetensors.torch import load as st_load
 
-    path = path_of(project, tag)
-    if not path.is_file():
-        known = ", ".join(tags(project)) or "none yet"
-        raise ProjectError(
-            f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`"
-        )
+    path = require(project, tag)
     blob = path.read_bytes()
     header, data = _split(path, blob)
-    meta = header["__metadata__"]["ptcli"]
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+    record = PromptRecord.from_json(header["__metadata__"]["ptcli"])
+    if hashlib.sha256(data).hexdigest() != record.sha256:
         raise CompatibilityError(f"prompt file {path} is corrupted: its checksum does not match", hint="retune the tag")
-    check_compatible(project, meta, f"prompt {tag!r}")
-    return st_load(blob)["prompt"].float(), meta
+    check_compatible(project, record, f"prompt {tag!r}")
+    return st_load(blob)["prompt"].float(), record
 
 
-def put(project: Project, tag: str, prompt: torch.Tensor, meta: dict[str, Any]) -> Path:
-    """Atomically write a prompt (P, H) or an ensemble (K, P, H) with its record; the checksum covers the tensor bytes."""
+def put(project: Project, tag: str, prompt: torch.Tensor, record: PromptRecord) -> Path:
+    """Atomically write a prompt (P, H) or an ensemble (K, P, H) with its record; the checksum covers the tensor bytes.
+
+    The record's tag, shape and base are set here from the prompt and the project, so they cannot disagree.
+    """
     from safetensors.torch import save as st_save
 
     tensors = {"prompt": prompt.detach().float().cpu().contiguous()}
-    record = {
-        **meta,
-        "schema_version": ENTRY_SCHEMA,
-        "tag": tag,
-        "num_prompt_tokens": int(prompt.shape[-2]),
-        "hidden_size": int(prompt.shape[-1]),
-        "ensemble": int(prompt.shape[0]) if prompt.dim() == 3 else 1,
-        "base_ref": project.base.ref,
-        "base_fingerprint": project.base.fingerprint,
-    }
-    _, data = _split(Path(tag), st_save(tensors, metadata={"ptcli": json.dumps({**record, "sha256": ""})}))
-    record["sha256"] = hashlib.sha256(data).hexdigest()
+    record = dataclasses.replace(
+        record,
+        schema_version=ENTRY_SCHEMA,
+        tag=tag,
+        num_prompt_tokens=int(prompt.shape[-2]),
+        hidden_size=int(prompt.shape[-1]),
+        ensemble=int(prompt.shape[0]) if prompt.dim() == 3 else 1,
+        base_ref=project.base.ref,
+        base_fingerprint=project.base.fingerprint,
+        sha256="",
+    )
+    _, data = _split(Path(tag), st_save(tensors, metadata={"ptcli": json.dumps(record.to_json())}))
+    record.sha256 = hashlib.sha256(data).hexdigest()
     path = path_of(project, tag)
-    atomic_write(path, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
+    atomic_write(path, st_save(tensors, metadata={"ptcli": json.dumps(record.to_json())}))
     return path
 
 
@@ -150,14 +142,11 @@ def require(project: Project, tag: str) -> Path:
     """The path of a tag's prompt file, or the same error `get` raises for an unknown tag."""
     path = path_of(project, tag)
     if not path.is_file():
-        known = ", ".join(tags(project)) or "none yet"
-        raise ProjectError(
-            f"unknown tag {tag!r}; known tags: {known}", hint="tune it first with `ptcli tune --tag ...`"
-        )
+        raise unknown_tags([tag], tags(project))
     return path
 
 
-def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, PromptRecord]:
     """Check that `blob` is a whole, intact ptcli prompt; return (header, data section, record).
 
     A prompt file holds exactly one float32 tensor `prompt` (P, H), or (K, P, H) for an ensemble, that fills the data
@@ -189,10 +178,10 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, dict[str, A
         raise CompatibilityError(
             f"{source} is corrupted: its checksum does not match", hint="export it again from its project"
         )
-    return header, data, record
+    return header, data, PromptRecord.from_json(record)
 
 
-def read_verified(project: Project, tag: str) -> tuple[bytes, dict[str, Any]]:
+def read_verified(project: Project, tag: str) -> tuple[bytes, PromptRecord]:
     """A tag's prompt file as bytes, after the structure and checksum checks of `verify`."""
     path = require(project, tag)
     blob = path.read_bytes()
@@ -202,8 +191,9 @@ def read_verified(project: Project, tag: str) -> tuple[bytes, dict[str, Any]]:
 
 def relabel(source: str, blob: bytes, tag: str) -> bytes:
     """The same prompt file with `tag` in its record. The tensor bytes, and so the checksum, are unchanged."""
-    header, data, record = verify(source, blob)
-    header = {**header, "__metadata__": {**header["__metadata__"], "ptcli": json.dumps({**record, "tag": tag})}}
+    header, data, _ = verify(source, blob)
+    raw = header["__metadata__"]["ptcli"]  # as stored, keys and all
+    header = {**header, "__metadata__": {**header["__metadata__"], "ptcli": json.dumps({**raw, "tag": tag})}}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # safetensors pads its header to 8 bytes so the data stays aligned
     return struct.pack("<Q", len(head)) + head + data

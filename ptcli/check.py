@@ -70,8 +70,8 @@ def _bank(root: Path, p: proj.Project | None, report: Report) -> None:
             _, _, record = bank.verify(str(path), path.read_bytes())
             if p is not None:
                 bank.check_compatible(p, record, f"prompt {path}")
-            if record.get("tag") != path.name[: -len(bank.SUFFIX)]:
-                raise CompatibilityError(f"{path} holds the prompt of tag {record.get('tag')!r}")
+            if record.tag != path.name[: -len(bank.SUFFIX)]:
+                raise CompatibilityError(f"{path} holds the prompt of tag {record.tag!r}")
         except PtcliError as e:
             report.problems.append(Finding(str(path), e.message))
         except OSError as e:

@@ -75,11 +75,12 @@ def finished(
     done = []
     for tag, cfg in cfgs.items():
         path = bank.path_of(project, tag)
-        meta = bank.read_meta(project, tag).meta if path.is_file() else {}
+        record = bank.read_meta(project, tag).record if path.is_file() else None
         if (
-            meta.get("config") != cfg.to_dict()
-            or meta.get("inputs") != inputs
-            or meta.get("tuned_with") != [t for t in cfgs if t != tag]
+            record is None
+            or record.config != cfg.to_dict()
+            or record.inputs != inputs
+            or record.tuned_with != [t for t in cfgs if t != tag]
         ):
             if not overwrite and any(bank.path_of(project, t).is_file() for t in cfgs):
                 raise ProjectError(
@@ -90,11 +91,11 @@ def finished(
         done.append(
             {
                 "tag": tag,
-                "steps": meta["steps"],
-                "best_step": meta["best_step"],
-                "metrics": meta["metrics"],
-                "initial_metrics": meta["initial_metrics"],
-                "seconds": meta.get("train_seconds", 0.0),
+                "steps": record.steps,
+                "best_step": record.best_step,
+                "metrics": record.metrics,
+                "initial_metrics": record.initial_metrics,
+                "seconds": record.train_seconds or 0.0,
                 "truncated": 0,
                 "path": str(path),
             }
@@ -144,7 +145,10 @@ def _split(source: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def verify(source: Path) -> dict[str, Any]:
-    """The record of a whole, intact checkpoint (structure and sha256 checked, no torch); ProjectError names a damaged one."""
+    """The record of a whole, intact checkpoint (structure and sha256 checked, no torch).
+
+    A damaged one raises ProjectError naming it.
+    """
     header, data = _split(source, source.read_bytes())
     record = header["__metadata__"]["ptcli"]
     ends = header["__ends__"]
@@ -164,7 +168,10 @@ def load(
     cfgs: dict[str, TaskConfig],
     inputs: dict[str, Any] | None = None,
 ) -> State:
-    """Restore a verified checkpoint into `prompt` and `opt`; refuse one made with other settings or inputs, naming them."""
+    """Restore a verified checkpoint into `prompt` and `opt`.
+
+    One made with other settings or inputs is refused, naming them.
+    """
     import torch
     from safetensors.torch import load as st_load
 

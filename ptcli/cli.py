@@ -48,9 +48,8 @@ from ptcli.cli_args import (
     _given,
     handled,
 )
-from ptcli.config import check_prompt_length, check_tag, merge_task
+from ptcli.config import check_prompt_length, check_tag
 from ptcli.errors import PtcliError, UsageError
-from ptcli.template import parse as parse_template
 
 app = typer.Typer(
     name="ptcli",
@@ -136,6 +135,7 @@ def add_task(
 ) -> None:
     """Record a task and its settings, so that `ptcli tune --tag TAG` needs no more flags."""
     from ptcli import project as proj
+    from ptcli.api import Project
     from ptcli.console import emit_json, say
     from ptcli.data import read_jsonl
     from ptcli.storage import project_lock
@@ -164,8 +164,7 @@ def add_task(
         reparam=reparam,
         reparam_lr=reparam_lr,
     )
-    cfg = merge_task(p.tasks.get(tag), given)
-    parse_template(cfg.template, p.num_prompt_tokens)
+    cfg = Project(p).task_configs([tag], given)[tag]
     read_jsonl(cfg.train, training=True, tag=tag)
     read_jsonl(cfg.valid, training=True, tag=tag)
     with project_lock(p.root, f"ptcli add-task {tag}"):
@@ -241,8 +240,9 @@ def tune(
 ) -> None:
     """Tune a soft prompt with the base model and every other prompt frozen; keep the best by validation."""
     from ptcli import project as proj
+    from ptcli.api import Project
     from ptcli.console import TuneReporter, emit_json, say
-    from ptcli.storage import is_main_process, project_lock
+    from ptcli.storage import is_main_process
 
     tags = list(dict.fromkeys(check_tag(t) for t in tag))
     _check_dtype(dtype)
@@ -274,9 +274,7 @@ def tune(
         reparam=reparam,
         reparam_lr=reparam_lr,
     )
-    cfgs = {t: merge_task(p.tasks.get(t), given) for t in tags}
-    for cfg in cfgs.values():
-        parse_template(cfg.template, p.num_prompt_tokens)
+    Project(p).task_configs(tags, given)  # bad settings are refused before any relaunch
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
     from ptcli import dist, preempt
@@ -293,37 +291,29 @@ def tune(
                 f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above"
             )
         return
-    name = "+".join(tags)
-    reporter = TuneReporter(name, quiet or not is_main_process())
-    from ptcli.train import tune_many
-
-    def run() -> list:
-        return tune_many(
-            p,
-            cfgs,
-            reporter,
+    reporter = TuneReporter("+".join(tags), quiet or not is_main_process())
+    with preempt.on_sigterm():
+        results = Project(p).tune(
+            tags,
+            reporter=reporter,
             resume="auto" if auto_resume else resume,
             overwrite=overwrite,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             shard_base=shard_base,
+            **given,
         )
-
-    with preempt.on_sigterm():
-        if is_main_process():
-            with project_lock(p.root, f"ptcli tune --tag {' --tag '.join(tags)}"):
-                results = run()
-        else:
-            results = run()
     if not is_main_process():
         dist.exit_launched_worker()
         return
     if as_json:
         records = [{k: v for k, v in dataclasses.asdict(r).items() if k != "history"} for r in results]
         emit_json(records[0] if len(records) == 1 else records)
+    from ptcli.record import headline
+
     for r in results:
         m, m0 = r.metrics, r.initial_metrics
-        key = "val_acc_rank" if "val_acc_rank" in m else "val_acc"
+        key = headline(m)
         say(
             f"tuned {r.tag!r}: {key} {m0.get(key, float('nan')):.3f} -> {m[key]:.3f} (best at step {r.best_step} of {r.steps}), "
             f"{r.seconds:.0f} s; saved {r.path}",
@@ -383,8 +373,8 @@ def infer(
     """Predict an answer for every line; stdout gets each input line with `prediction` added, in input order."""
     from ptcli import dist
     from ptcli import project as proj
+    from ptcli.api import Project
     from ptcli.console import emit_json, emit_jsonl, err, say
-    from ptcli.infer import infer as run_infer
     from ptcli.storage import is_main_process
 
     if devices < 1 or (devices > 1 and device_map):
@@ -405,8 +395,7 @@ def infer(
         if code:
             raise PtcliError(f"the {devices}-process inference failed (exit {code})", hint="see the messages above")
         return
-    result = run_infer(
-        p,
+    result = Project(p).infer(
         file,
         mode=mode,
         choices=options,

@@ -34,9 +34,9 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
             [
                 {
                     "tag": e.tag,
-                    "mode": bank.mode_of(e.meta),
+                    "mode": e.record.answer_mode,
                     **{
-                        k: e.meta.get(k)
+                        k: getattr(e.record, k)
                         for k in ("num_prompt_tokens", "steps", "best_step", "metrics", "init", "created", "updated")
                     },
                 }
@@ -50,17 +50,16 @@ def list_tags(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
         "tag", "tokens", "mode", "steps", "val_acc", "val_loss", "init", "created", title=f"prompt bank of {p.root}"
     )
     for e in entries:
-        m = e.meta.get("metrics") or {}
-        steps = e.meta.get("steps")
+        m, steps = e.record.metrics, e.record.steps
         table.add_row(
             e.tag,
-            str(e.meta.get("num_prompt_tokens")),
-            bank.mode_of(e.meta),
+            str(e.record.num_prompt_tokens),
+            e.record.answer_mode,
             "-" if steps is None else str(steps),
             f"{m.get('val_acc', float('nan')):.3f}",
             f"{m.get('val_loss', float('nan')):.4f}",
-            str(e.meta.get("init")),
-            str(e.meta.get("created")),
+            str(e.record.init),
+            str(e.record.created),
         )
     err.print(table)
 
@@ -78,13 +77,12 @@ def show(
     """A prompt's settings, metrics and base (from its bank header) and its training/validation curves."""
     from ptcli import project as proj
     from ptcli import report
-    from ptcli.bank import mode_of
     from ptcli.console import emit_json, say, show_prompt
 
     p = proj.load(project)
     shown = report.show(p, tag)
     if plot is not None:  # first, so that a failure leaves no half-made report
-        report.plot(tag, shown.curves, plot, shown.record.get("best_step"))
+        report.plot(tag, shown.curves, plot, shown.record.best_step)
     if as_json:
         c = shown.curves
         emit_json(
@@ -92,8 +90,8 @@ def show(
                 "tag": tag,
                 "path": shown.path,
                 "checksum_ok": shown.checksum_ok,
-                "mode": mode_of(shown.record),
-                "record": shown.record,
+                "mode": shown.record.answer_mode,
+                "record": shown.record.to_json(),
                 "curves": {"train": c.train, "valid": c.valid, "source": c.source},
             }
         )

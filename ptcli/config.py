@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ptcli.choices import Init, Reparam
 from ptcli.errors import UsageError
 
-INIT_METHODS = ("text", "labels", "vocab", "random")
-REPARAMS = ("none", "residual", "mlp", "lstm")  # kept in step with ptcli.reparam, which imports torch
+INIT_METHODS = Init.values()
+REPARAMS = Reparam.values()
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 

@@ -96,11 +96,10 @@ def show_prompt(shown: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ptcli.bank import mode_of
     from ptcli.report import sparkline
 
     r = shown.record
-    m, m0 = r.get("metrics") or {}, r.get("initial_metrics") or {}
+    m, m0 = r.metrics or {}, r.initial_metrics or {}
 
     def metric(key: str, fmt: str) -> str:
         now = format(m[key], fmt) if key in m else "-"
@@ -108,28 +107,28 @@ def show_prompt(shown: Any) -> None:
 
     table = Table("", "", title=f"prompt {shown.tag}", show_header=False, title_justify="left")
     rows = [
-        ("base", f"{r.get('base_ref')} (fingerprint {str(r.get('base_fingerprint'))[:12]})"),
-        ("prompt", f"{r.get('num_prompt_tokens')} tokens x {r.get('hidden_size')}"),
-        ("init", str(r.get("init")) + (f": {r['init_text']!r}" if r.get("init_text") else "")),
-        ("mode", f"{mode_of(r)} (infer's default)"),
-        ("steps", f"{r.get('steps')} (best at step {r.get('best_step')})" if r.get("steps") is not None else "-"),
+        ("base", f"{r.base_ref} (fingerprint {str(r.base_fingerprint)[:12]})"),
+        ("prompt", f"{r.num_prompt_tokens} tokens x {r.hidden_size}"),
+        ("init", str(r.init) + (f": {r.init_text!r}" if r.init_text else "")),
+        ("mode", f"{r.answer_mode} (infer's default)"),
+        ("steps", f"{r.steps} (best at step {r.best_step})" if r.steps is not None else "-"),
         ("val_acc", metric("val_acc", ".3f")),
         ("val_loss", metric("val_loss", ".4f")),
     ]
-    if r.get("train_seconds") is not None:
-        rows.append(("trained", f"{r['train_seconds']:.1f} s on {r.get('world_size', 1)} process(es)"))
-    if r.get("imported_from"):
-        rows.append(("imported from", str(r["imported_from"].get("path"))))
+    if r.train_seconds is not None:
+        rows.append(("trained", f"{r.train_seconds:.1f} s on {r.world_size or 1} process(es)"))
+    if r.imported_from:
+        rows.append(("imported from", str(r.imported_from.get("path"))))
     rows += [
-        ("created", str(r.get("created"))),
-        ("updated", str(r.get("updated"))),
-        ("sha256", f"{str(r.get('sha256'))[:16]}  {'ok' if shown.checksum_ok else 'MISMATCH: the file is damaged'}"),
+        ("created", str(r.created)),
+        ("updated", str(r.updated)),
+        ("sha256", f"{str(r.sha256)[:16]}  {'ok' if shown.checksum_ok else 'MISMATCH: the file is damaged'}"),
     ]
     for k, v in rows:
         table.add_row(k, Text(v))
-    if r.get("config"):
+    if r.config:
         table.add_section()
-        for k, v in r["config"].items():
+        for k, v in r.config.items():
             table.add_row(k, Text(str(v)))
     err.print(table)
 

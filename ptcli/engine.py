@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ptcli.data import answer_ids
 from ptcli.errors import PtcliError, UsageError
 from ptcli.forward import answer
-from ptcli.template import PREFIX, Layout
+from ptcli.record import PromptRecord
+from ptcli.template import Layout
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +32,7 @@ class Prompt:
 
     tag: str
     members: torch.Tensor  # (K, P, H)
-    meta: dict[str, Any]
+    record: PromptRecord
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Engine:
 
     def layout(self, prompt: Prompt) -> Layout:
         """Where the tag's template puts the prompt around the text."""
-        key = (prompt.meta["config"].get("template", PREFIX), prompt.members.shape[1])
+        key = (prompt.record.template, prompt.members.shape[1])
         if key not in self._layouts:
             self._layouts[key] = Layout(self.tok, *key)
         return self._layouts[key]
@@ -92,7 +92,7 @@ class Engine:
         for it, t in zip(items, ids):
             room = it.max_new if it.mode == "generate" else max(map(len, answer_ids(self.tok, list(it.choices))))
             layout = self.layout(it.prompt)
-            budget = it.prompt.meta["config"]["max_seq_length"] - layout.overhead() - room
+            budget = it.prompt.record.config["max_seq_length"] - layout.overhead() - room
             if budget < 1:
                 out.append(
                     UsageError(
@@ -127,7 +127,7 @@ class Engine:
         ].max_new  # the same for the whole pass: a row never decodes past the room its text was cut for
         outs, _ = answer(self.model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new)
         answers = []
-        for it, s, span in zip(items, seqs, spans):
+        for s, span in zip(seqs, spans):
             members = [outs[r] for r in span]
             texts = [tok.decode(m, skip_special_tokens=True).strip() for m in members]
             voted = Counter(texts).most_common(1)[0][0]  # ties go to the first member, as in `ptcli infer`

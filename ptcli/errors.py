@@ -60,3 +60,12 @@ class PreemptedError(PtcliError):
     """SIGTERM stopped a run after it wrote a checkpoint; the same command with --auto-resume continues it."""
 
     exit_code = 75  # sysexits' EX_TEMPFAIL: a temporary failure, try again
+
+
+def unknown_tags(unknown: list[str], known: list[str]) -> ProjectError:
+    """The one refusal of tags a project does not have: which ones, which it has, and how to see or add them."""
+    names = ", ".join(map(repr, unknown))
+    return ProjectError(
+        f"unknown tag{'s' if len(unknown) > 1 else ''} {names}; known tags: {', '.join(known) or 'none yet'}",
+        hint="`ptcli list-tags` shows the bank; `ptcli tune --tag TAG` tunes a new prompt",
+    )

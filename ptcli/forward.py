@@ -11,8 +11,7 @@ continuing from P. Under a sliding window, pads inside a row count against it (a
 the loss pads rows on the right instead ([prompt][tokens][pad ...]; nothing is appended to
 them), and `read`, for rows that decoding or candidates extend, moves a right-padded batch's
 pads in front of the prompt (`pads_first`) whenever a padded row could cross the window.
-`assemble` is the plain layout [pad ...][prompt][tokens] that runs every row in full; it is
-kept so tests can hold the fast paths to it.
+The plain layout that runs every row in full, which tests hold these paths to, is in tests/reference.py.
 """
 
 from __future__ import annotations
@@ -25,29 +24,6 @@ import torch.nn.functional as F
 from ptcli.arch import shared_prefix_exact
 from ptcli.placed import has_slots, placed_logprobs, placed_read
 from ptcli.rows import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
-
-
-def assemble(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
-    """Lay out [pad ...][soft prompt][tokens] per row.
-
-    Returns inputs_embeds (B, S, H), attention_mask (B, S) and position_ids (B, S) with
-    S = P + longest row.
-    """
-    prompts, which = stack(prompts, len(seqs), which)
-    emb = model.get_input_embeddings()
-    device = emb.weight.device
-    P = prompts.shape[1]
-    ids = left_pad(seqs, pad_id).to(device)  # (B, T)
-    mask = left_pad([[1] * (P + len(s)) for s in seqs], 0, P + ids.shape[1]).to(device)  # (B, S)
-    is_prompt = left_pad([[1] * P + [0] * len(s) for s in seqs], 0, P + ids.shape[1]).bool().to(device)  # (B, S)
-    ids = torch.cat([torch.full((len(seqs), P), pad_id, dtype=torch.long, device=device), ids], dim=1)  # (B, S)
-    tok_embeds = emb(ids)  # (B, S, H); prompt slots hold pad embeddings until replaced
-    slot = (is_prompt.long().cumsum(1) - 1).clamp(min=0)  # (B, S): which prompt vector sits here
-    rows = prompts.to(device=device, dtype=tok_embeds.dtype)[which.to(device)]  # (B, P, H)
-    prompt_embeds = torch.gather(rows, 1, slot.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (B, S, H)
-    embeds = torch.where(is_prompt.unsqueeze(-1), prompt_embeds, tok_embeds)  # (B, S, H)
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (B, S)
-    return embeds, mask, position_ids
 
 
 def read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, extra: int = 0) -> Read:
@@ -153,32 +129,10 @@ def token_logprobs(
     return logp, row_of
 
 
-def lm_loss(
-    model,
-    prompts: torch.Tensor,
-    seqs: list[list[int]],
-    labels: list[list[int]],
-    pad_id: int,
-    which=None,
-    fast: bool = True,
-):
-    """Summed cross entropy over labelled tokens, and their count.
-
-    The plain path runs every row in full and computes logits everywhere (kept to test that
-    both agree).
-    """
-    if fast:
-        logp, _ = token_logprobs(model, prompts, seqs, labels, pad_id, which)
-        return -logp.sum(), int(logp.numel())
-    P = prompts.shape[-2]
-    embeds, mask, pos = assemble(model, prompts, seqs, pad_id, which)  # (B, S, H), (B, S), (B, S)
-    S = embeds.shape[1]
-    lab = left_pad([[IGNORE] * P + lab for lab in labels], IGNORE, S).to(embeds.device)  # (B, S)
-    targets = lab[:, 1:]  # (B, S-1): position t predicts token t+1
-    sel = targets != IGNORE  # (B, S-1)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, :-1][sel]  # (N, V)
-    loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
-    return loss_sum, int(sel.sum())
+def lm_loss(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):
+    """Summed cross entropy over labelled tokens, and their count (tests/reference.py holds it to a plain forward)."""
+    logp, _ = token_logprobs(model, prompts, seqs, labels, pad_id, which)
+    return -logp.sum(), int(logp.numel())
 
 
 @torch.no_grad()  # not inference_mode: its tensors would poison a sharded base's gathered weights for training
@@ -271,13 +225,6 @@ def _decode(
         )
         last, cache = out.last_hidden_state[:, -1], cache_of(out)
     return results
-
-
-def greedy(
-    model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int, which=None
-) -> list[list[int]]:
-    """Greedy decoding behind the soft prompts, with a KV cache; each row stops at eos (not included)."""
-    return answer(model, prompts, seqs, pad_id, eos_id, which=which, max_new=max_new)[0]
 
 
 def choice_scores(

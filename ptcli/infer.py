@@ -13,18 +13,21 @@ answers, are the ones a single process computes.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ptcli import bank, dist
-from ptcli.data import answer_ids, read_jsonl
-from ptcli.errors import CompatibilityError, ProjectError, UsageError
+from ptcli.choices import Mode
+from ptcli.data import Record, answer_ids, check_inference_row, read_jsonl
+from ptcli.errors import InputError, ProjectError, UsageError, unknown_tags
 from ptcli.forward import answer
-from ptcli.model import fingerprint, load_base
+from ptcli.model import load_project_base
 from ptcli.project import Project
-from ptcli.template import PREFIX, Layout
+from ptcli.template import Layout
 
 
 @dataclass
@@ -32,9 +35,6 @@ class InferResult:
     rows: list[dict[str, Any]]  # input rows in input order, each with `prediction` added
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # per tag, where rows carry answers
     modes: dict[str, str] = field(default_factory=dict)  # per tag: generate or rank
-
-
-MODES = ("generate", "rank")
 
 
 def answers(
@@ -88,7 +88,7 @@ def predict(
     bias: torch.Tensor | None = None,
 ) -> list[str]:
     """One batch of answers in one mode; see `answers`. `bias` (K, C) calibrates ranked scores (see `calibrate`)."""
-    if mode == "rank":
+    if mode == Mode.RANK:
         scores = answers(model, tok, prompts, seqs, choices=choices)[2]  # (B, K, C)
         scores = scores if bias is None else scores - bias
         return [choices[j] for j in scores.mean(1).argmax(-1).tolist()]
@@ -115,15 +115,61 @@ def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def content_free_bias(model, tok, prompts: torch.Tensor, choices: list[str], layout: Layout) -> torch.Tensor:
-    """`calibration_bias` of one tag's prompts (K, P, H) or (P, H) over its answer set, rows laid out as the tag's: (K, C)."""
+    """`calibration_bias` of one tag's prompts (K, P, H) or (P, H) over its answer set: (K, C).
+
+    The content-free rows are laid out as the tag's.
+    """
     rows = [layout.context(ids) for ids in tok(list(CONTENT_FREE), add_special_tokens=False).input_ids]
     free = answers(model, tok, prompts, rows, choices=choices)[2]  # (N, K, C)
     return calibration_bias(free)
 
 
+def records_of(source: str | Path | Iterable[dict[str, Any]]) -> list[Record]:
+    """Rows from a jsonl file ('-': stdin), or rows given as dicts, held to the same rules.
+
+    A given row's `line` is its position from 1, so a problem reads `row 3: missing field 'text'`.
+    """
+    if isinstance(source, (str, Path)):
+        return read_jsonl(str(source), training=False)
+    rows = list(source)
+    problems = [f"row {i}: {p}" for i, row in enumerate(rows, 1) for p in check_inference_row(row)]
+    if problems or not rows:
+        raise InputError(f"the rows have {len(problems)} problem(s)" if rows else "no rows given", problems[:20])
+    return [Record(i, r["prompt_tag"], r["text"], r.get("answer"), r) for i, r in enumerate(rows, 1)]
+
+
+@dataclass
+class TagPlan:
+    """How one tag's rows are answered: its prompts, mode, answer set, layout, text budget and calibration."""
+
+    prompt: torch.Tensor  # (P, H), or (K, P, H) for an ensemble
+    mode: Mode
+    options: list[str] | None
+    layout: Layout
+    budget: int  # text tokens that fit beside the prompt, the template and the answer
+    bias: torch.Tensor | None  # (K, C) contextual calibration, ranked tags only
+
+    @classmethod
+    def of(cls, project, model, tok, tag: str, mode: Mode, choices, tokens_to_generate: int, calibrated: bool):
+        prompt, record = bank.get(project, tag)
+        options = choices or record.choices
+        room = tokens_to_generate if mode == Mode.GENERATE else max(map(len, answer_ids(tok, options)))
+        layout = Layout(tok, record.template, project.num_prompt_tokens)
+        budget = record.config["max_seq_length"] - layout.overhead() - room
+        if budget < 1:
+            raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
+        bias = content_free_bias(model, tok, prompt, options, layout) if calibrated and mode == Mode.RANK else None
+        return cls(prompt, mode, options, layout, budget, bias)
+
+    @torch.inference_mode()
+    def answer(self, model, tok, texts: list[list[int]], tokens_to_generate: int) -> list[str]:
+        seqs = [self.layout.context(t[-self.budget :]) for t in texts]  # texts cut from the left to fit
+        return predict(model, tok, self.prompt, seqs, self.mode, self.options, tokens_to_generate, self.bias)
+
+
 def infer(
     project: Project,
-    path: str,
+    source: str | Path | Iterable[dict[str, Any]],
     *,
     mode: str | None = None,
     choices: list[str] | None = None,
@@ -133,71 +179,47 @@ def infer(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     device_map: str | None = None,
-    status=lambda _: None,
+    status: Callable[[str], None] = lambda _: None,
 ) -> InferResult:
-    """Answers for every row; each tag in `mode`, or by default in the mode its prompt was chosen by (`bank.mode_of`)."""
-    if mode is not None and mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    records = read_jsonl(path, training=False)
+    """Answers for every row of `source` (a jsonl path, '-', or dicts); each tag in `mode`, or by default in the
+    mode its prompt was chosen by (`PromptRecord.answer_mode`). Batches go by tag, then by length; rows come back
+    in input order."""
+    if mode is not None and mode not in Mode.values():
+        raise UsageError(f"--mode must be one of {', '.join(Mode.values())}, got {mode!r}")
+    records = records_of(source)
     modes = tag_modes(project, sorted({r.tag for r in records}), mode, choices)
-    if calibrated and "rank" not in modes.values():
+    if calibrated and Mode.RANK not in modes.values():
         raise UsageError("--calibrate corrects ranked answers, and no tag here is ranked", hint="add --mode rank")
     rank, world, device = dist.join_group()
-    model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
-    if fingerprint(model) != project.base.fingerprint:
-        raise CompatibilityError(f"the base model at {project.base.ref!r} has changed since `ptcli init`")
+    model, tok = load_project_base(project, dtype, trust_remote_code, status, device_map=device_map)
     if device_map is None:
         model.to(device)
-    P = project.num_prompt_tokens
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
     predictions: dict[int, str] = {}  # row index -> answer, for the rows of this process's batches
     batch = -1
     for tag, how in modes.items():
-        prompt, meta = bank.get(project, tag)
-        options = choices or meta.get("choices")
-        room = tokens_to_generate if how == "generate" else max(map(len, answer_ids(tok, options)))
-        layout = Layout(tok, meta["config"].get("template", PREFIX), P)
-        budget = meta["config"]["max_seq_length"] - layout.overhead() - room
-        if budget < 1:
-            raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
-        bias = content_free_bias(model, tok, prompt, options, layout) if calibrated and how == "rank" else None
+        plan = TagPlan.of(project, model, tok, tag, how, choices, tokens_to_generate, calibrated)
         idx = sorted((i for i, r in enumerate(records) if r.tag == tag), key=lambda i: len(texts[i]))
         for start in range(0, len(idx), batch_size):
             chunk, batch = idx[start : start + batch_size], batch + 1
-            if batch % world != rank:
-                continue
-            with torch.inference_mode():
-                outs = predict(
-                    model,
-                    tok,
-                    prompt,
-                    [layout.context(texts[i][-budget:]) for i in chunk],
-                    how,
-                    options,
-                    tokens_to_generate,
-                    bias,
-                )
-            for i, out in zip(chunk, outs):
-                predictions[i] = out
+            if batch % world == rank:  # process r answers batches r, r+N, ...: the plan one process would run
+                predictions.update(zip(chunk, plan.answer(model, tok, [texts[i] for i in chunk], tokens_to_generate)))
     if world > 1:
         predictions = {i: p for part in dist.gather_objects(predictions) for i, p in part.items()}
     ordered = [predictions[i] for i in range(len(records))]
     rows = [{**r.row, "prediction": p} for r, p in zip(records, ordered)]
-    return InferResult(rows, accuracy(records, ordered), modes)
+    return InferResult(rows, accuracy(records, ordered), {t: str(m) for t, m in modes.items()})
 
 
-def tag_modes(project: Project, tags: list[str], mode: str | None, choices: list[str] | None) -> dict[str, str]:
+def tag_modes(project: Project, tags: list[str], mode: str | None, choices: list[str] | None) -> dict[str, Mode]:
     """Each tag's mode: `mode` if given, else the one its prompt was chosen by; rank needs an answer set."""
     known = bank.tags(project)
     unknown = [t for t in tags if t not in known]
     if unknown:
-        raise ProjectError(
-            f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(known) or 'none yet'}",
-            hint="tune them first with `ptcli tune --tag ...`",
-        )
-    metas = {t: bank.read_meta(project, t).meta for t in tags}
-    modes = {t: mode or bank.mode_of(metas[t]) for t in tags}
-    missing = [t for t in tags if modes[t] == "rank" and not choices and not metas[t].get("choices")]
+        raise unknown_tags(unknown, known)
+    records = {t: bank.read_meta(project, t).record for t in tags}
+    modes = {t: Mode(mode) if mode else records[t].answer_mode for t in tags}
+    missing = [t for t in tags if modes[t] == Mode.RANK and not choices and not records[t].choices]
     if missing:
         raise UsageError(
             f"--mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training",

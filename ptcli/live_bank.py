@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ptcli import bank
 from ptcli.engine import Prompt
-from ptcli.errors import CompatibilityError, ProjectError, ServeError
+from ptcli.errors import CompatibilityError, ProjectError, ServeError, unknown_tags
 from ptcli.project import Project
 
 Version = tuple[int, int, int]  # inode, mtime in ns, size
@@ -49,7 +49,7 @@ class LiveBank:
         if tag in self._refused:
             raise ServeError(f"tag {tag!r} is in the bank but not served: {self._refused[tag][1]}", status=409)
         raise ServeError(
-            f"unknown tag {tag!r}; known tags: {', '.join(self.tags()) or 'none yet'}",
+            unknown_tags([tag], self.tags()).message,
             status=404,
             extra={"known_tags": self.tags()},
         )
@@ -72,7 +72,7 @@ class LiveBank:
 
     def _load(self, tag: str, version: Version) -> None:
         try:
-            members, meta = bank.get(self.project, tag)
+            members, record = bank.get(self.project, tag)
         except (ProjectError, FileNotFoundError):  # gone since the listing; the next refresh drops it
             return
         except (CompatibilityError, OSError) as e:
@@ -82,4 +82,4 @@ class LiveBank:
             return
         members = members if members.dim() == 3 else members.unsqueeze(0)  # (K, P, H)
         self.status(f"serving tag {tag!r}" + (" (updated)" if tag in self._served else ""))
-        self._served[tag] = (version, Prompt(tag, members, meta))
+        self._served[tag] = (version, Prompt(tag, members, record))

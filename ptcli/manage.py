@@ -20,7 +20,7 @@ from pathlib import Path
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.config import check_tag
-from ptcli.errors import InputError, ProjectError, UsageError
+from ptcli.errors import InputError, ProjectError, UsageError, unknown_tags
 from ptcli.project import Project
 from ptcli.storage import atomic_write, project_lock
 
@@ -58,8 +58,8 @@ class Imported:
 
 
 def _unknown(p: Project, tag: str) -> ProjectError:
-    known = ", ".join(sorted(set(bank.tags(p)) | set(p.tasks))) or "none yet"
-    return ProjectError(f"unknown tag {tag!r}; known tags: {known}", hint="`ptcli list-tags` shows the bank")
+    """A tag is known here by its prompt or by its recorded settings: either can be removed or renamed."""
+    return unknown_tags([tag], sorted(set(bank.tags(p)) | set(p.tasks)))
 
 
 def remove_tag(project: Project, tag: str, keep_task: bool = False) -> Removed:
@@ -158,7 +158,7 @@ def import_bytes(project: Project, name: str, blob: bytes, tag: str | None = Non
     """
     _, _, record = bank.verify(name, blob)
     bank.check_compatible(project, record, name)
-    new = tag or record.get("tag")
+    new = tag or record.tag
     with new_tag_slot(project, new, name) as p:
         target = bank.path_of(p, new)
         atomic_write(target, bank.relabel(name, blob, new))

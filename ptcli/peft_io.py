@@ -17,6 +17,7 @@ pickles and are never read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -27,6 +28,7 @@ from ptcli.config import TaskConfig, check_tag
 from ptcli.errors import CompatibilityError, InputError, UsageError
 from ptcli.manage import Exported, Imported, new_tag_slot
 from ptcli.project import Project, now
+from ptcli.record import PromptRecord
 from ptcli.storage import atomic_write
 from ptcli.template import NAMED, PREFIX
 
@@ -92,7 +94,7 @@ def export(project: Project, tag: str, out: Path, force: bool = False) -> Export
             f"{tag!r} is an ensemble of {prompt.shape[0]} prompts; a PEFT adapter holds one",
             hint="export it in the ptcli format, or tune a single prompt for PEFT",
         )
-    template = record.get("config", {}).get("template", "prefix")
+    template = record.template
     if NAMED.get(template, template) != PREFIX:
         raise UsageError(
             f"{tag!r} places its prompt by the template {template!r}; a PEFT prompt-tuning adapter only prepends it",
@@ -110,7 +112,7 @@ def export(project: Project, tag: str, out: Path, force: bool = False) -> Export
         )
     config = adapter_config(project, _base_source(project))
     # The tensor bytes are the bank file's own, so the record's sha256 still covers them.
-    weights = st_save({KEY: prompt.contiguous()}, metadata={"format": "pt", "ptcli": json.dumps(record)})
+    weights = st_save({KEY: prompt.contiguous()}, metadata={"format": "pt", "ptcli": json.dumps(record.to_json())})
     atomic_write(out / WEIGHTS, weights)
     atomic_write(out / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return Exported(tag, "peft", str(out), [str(out / CONFIG), str(out / WEIGHTS)])
@@ -168,7 +170,8 @@ def _read_weights(folder: Path):
         if (folder / PICKLE).is_file():
             raise InputError(
                 f"{folder} holds {PICKLE}, a pickle; ptcli never loads pickles (they can run code)",
-                hint=f"if you trust it, convert it in Python: PeftModel.from_pretrained(base, '{folder}').save_pretrained(OUT) writes {WEIGHTS}",
+                hint=f"if you trust it, convert it in Python: "
+                f"PeftModel.from_pretrained(base, '{folder}').save_pretrained(OUT) writes {WEIGHTS}",
             )
         raise InputError(f"{folder} holds no {WEIGHTS}")
     try:
@@ -200,17 +203,18 @@ def import_adapter(project: Project, folder: Path, tag: str | None = None) -> Im
     warnings: list[str] = []
     if "ptcli" in metadata:
         try:
-            record = json.loads(metadata["ptcli"])
-        except ValueError as e:
+            record = PromptRecord.from_json(json.loads(metadata["ptcli"]))
+        except (ValueError, TypeError, AttributeError) as e:
             raise InputError(f"{folder / WEIGHTS} has an unreadable ptcli record ({e})") from e
         bank.check_compatible(project, record, str(folder))
-        if hashlib.sha256(prompt.numpy().tobytes()).hexdigest() != record.get("sha256"):
+        if hashlib.sha256(prompt.numpy().tobytes()).hexdigest() != record.sha256:
             raise CompatibilityError(
                 f"{folder / WEIGHTS} does not match its ptcli record: the prompt changed after `ptcli export`",
-                hint="if it was retrained on purpose, delete the ptcli entry from its metadata (PEFT's own save does) and import it with --tag",
+                hint="if it was retrained on purpose, delete the ptcli entry from its metadata "
+                "(PEFT's own save does) and import it with --tag",
             )
-        meta = {k: v for k, v in record.items() if k != "sha256"}
-        tag = tag or record.get("tag")
+        meta = dataclasses.replace(record, sha256=None)
+        tag = tag or record.tag
     else:
         if tag is None:
             raise UsageError(f"--tag is required: {folder} is a PEFT adapter, which does not name its task")
@@ -220,22 +224,18 @@ def import_adapter(project: Project, folder: Path, tag: str | None = None) -> Im
                 f"the adapter names base {named!r}; this project's base is {project.base.ref!r}. "
                 "ptcli checked the prompt length and hidden size, not that the weights are the same"
             )
-        meta = {
-            "init": "peft",
-            "imported_from": {
+        meta = PromptRecord(
+            init="peft",
+            imported_from={
                 "format": "peft",
                 "path": str(folder.resolve()),
                 "base_model_name_or_path": named,
                 "prompt_tuning_init": config.get("prompt_tuning_init"),
             },
-            "config": {"max_seq_length": DEFAULT_MAX_SEQ_LENGTH},  # what `infer` budgets text with; PEFT records none
-            "steps": None,
-            "best_step": None,
-            "metrics": {},
-            "initial_metrics": {},
-            "created": now(),
-            "updated": now(),
-        }
+            config={"max_seq_length": DEFAULT_MAX_SEQ_LENGTH},  # what `infer` budgets text with; PEFT records none
+            created=now(),
+            updated=now(),
+        )
     with new_tag_slot(project, tag, str(folder)) as p:
         path = bank.put(p, tag, prompt, meta)
     return Imported(tag, "peft", str(folder), str(path), warnings)

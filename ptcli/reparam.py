@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptcli.choices import Reparam
+
 
 def _mlp(h: int, inner: int, zero_last: bool) -> nn.Sequential:
     net = nn.Sequential(nn.Linear(h, inner), nn.ReLU(), nn.Linear(inner, h))
@@ -29,17 +31,17 @@ class _Encoder(nn.Module):
     def __init__(self, kind: str, h: int, inner: int):
         super().__init__()
         self.kind = kind
-        if kind == "lstm":
+        if kind == Reparam.LSTM:
             self.lstm = nn.LSTM(h, inner // 2, num_layers=2, bidirectional=True, batch_first=True)
             self.head = _mlp(inner, inner, False)
             self.out = nn.Linear(inner, h)
         else:
-            self.net = _mlp(h, inner, zero_last=kind == "residual")
+            self.net = _mlp(h, inner, zero_last=kind == Reparam.RESIDUAL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (P, H) -> (P, H)
-        if self.kind == "residual":
+        if self.kind == Reparam.RESIDUAL:
             return x + self.net(x)
-        if self.kind == "mlp":
+        if self.kind == Reparam.MLP:
             return self.net(x)
         y, _ = self.lstm(x.unsqueeze(0))  # (1, P, inner)
         return self.out(torch.relu(self.head(y[0])))  # (P, H)
@@ -48,11 +50,11 @@ class _Encoder(nn.Module):
 class SoftPrompt(nn.Module):
     """The only trainable weights: a stack of prompts (S, P, H), and their encoders when reparameterized."""
 
-    def __init__(self, init: torch.Tensor, reparam: str = "none", inner: int = 0, seed: int = 0):
+    def __init__(self, init: torch.Tensor, reparam: str = Reparam.NONE, inner: int = 0, seed: int = 0):
         super().__init__()
         self.weight = nn.Parameter(init.detach().float().clone())  # (S, P, H) or (P, H)
         self.reparam = reparam
-        if reparam != "none":
+        if reparam != Reparam.NONE:
             slots = init.shape[0] if init.dim() == 3 else 1
             h = init.shape[-1]
             with torch.random.fork_rng(devices=[]):  # the same seed gives the same encoders: runs repeat exactly
@@ -60,7 +62,7 @@ class SoftPrompt(nn.Module):
                 self.encoders = nn.ModuleList(_Encoder(reparam, h, inner or h) for _ in range(slots))
 
     def forward(self) -> torch.Tensor:
-        if self.reparam == "none":
+        if self.reparam == Reparam.NONE:
             return self.weight
         if self.weight.dim() == 2:
             return self.encoders[0](self.weight)

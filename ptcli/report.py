@@ -19,6 +19,7 @@ from ptcli import bank
 from ptcli.config import check_tag
 from ptcli.errors import CompatibilityError, ProjectError
 from ptcli.project import Project
+from ptcli.record import PromptRecord
 from ptcli.storage import atomic_write
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -37,7 +38,7 @@ class Shown:
     tag: str
     path: str
     checksum_ok: bool
-    record: dict[str, Any]
+    record: PromptRecord
     curves: Curves
 
 
@@ -80,13 +81,13 @@ def read_curves(project: Project, tag: str, initial: dict[str, Any] | None = Non
 def show(project: Project, tag: str) -> Shown:
     """A prompt's record and curves; the checksum is checked (no torch), not enforced."""
     path = bank.require(project, check_tag(tag))
-    record = bank.read_meta(project, tag).meta
+    record = bank.read_meta(project, tag).record
     try:
         bank.verify(str(path), path.read_bytes())
         ok = True
     except CompatibilityError:
         ok = False
-    return Shown(tag, str(path), ok, record, read_curves(project, tag, record.get("initial_metrics")))
+    return Shown(tag, str(path), ok, record, read_curves(project, tag, record.initial_metrics))
 
 
 def sparkline(values: list[float], width: int = 48) -> str:

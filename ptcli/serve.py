@@ -249,7 +249,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 @contextlib.contextmanager
 def _signals_end_quietly() -> Iterator[None]:
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; under these handlers that ends nothing, so ptcli exits 0."""
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown.
+
+    Under these handlers that ends nothing, so ptcli exits 0.
+    """
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -263,13 +266,10 @@ def serve(project: Project, cfg: ServeConfig, status: Callable[[str], None] = la
     import uvicorn
 
     from ptcli.engine import Engine
-    from ptcli.errors import CompatibilityError
-    from ptcli.model import fingerprint, load_base
+    from ptcli.model import load_project_base
 
     sock = listen(cfg.host, cfg.port)
-    model, tok = load_base(project.base.ref, cfg.dtype, cfg.trust_remote_code, status)
-    if fingerprint(model) != project.base.fingerprint:
-        raise CompatibilityError(f"the base model at {project.base.ref!r} has changed since `ptcli init`")
+    model, tok = load_project_base(project, cfg.dtype, cfg.trust_remote_code, status)
     bank = LiveBank(project, status)
     bank.refresh()
     batcher = Batcher(Engine(model, tok), cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, status)

@@ -13,11 +13,11 @@ import time
 import uuid
 from typing import Any
 
-from ptcli.bank import mode_of
+from ptcli.choices import Mode
 from ptcli.data import Record, check_inference_row
 from ptcli.engine import Answer, Item
-from ptcli.errors import ServeError
-from ptcli.infer import MODES, accuracy
+from ptcli.errors import ServeError, unknown_tags
+from ptcli.infer import accuracy
 from ptcli.live_bank import LiveBank
 
 MAX_PROBLEMS = 20
@@ -103,13 +103,16 @@ def completion_head(tag: str) -> dict[str, Any]:
 
 
 def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list[Record]]:
-    """Items and records of a ptcli rows request; every problem in the rows is reported at once, as `ptcli infer` does."""
+    """Items and records of a ptcli rows request.
+
+    Every problem in the rows is reported at once, as `ptcli infer` does.
+    """
     rows = body.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ServeError("`rows` must be a non-empty list of {prompt_tag, text[, answer]} objects")
     mode = body.get("mode")
-    if mode is not None and mode not in MODES:
-        raise ServeError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode is not None and mode not in Mode.values():
+        raise ServeError(f"`mode` must be one of {', '.join(Mode.values())}, got {mode!r}")
     choices = None if body.get("choices") is None else [c.strip() for c in _strings(body["choices"], "choices")]
     if choices is not None and len(choices) < 2:
         raise ServeError("`choices` needs at least two answers")
@@ -120,16 +123,16 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
     unknown = [t for t in tags if t not in bank.tags()]
     if unknown:
         raise ServeError(
-            f"unknown tag(s) {', '.join(map(repr, unknown))}; known tags: {', '.join(bank.tags()) or 'none yet'}",
+            unknown_tags(unknown, bank.tags()).message,
             status=404,
             extra={"known_tags": bank.tags()},
         )
     prompts = {t: bank.prompt(t) for t in tags}
     modes = {
-        t: mode or mode_of(prompts[t].meta) for t in tags
+        t: Mode(mode) if mode else prompts[t].record.answer_mode for t in tags
     }  # by default the mode each prompt was chosen by, as `ptcli infer`
-    options = {t: tuple(choices or prompts[t].meta.get("choices") or ()) for t in tags}
-    missing = [t for t in tags if modes[t] == "rank" and not options[t]]
+    options = {t: tuple(choices or prompts[t].record.choices or ()) for t in tags}
+    missing = [t for t in tags if modes[t] == Mode.RANK and not options[t]]
     if missing:
         raise ServeError(
             f"mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training; pass `choices`"

@@ -15,6 +15,7 @@ from ptcli.config import TaskConfig
 from ptcli.data import Encoded
 from ptcli.forward import lm_loss
 from ptcli.infer import answers
+from ptcli.record import headline
 
 
 @dataclass
@@ -91,7 +92,7 @@ def better(new: dict[str, float], best: dict[str, float] | None) -> bool:
     """Higher accuracy wins (ranked, where the task has an answer set); equal accuracy goes to lower loss."""
 
     def key(m: dict[str, float]) -> tuple[float, float]:
-        return m.get("val_acc_rank", m["val_acc"]), -m["val_loss"]
+        return m[headline(m)], -m["val_loss"]
 
     return best is None or key(new) > key(best)
 

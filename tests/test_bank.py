@@ -20,6 +20,7 @@ import torch
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.errors import CompatibilityError, ProjectError
+from ptcli.record import PromptRecord
 
 H = 8
 P = 4
@@ -53,45 +54,45 @@ def _header_len(path: Path) -> int:
 
 def test_put_get_round_trip(project: proj.Project) -> None:
     prompt = _prompt()
-    path = bank.put(project, "sent", prompt, META)
+    path = bank.put(project, "sent", prompt, PromptRecord.from_json(META))
     assert path == project.bank_dir / "sent.safetensors"
     got, meta = bank.get(project, "sent")
     assert got.dtype == torch.float32 and torch.equal(got, prompt)
-    assert {k: meta[k] for k in META} == META
-    assert meta["tag"] == "sent" and meta["num_prompt_tokens"] == P and meta["hidden_size"] == H
-    assert meta["base_fingerprint"] == project.base.fingerprint and meta["base_ref"] == project.base.ref
-    assert len(meta["sha256"]) == 64
+    assert {k: meta.to_json()[k] for k in META} == META
+    assert meta.tag == "sent" and meta.num_prompt_tokens == P and meta.hidden_size == H
+    assert meta.base_fingerprint == project.base.fingerprint and meta.base_ref == project.base.ref
+    assert len(meta.sha256) == 64
 
 
 def test_put_stores_float32(project: proj.Project) -> None:
     prompt = _prompt().to(torch.bfloat16)
-    bank.put(project, "half", prompt, {})
+    bank.put(project, "half", prompt, PromptRecord())
     got, _ = bank.get(project, "half")
     assert got.dtype == torch.float32 and torch.equal(got, prompt.float())
 
 
 def test_put_overwrites(project: proj.Project) -> None:
-    bank.put(project, "sent", _prompt(0), {"steps": 1})
-    bank.put(project, "sent", _prompt(1), {"steps": 2})
+    bank.put(project, "sent", _prompt(0), PromptRecord(steps=1))
+    bank.put(project, "sent", _prompt(1), PromptRecord(steps=2))
     got, meta = bank.get(project, "sent")
-    assert torch.equal(got, _prompt(1)) and meta["steps"] == 2
+    assert torch.equal(got, _prompt(1)) and meta.steps == 2
 
 
 def test_read_meta_needs_only_the_header(project: proj.Project) -> None:
-    path = bank.put(project, "sent", _prompt(), META)
+    path = bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     full = bank.read_meta(project, "sent")
     assert full.tag == "sent" and full.path == path
     _, meta = bank.get(project, "sent")
-    assert full.meta == meta
+    assert full.record == meta
     # cut the tensor bytes off: the header alone still reads, the prompt no longer loads
     path.write_bytes(path.read_bytes()[: 8 + _header_len(path)])
-    assert bank.read_meta(project, "sent").meta == meta
+    assert bank.read_meta(project, "sent").record == meta
     with pytest.raises(CompatibilityError):
         bank.get(project, "sent")
 
 
 def test_listing_does_not_import_torch(project: proj.Project) -> None:
-    bank.put(project, "sent", _prompt(), META)
+    bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     code = (
         "import sys, pathlib; from ptcli import bank, project; p = project.load(pathlib.Path(sys.argv[1]));"
         "e = [bank.read_meta(p, t) for t in bank.tags(p)]; assert [x.tag for x in e] == ['sent'], e;"
@@ -102,7 +103,7 @@ def test_listing_does_not_import_torch(project: proj.Project) -> None:
 
 
 def test_corrupted_tensor_byte_refused(project: proj.Project) -> None:
-    path = bank.put(project, "sent", _prompt(), META)
+    path = bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     blob = bytearray(path.read_bytes())
     blob[8 + _header_len(path) + 5] ^= 0x01  # one bit of the tensor data
     path.write_bytes(bytes(blob))
@@ -113,7 +114,7 @@ def test_corrupted_tensor_byte_refused(project: proj.Project) -> None:
 
 @pytest.mark.parametrize("keep", ["5 bytes", "half the header", "half the data"])
 def test_truncated_file_refused(project: proj.Project, keep: str) -> None:
-    path = bank.put(project, "sent", _prompt(), META)
+    path = bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     blob, n = path.read_bytes(), _header_len(path)
     cut = {"5 bytes": 5, "half the header": 8 + n // 2, "half the data": 8 + n + (len(blob) - 8 - n) // 2}[keep]
     path.write_bytes(blob[:cut])
@@ -167,7 +168,7 @@ def test_foreign_safetensors_file_refused(project: proj.Project) -> None:
 def test_prompt_from_another_base_refused(tmp_path: Path) -> None:
     a = _project(tmp_path / "a", fingerprint="a" * 64, ref="base-a")
     b = _project(tmp_path / "b", fingerprint="b" * 64, ref="base-b")
-    shutil.copy(bank.put(a, "sent", _prompt(), META), b.bank_dir / "sent.safetensors")
+    shutil.copy(bank.put(a, "sent", _prompt(), PromptRecord.from_json(META)), b.bank_dir / "sent.safetensors")
     with pytest.raises(CompatibilityError) as info:
         bank.get(b, "sent")
     msg = info.value.message
@@ -178,14 +179,14 @@ def test_prompt_from_another_base_refused(tmp_path: Path) -> None:
 def test_prompt_with_other_hidden_size_refused(tmp_path: Path) -> None:
     a = _project(tmp_path / "a", hidden=H)
     b = _project(tmp_path / "b", hidden=2 * H)  # same fingerprint, other width
-    shutil.copy(bank.put(a, "sent", _prompt(), META), b.bank_dir / "sent.safetensors")
+    shutil.copy(bank.put(a, "sent", _prompt(), PromptRecord.from_json(META)), b.bank_dir / "sent.safetensors")
     with pytest.raises(CompatibilityError) as info:
         bank.get(b, "sent")
     assert f"hidden size {H})" in info.value.message and f"hidden size {2 * H})" in info.value.message
 
 
 def test_prompt_with_other_length_refused(project: proj.Project) -> None:
-    bank.put(project, "short", _prompt(n=P - 1), META)
+    bank.put(project, "short", _prompt(n=P - 1), PromptRecord.from_json(META))
     with pytest.raises(CompatibilityError) as info:
         bank.get(project, "short")
     assert info.value.message == f"prompt 'short' has {P - 1} prompt tokens; this project uses {P}"
@@ -194,8 +195,8 @@ def test_prompt_with_other_length_refused(project: proj.Project) -> None:
 def test_unknown_tag_lists_known_tags(project: proj.Project) -> None:
     with pytest.raises(ProjectError, match="unknown tag 'x'; known tags: none yet"):
         bank.get(project, "x")
-    bank.put(project, "beta", _prompt(), {})
-    bank.put(project, "alpha", _prompt(), {})
+    bank.put(project, "beta", _prompt(), PromptRecord())
+    bank.put(project, "alpha", _prompt(), PromptRecord())
     with pytest.raises(ProjectError) as info:
         bank.get(project, "gamma")
     assert info.value.message == "unknown tag 'gamma'; known tags: alpha, beta"
@@ -204,14 +205,14 @@ def test_unknown_tag_lists_known_tags(project: proj.Project) -> None:
 
 def test_atomic_writes_leave_no_temp_files(project: proj.Project) -> None:
     for seed in range(3):
-        bank.put(project, "alpha", _prompt(seed), {})
-        bank.put(project, "beta", _prompt(seed), {})
+        bank.put(project, "alpha", _prompt(seed), PromptRecord())
+        bank.put(project, "beta", _prompt(seed), PromptRecord())
     assert sorted(os.listdir(project.bank_dir)) == ["alpha.safetensors", "beta.safetensors"]
     assert bank.tags(project) == ["alpha", "beta"]
 
 
 def test_failed_write_keeps_the_old_file(project: proj.Project, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = bank.put(project, "alpha", _prompt(0), {})
+    path = bank.put(project, "alpha", _prompt(0), PromptRecord())
     before = path.read_bytes()
 
     def crash(src, dst):
@@ -219,7 +220,7 @@ def test_failed_write_keeps_the_old_file(project: proj.Project, monkeypatch: pyt
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(ProjectError) as info:
-        bank.put(project, "alpha", _prompt(1), {})
+        bank.put(project, "alpha", _prompt(1), PromptRecord())
     assert info.value.message == f"cannot write {path}: the disk is full; nothing was changed"
     monkeypatch.undo()
     assert path.read_bytes() == before

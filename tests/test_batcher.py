@@ -19,6 +19,7 @@ from ptcli.batcher import Batcher, Job
 from ptcli.engine import Answer
 from ptcli.errors import ServeError, UsageError
 from ptcli.project import BaseInfo, Project
+from ptcli.record import PromptRecord
 
 
 def _collect() -> tuple[list[Job], threading.Event, Callable[[Job], None]]:
@@ -106,7 +107,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
     from ptcli.serve import Service, build_app, listen
 
     project = Project(tmp_path, BaseInfo("stub", "f" * 64, 8, "llama"), num_prompt_tokens=2)
-    bank.put(project, "t", torch.zeros(2, 8), {"config": {"max_seq_length": 16}})
+    bank.put(project, "t", torch.zeros(2, 8), PromptRecord(config={"max_seq_length": 16}))
     entered, release = threading.Event(), threading.Event()
 
     def held(items: list) -> list:

@@ -5,6 +5,7 @@ One project is initialised per module and tuned once; tests that change a projec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -331,7 +332,7 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
     out = json.loads(result.stdout)
     assert out["steps"] == 3 and out["path"] == str(root / "bank" / "sent.safetensors")
     _, meta = bank.get(proj.load(root), "sent")
-    assert meta["config"] == expected and meta["init"] == "random" and meta["steps"] == 3
+    assert meta.config == expected and meta.init == "random" and meta.steps == 3
     history = [json.loads(line) for line in (root / "runs" / "sent" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
 
@@ -355,7 +356,7 @@ def test_tune_writes_the_bank_and_list_tags_shows_it(tuned) -> None:
     assert [e["init"] for e in entries] == ["text", "random"]
     for e in entries:
         assert e["num_prompt_tokens"] == P and e["steps"] == 2
-        has_set = bank.read_meta(proj.load(tuned.root), e["tag"]).meta["choices"] is not None
+        has_set = bank.read_meta(proj.load(tuned.root), e["tag"]).record.choices is not None
         assert set(e["metrics"]) == {"val_loss", "val_acc"} | ({"val_acc_rank"} if has_set else set())
         assert (tuned.root / "bank" / f"{e['tag']}.safetensors").is_file()
     table = cli("list-tags", "-p", tuned.root)
@@ -382,7 +383,7 @@ def test_retune_needs_overwrite(tuned, data, tmp_path: Path) -> None:
     root = _copy(tuned.root, tmp_path)
     _tune(root, data, "sent", "--overwrite", "--seed", "5", "--num-prompt-tokens", str(P))
     _, meta = bank.get(proj.load(root), "sent")
-    assert meta["config"]["seed"] == 5
+    assert meta.config["seed"] == 5
     assert (root / "bank" / "topic.safetensors").read_bytes() == (
         tuned.root / "bank" / "topic.safetensors"
     ).read_bytes()
@@ -466,7 +467,7 @@ def test_max_steps_0_stores_the_initial_prompt(base_project, data, lively_llama:
     ids = tok("negative positive", add_special_tokens=False).input_ids
     expected = model.get_input_embeddings().weight[[ids[i % len(ids)] for i in range(P)]]
     assert torch.equal(prompt, expected)
-    assert meta["steps"] == 0 and meta["best_step"] == 0 and meta["init_text"] == "negative positive"
+    assert meta.steps == 0 and meta.best_step == 0 and meta.init_text == "negative positive"
 
 
 # ---------------------------------------------------------------- infer
@@ -606,7 +607,7 @@ def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> Non
     assert "tuned 'sent': val_acc_rank" in result.stderr and "tuned 'topic': val_acc " in result.stderr
     assert bank.tags(proj.load(root)) == ["sent", "topic"]
     prompt, meta = bank.get(proj.load(root), "sent")
-    assert prompt.shape[0] == 2 and meta["ensemble"] == 2  # both members in one file
+    assert prompt.shape[0] == 2 and meta.ensemble == 2  # both members in one file
     rows = [
         {"prompt_tag": t, "text": text}
         for t, text in (("sent", "i love it"), ("topic", "the team won"), ("sent", "i hate it"))
@@ -625,7 +626,7 @@ def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> Non
 def test_infer_unknown_tag(tuned, tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "x.jsonl", [{"prompt_tag": "sent", "text": "a"}, {"prompt_tag": "nope", "text": "b"}])
     err = failed(cli("infer", path, "-p", tuned.root), 1)
-    assert "unknown tag(s) 'nope'; known tags: sent, topic" in err
+    assert "unknown tag 'nope'; known tags: sent, topic" in err
 
 
 # ---------------------------------------------------------------- infer's default mode and calibration
@@ -670,10 +671,8 @@ def test_a_record_without_a_mode_ranks_when_it_has_an_answer_set(tuned, tmp_path
     p = proj.load(root)
     for tag in ("sent", "topic"):
         prompt, meta = bank.get(p, tag)
-        bank.put(
-            p, tag, prompt, {k: v for k, v in meta.items() if k != "mode"}
-        )  # as written before `mode` was recorded
-        assert "mode" not in bank.read_meta(p, tag).meta
+        bank.put(p, tag, prompt, dataclasses.replace(meta, mode=None))  # as written before `mode` was recorded
+        assert "mode" not in bank.read_meta(p, tag).record.to_json()
     listed = json.loads(_ran("list-tags", "-p", root, "--json").stdout)
     assert {e["tag"]: e["mode"] for e in listed} == {"sent": "rank", "topic": "generate"}
 
@@ -687,7 +686,7 @@ def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Pat
     out = _infer(tuned.root, _jsonl(tmp_path / "sent.jsonl", sent), "--calibrate")
     model, tok = load_base(str(lively_llama))
     prompt, meta = bank.get(proj.load(tuned.root), "sent")
-    options = answer_ids(tok, meta["choices"])
+    options = answer_ids(tok, meta.choices)
     with torch.no_grad():
         scores = choice_scores(
             model, prompt, tok([r["text"] for r in sent], add_special_tokens=False).input_ids, options, tok.pad_token_id
@@ -695,7 +694,7 @@ def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Pat
         free = choice_scores(
             model, prompt, tok(list(CONTENT_FREE), add_special_tokens=False).input_ids, options, tok.pad_token_id
         )
-    expected = [meta["choices"][j] for j in calibrate(scores, free).argmax(-1).tolist()]
+    expected = [meta.choices[j] for j in calibrate(scores, free).argmax(-1).tolist()]
     assert [r["prediction"] for r in out] == expected
     err = failed(
         cli(

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import cli, ok
+from reference import greedy, plain_lm_loss
 
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.data import answer_ids
-from ptcli.forward import IGNORE, choice_scores, greedy, lm_loss
+from ptcli.forward import IGNORE, choice_scores, lm_loss
 
 DEVICE = os.environ.get("PTCLI_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -55,7 +56,7 @@ def test_fast_loss_and_gradient_equal_the_plain_path(pair) -> None:
     grads = []
     for fast in (True, False):
         x = prompts.to(DEVICE).requires_grad_()
-        total, n = lm_loss(model, x, seqs, labels, tok.pad_token_id, which=[2, 0, 2, 1], fast=fast)
+        total, n = (lm_loss if fast else plain_lm_loss)(model, x, seqs, labels, tok.pad_token_id, which=[2, 0, 2, 1])
         (total / n).backward()
         grads.append((total.item(), x.grad.cpu()))
     (fast_loss, fast_grad), (plain_loss, plain_grad) = grads
@@ -80,7 +81,7 @@ def test_bfloat16_base_keeps_a_float32_prompt_and_close_losses(pair) -> None:
     prompts, seqs, labels, _ = _batch(model, tok)
     x = prompts.to(DEVICE).requires_grad_()
     fast, n = lm_loss(half, x, seqs, labels, tok.pad_token_id, which=[2, 0, 2, 1])
-    plain, _ = lm_loss(half, prompts.to(DEVICE), seqs, labels, tok.pad_token_id, which=[2, 0, 2, 1], fast=False)
+    plain, _ = plain_lm_loss(half, prompts.to(DEVICE), seqs, labels, tok.pad_token_id, which=[2, 0, 2, 1])
     full, _ = lm_loss(model, prompts.to(DEVICE), seqs, labels, tok.pad_token_id, which=[2, 0, 2, 1])
     (fast / n).backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -117,7 +118,7 @@ def test_tune_and_infer_run_on_the_device(
         )
     )
     prompt, meta = bank.get(proj.load(root), "sent")
-    assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all() and meta["steps"] == 6
+    assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all() and meta.steps == 6
     result = cli("infer", tiny_data.valid, "-p", root, "--dtype", dtype, "--json", "--tokens-to-generate", 3)
     ok(result)
     assert len(json.loads(result.stdout)["predictions"]) == 10

@@ -17,6 +17,7 @@ import torch
 import transformers
 from clihelp import cli, failed
 from conftest import make_tokenizer
+from reference import greedy
 
 from ptcli import bank, forward, peft_io
 from ptcli import project as proj
@@ -24,8 +25,9 @@ from ptcli.arch import window_of
 from ptcli.config import TaskConfig
 from ptcli.data import ANSWER_PREFIX
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, choice_scores, greedy, token_logprobs
+from ptcli.forward import IGNORE, choice_scores, token_logprobs
 from ptcli.model import load_base
+from ptcli.record import PromptRecord
 from ptcli.train import tune_many
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -243,7 +245,7 @@ def test_peft_export_gives_the_reference_logits(family, tmp_path: Path) -> None:
     _, path, model, tok = family
     project = proj.init(tmp_path / "p", str(path), P)
     prompt = _prompts(model, 1)[0]  # (P, H)
-    bank.put(project, "t", prompt, {"config": TaskConfig().to_dict()})
+    bank.put(project, "t", prompt, PromptRecord(config=TaskConfig().to_dict()))
     peft_io.export(project, "t", tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(load_base(str(path))[0], str(tmp_path / "adapter"))
     ids = tok(TEXTS[3], add_special_tokens=False).input_ids  # one unpadded row, longer than the window
@@ -265,7 +267,10 @@ VALID = [
 
 
 def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) -> None:
-    """A real `tune` (0 steps) of two tags at once: one scored on the answer (its loss comes from ranking), one on text and answer."""
+    """A real `tune` (0 steps) of two tags at once.
+
+    One is scored on the answer (its loss comes from ranking), one on text and answer.
+    """
     _, path, model, tok = family
     data = tmp_path / "data.jsonl"
     data.write_text(
@@ -354,7 +359,10 @@ def test_init_refuses_what_cannot_take_a_soft_prompt(
 def test_init_refuses_a_base_the_batched_forward_gets_wrong(
     tmp_path: Path, tiny_tokenizer_json: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """init's probe, on the bug it exists for: a window of 2 and the shared prefix forced on padded rows that cross it."""
+    """init's probe, on the bug it exists for.
+
+    A window of 2, and the shared prefix forced on padded rows that cross it.
+    """
     tok = make_tokenizer(tiny_tokenizer_json)
     cls, settings = FAMILIES["mistral"]
     config = getattr(transformers, cls)(
@@ -394,7 +402,10 @@ def _slotted_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_templates_equal_the_unpadded_reference(family, template: str) -> None:
-    """Loss, gradient, greedy answers and ranked scores of template rows, two prompts in one batch, rows wider than the window."""
+    """Loss, gradient, greedy answers and ranked scores of template rows.
+
+    Two prompts in one batch, rows wider than the window.
+    """
     from ptcli.template import Layout
 
     _, _, model, tok = family

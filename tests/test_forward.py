@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import greedy, plain_lm_loss
 
 from ptcli.data import ANSWER_PREFIX, Record, answer_ids, closed_answers
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, answer, choice_scores, greedy, lm_loss
+from ptcli.forward import IGNORE, answer, choice_scores, lm_loss
 from ptcli.infer import predict
 from ptcli.model import init_prompt
 
@@ -39,10 +40,8 @@ def test_stacked_loss_equals_one_prompt_per_row(base, fast: bool) -> None:
     prompts = _stack(model, 3)
     seqs, labels = _rows(tok)
     which = [2, 0, 2, 1]
-    total, n = lm_loss(model, prompts, seqs, labels, tok.pad_token_id, which=which, fast=fast)
-    parts = [
-        lm_loss(model, prompts[w], [s], [lab], tok.pad_token_id, fast=False) for w, s, lab in zip(which, seqs, labels)
-    ]
+    total, n = (lm_loss if fast else plain_lm_loss)(model, prompts, seqs, labels, tok.pad_token_id, which=which)
+    parts = [plain_lm_loss(model, prompts[w], [s], [lab], tok.pad_token_id) for w, s, lab in zip(which, seqs, labels)]
     assert n == sum(c for _, c in parts)
     assert total.item() == pytest.approx(sum(s.item() for s, _ in parts), rel=1e-5)
 
@@ -77,7 +76,7 @@ def test_choice_scores_are_answer_log_likelihoods(base) -> None:
     assert scores.shape == (len(TEXTS), len(CHOICES))
     for i, (t, w) in enumerate(zip(texts, which)):
         for j, c in enumerate(options):
-            nll, n = lm_loss(model, prompts[w], [t + c], [[IGNORE] * len(t) + c], tok.pad_token_id, fast=False)
+            nll, n = plain_lm_loss(model, prompts[w], [t + c], [[IGNORE] * len(t) + c], tok.pad_token_id)
             assert n == len(c)  # the answer's tokens and end-of-sequence, nothing of the text
             assert scores[i, j].item() == pytest.approx(-nll.item(), rel=1e-5, abs=1e-5)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptcli.bank import mode_of
 from ptcli.infer import calibrate, calibration_bias
+from ptcli.record import PromptRecord
 
 
 def test_a_strong_content_free_bias_changes_the_predictions() -> None:
@@ -42,4 +42,4 @@ def test_the_bias_averages_the_content_free_distributions_per_member() -> None:
     ],
 )
 def test_mode_of_a_record(record: dict, mode: str) -> None:
-    assert mode_of(record) == mode
+    assert PromptRecord.from_json(record).answer_mode == mode

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assemble, greedy, plain_lm_loss
 
 from ptcli.data import Record, encode
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, assemble, greedy, lm_loss
+from ptcli.forward import IGNORE, lm_loss
 from ptcli.model import fingerprint, init_prompt, load_base
 from ptcli.reparam import SoftPrompt
 
@@ -91,8 +92,8 @@ def test_lm_loss_fast_equals_plain(base, answer_only: bool) -> None:
     enc = _encoded(tok, answer_only)
     prompt = _prompt(model)
     with torch.no_grad():
-        fast, n_fast = lm_loss(model, prompt, enc.ids, enc.labels, tok.pad_token_id, fast=True)
-        plain, n_plain = lm_loss(model, prompt, enc.ids, enc.labels, tok.pad_token_id, fast=False)
+        fast, n_fast = lm_loss(model, prompt, enc.ids, enc.labels, tok.pad_token_id)
+        plain, n_plain = plain_lm_loss(model, prompt, enc.ids, enc.labels, tok.pad_token_id)
     assert n_fast == n_plain
     assert abs(float(fast) - float(plain)) / n_plain <= 1e-5  # per labelled token
     torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-5)  # and the sum itself, to float32 rounding

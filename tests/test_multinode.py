@@ -1,4 +1,7 @@
-"""Two torchrun "nodes" on one machine (the README's multi-node recipe, run as written), and inference over processes."""
+"""Two torchrun "nodes" on one machine (the README's multi-node recipe, run as written).
+
+And inference over processes.
+"""
 
 from __future__ import annotations
 
@@ -98,7 +101,7 @@ def test_two_nodes_reach_the_one_process_prompt(project: Path, tmp_path: Path, s
     assert [code for code, _ in results] == [0, 0], results
     prompt, meta = bank.get(proj.load(project), "sent")
     assert (prompt - reference).abs().max().item() <= 1e-5
-    assert meta["world_size"] == 2 and meta["steps"] == 60
+    assert meta.world_size == 2 and meta.steps == 60
 
 
 def _worker(mark: str) -> int | None:

@@ -121,7 +121,7 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(
 
 def _interrupted(empty: Path, data: Path, tmp_path: Path) -> Path:
     """A project whose run of 'sent' was interrupted after its step-4 checkpoint."""
-    from ptcli.train import tune
+    from reference import tune
 
     root = Path(shutil.copytree(empty, tmp_path / "p"))
     p = proj.load(root)

@@ -413,7 +413,10 @@ KNOWN_FILES = {
 
 @dataclass
 class Kill:
-    """One `ptcli tune` process and how it was killed: `delay` seconds after training began, or inside a write to `kill_at`."""
+    """One `ptcli tune` process and how it was killed.
+
+    Killed `delay` seconds after training began, or inside a write to `kill_at`.
+    """
 
     name: str
     root: Path
@@ -445,7 +448,10 @@ def _run(job: Kill, data: Path, hook: Path) -> Kill:
 
 
 def _sound(root: Path, first_bytes: bytes | None) -> set[str]:
-    """The project after a kill: listing works, the manifest parses, every entry is whole. Returns the temp files left."""
+    """The project after a kill: listing works, the manifest parses, every entry is whole.
+
+    Returns the temp files left.
+    """
     result = cli("list-tags", "--json", "-p", root)
     ok(result)
     listed = [e["tag"] for e in json.loads(result.stdout)]
@@ -479,8 +485,8 @@ def test_sigkill_loses_nothing_and_resume_matches(with_first: Path, data_dir: Pa
     span = time.perf_counter() - t0  # one uninterrupted run, in process: how long training and its writes take
     reference, ref_meta = bank.get(proj.load(ref_root), "second")
     expected = {
-        "second": (reference, ref_meta["best_step"], proj.load(ref_root).tasks["second"]),
-        "first": (first_prompt, first_meta["best_step"], proj.load(with_first).tasks["first"]),
+        "second": (reference, ref_meta.best_step, proj.load(ref_root).tasks["second"]),
+        "first": (first_prompt, first_meta.best_step, proj.load(with_first).tasks["first"]),
     }
 
     rng = random.Random(1234)
@@ -544,7 +550,7 @@ def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: 
     prompt, meta = bank.get(p, job.tag)
     want_prompt, want_best, want_task = expected[job.tag]
     assert torch.allclose(prompt, want_prompt, atol=1e-6, rtol=0), f"{job.name} ({how[job.name]})"
-    assert (meta["steps"], meta["best_step"]) == (STEPS, want_best)
+    assert (meta.steps, meta.best_step) == (STEPS, want_best)
     assert p.tasks[job.tag] == want_task
     assert not checkpoint.path(p, job.tag).exists()
 
@@ -852,7 +858,8 @@ def test_unusable_data_files_exit_2_and_write_nothing(base: Path, data_dir: Path
         "missing": f"error: data file {valid.resolve()} does not exist",
         "empty": f"  {valid.resolve()}: no data rows",
         "blank lines only": f"  {valid.resolve()}: no data rows",
-        "valid file with another tag": f"  {valid.resolve()}:1: prompt_tag 'second' does not match the tag being tuned ('first')",
+        "valid file with another tag": f"  {valid.resolve()}:1: prompt_tag 'second' does not match "
+        "the tag being tuned ('first')",
     }[case]
     before = _saved(root)
     err = failed(_tune_first(root, train, valid), 2)

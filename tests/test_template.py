@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import greedy
 from test_model import ROWS
 
 from ptcli.data import Record, answer_ids, encode
 from ptcli.errors import UsageError
-from ptcli.forward import IGNORE, choice_scores, greedy, lm_loss
+from ptcli.forward import IGNORE, choice_scores, lm_loss
 from ptcli.template import Layout, parse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

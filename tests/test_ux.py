@@ -5,6 +5,7 @@ One project is initialised and tuned once per module; tests that change a projec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -135,10 +136,10 @@ def test_show_json(tuned) -> None:
     ok(result)
     doc = json.loads(result.stdout)
     _, meta = bank.get(proj.load(tuned.root), "sent")
-    assert doc["tag"] == "sent" and doc["checksum_ok"] is True and doc["record"] == meta
+    assert doc["tag"] == "sent" and doc["checksum_ok"] is True and doc["record"] == meta.to_json()
     assert [r["step"] for r in doc["curves"]["train"]] == list(range(1, STEPS + 1))
     assert [r["step"] for r in doc["curves"]["valid"]] == [0, 2, 4]
-    assert doc["curves"]["valid"][0] == {"step": 0, **meta["initial_metrics"]}
+    assert doc["curves"]["valid"][0] == {"step": 0, **meta.initial_metrics}
     assert set(doc["curves"]["train"][0]) == {"step", "loss", "lr"}
 
 
@@ -238,7 +239,7 @@ def test_rename_tag(root: Path) -> None:
     p = proj.load(root)
     after, meta = bank.get(p, "pos-neg")  # loads through safetensors: the rewritten header is valid
     assert torch.equal(after, before)
-    assert meta["tag"] == "pos-neg" and meta["sha256"] == old_sha
+    assert meta.tag == "pos-neg" and meta.sha256 == old_sha
     assert set(p.tasks) == {"pos-neg"}
     shown = json.loads(cli("show", "pos-neg", "-p", root, "--json").stdout)
     assert shown["checksum_ok"] and len(shown["curves"]["train"]) == STEPS
@@ -298,8 +299,8 @@ def test_import_under_a_new_tag(root: Path, tmp_path: Path) -> None:
     }
     p = proj.load(root)
     (a, meta_a), (b, meta_b) = bank.get(p, "sent"), bank.get(p, "copy")
-    assert torch.equal(a, b) and meta_b["tag"] == "copy"
-    assert {k: v for k, v in meta_a.items() if k != "tag"} == {k: v for k, v in meta_b.items() if k != "tag"}
+    assert torch.equal(a, b) and meta_b.tag == "copy"
+    assert dataclasses.replace(meta_a, tag=None) == dataclasses.replace(meta_b, tag=None)
     ok(cli("import", "-", "--tag", "from-stdin", "-p", root, "-q", input=exported.read_bytes()))
     assert torch.equal(bank.get(proj.load(root), "from-stdin")[0], a)
 
@@ -347,8 +348,9 @@ def test_peft_loads_the_exported_adapter_and_agrees_with_ptcli(tuned, tmp_path: 
     import warnings
 
     from peft import PeftConfig, PeftModel, PromptTuningConfig
+    from reference import assemble, greedy
 
-    from ptcli.forward import assemble, greedy, to_logits
+    from ptcli.forward import to_logits
     from ptcli.model import load_base
 
     out = _peft_export(tuned.root, "sent", tmp_path / "adapter")
@@ -380,7 +382,8 @@ def test_peft_loads_the_exported_adapter_and_agrees_with_ptcli(tuned, tmp_path: 
 
     ours_greedy = greedy(model, prompt, [ids], tok.pad_token_id, tok.eos_token_id, 6)[0]
     # use_cache=False: with transformers 5, PEFT 0.21's cached generate re-inserts the virtual tokens at every
-    # decoding step (its prepare_inputs_for_generation looks for `past_key_values`), so it disagrees with its own forward.
+    # decoding step (its prepare_inputs_for_generation looks for `past_key_values`), so it disagrees with its own
+    # forward.
     with torch.inference_mode():
         gen = peft_model.generate(
             input_ids=x,
@@ -406,7 +409,7 @@ def test_peft_round_trip_gives_the_same_prompt_and_record(root: Path, tmp_path: 
     p = proj.load(root)
     (a, meta_a), (b, meta_b) = bank.get(p, "sent"), bank.get(p, "back")
     assert torch.equal(a, b)
-    assert {k: v for k, v in meta_a.items() if k != "tag"} == {k: v for k, v in meta_b.items() if k != "tag"}
+    assert dataclasses.replace(meta_a, tag=None) == dataclasses.replace(meta_b, tag=None)
     assert _bank_file(root, "back").read_bytes() == bank.relabel("x", _bank_file(root, "sent").read_bytes(), "back")
 
 
@@ -434,8 +437,8 @@ def test_import_a_peft_made_adapter(root: Path, tuned, tmp_path: Path) -> None:
     ok(result)
     prompt, meta = bank.get(proj.load(root), "foreign")
     assert torch.equal(prompt, weights)
-    assert meta["init"] == "peft" and meta["imported_from"]["path"] == str(out.resolve())
-    assert meta["config"]["max_seq_length"] > P
+    assert meta.init == "peft" and meta.imported_from["path"] == str(out.resolve())
+    assert meta.config["max_seq_length"] > P
     ok(cli("show", "foreign", "-p", root))
     config = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other"}))
@@ -498,8 +501,9 @@ def test_light_commands_import_neither_torch_nor_transformers(root: Path, tmp_pa
         from typer.testing import CliRunner
         from ptcli.cli import app
         root, out = {str(root)!r}, {str(tmp_path / "x.safetensors")!r}
-        runs = [["--help"], ["list-tags", "-p", root], ["list-tags", "-p", root, "--json"], ["show", "sent", "-p", root],
-                ["show", "sent", "-p", root, "--json"], ["export", "sent", out, "-p", root], ["rename-tag", "sent", "s2", "-p", root],
+        runs = [["--help"], ["list-tags", "-p", root], ["list-tags", "-p", root, "--json"],
+                ["show", "sent", "-p", root], ["show", "sent", "-p", root, "--json"],
+                ["export", "sent", out, "-p", root], ["rename-tag", "sent", "s2", "-p", root],
                 ["import", out, "-p", root], ["remove-tag", "s2", "-p", root]]
         codes = [CliRunner().invoke(app, a).exit_code for a in runs]
         env = {{"_PTCLI_COMPLETE": "complete_bash", "COMP_WORDS": "ptcli show -p " + root + " ", "COMP_CWORD": "4"}}

@@ -1,0 +1,123 @@
+"""ptcli as a Python library. `ptcli tune` and `ptcli infer` are clients of these calls.
+
+    from ptcli.api import Project
+
+    project = Project.open("myproj")
+    project.tune("reviews", train="train.jsonl", valid="valid.jsonl", max_steps=50)
+    rows = project.infer([{"prompt_tag": "reviews", "text": "a delight"}]).rows
+
+Importing this module is cheap: torch and transformers load only when a call needs them.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ptcli import bank
+from ptcli import project as proj
+from ptcli.config import TaskConfig, merge_task
+from ptcli.record import PromptRecord
+from ptcli.storage import is_main_process, project_lock
+from ptcli.template import parse as parse_template
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import torch
+
+    from ptcli.infer import InferResult
+    from ptcli.train import Reporter, TuneResult
+
+
+class Silent:
+    """A Reporter that says nothing: the default for library calls (the CLI passes its progress bar)."""
+
+    def status(self, message: str) -> None: ...
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, loss: float, lr: float, tokens: int) -> None: ...
+    def evaluated(self, step: int, metrics: dict[str, float], tag: str | None = None) -> None: ...
+
+
+class Project:
+    """A project directory: its base model reference, its recorded tasks and its prompt bank."""
+
+    def __init__(self, project: proj.Project):
+        self.project = project
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> Project:
+        """The project at `path`, or the nearest one at or above the current directory (as the CLI finds it)."""
+        return cls(proj.load(Path(path) if path is not None else None))
+
+    @property
+    def root(self) -> Path:
+        return self.project.root
+
+    def tags(self) -> list[str]:
+        """The tags in the bank, sorted."""
+        return bank.tags(self.project)
+
+    def record(self, tag: str) -> PromptRecord:
+        """A prompt's settings, metrics and base, read from its bank header (no torch)."""
+        bank.require(self.project, tag)
+        return bank.read_meta(self.project, tag).record
+
+    def prompt(self, tag: str) -> torch.Tensor:
+        """A prompt (P, H), or an ensemble's (K, P, H), after its checksum and base checks."""
+        return bank.get(self.project, tag)[0]
+
+    def task_configs(self, tags: list[str], settings: dict[str, Any]) -> dict[str, TaskConfig]:
+        """Each tag's settings: what `add-task` recorded, overridden by `settings` (TaskConfig fields).
+
+        A setting that is None is not given. A bad value or template is refused here, naming the flag.
+        """
+        cfgs = {t: merge_task(self.project.tasks.get(t), settings) for t in tags}
+        for cfg in cfgs.values():
+            parse_template(cfg.template, self.project.num_prompt_tokens)
+        return cfgs
+
+    def tune(
+        self,
+        tags: str | list[str],
+        *,
+        reporter: Reporter | None = None,
+        resume: bool | str = False,
+        overwrite: bool = False,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        shard_base: bool = False,
+        **settings: Any,
+    ) -> list[TuneResult]:
+        """Tune one tag, or several together over mixed batches; one TuneResult per tag, in order.
+
+        settings: TaskConfig fields (train, valid, lr, max_steps, ...) over the recorded task's. resume: True or
+        "auto" (see train.tune_many). Holds the project lock, as every command that writes the project does.
+        """
+        from ptcli.train import tune_many
+
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        cfgs = self.task_configs(tags, settings)
+        holder = f"ptcli tune --tag {' --tag '.join(tags)}"
+        with project_lock(self.root, holder) if is_main_process() else nullcontext():  # one process writes
+            return tune_many(
+                self.project,
+                cfgs,
+                reporter or Silent(),
+                resume=resume,
+                overwrite=overwrite,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                shard_base=shard_base,
+            )
+
+    def infer(self, source: str | Path | Iterable[dict[str, Any]], **options: Any) -> InferResult:
+        """Answers for rows given as dicts ({"prompt_tag", "text"[, "answer"], ...}) or a jsonl path ('-': stdin).
+
+        options: those of infer.infer (mode, choices, calibrated, tokens_to_generate, batch_size, dtype, ...).
+        The rows come back in input order, each with `prediction` added, exactly as `ptcli infer` writes them.
+        """
+        from ptcli.infer import infer
+
+        return infer(self.project, source, **options)

@@ -1,0 +1,47 @@
+"""The choices ptcli offers, as str enums: a member equals the string users type and JSON stores.
+
+So `cfg.init == Init.TEXT` holds for the plain string "text" read back from a manifest or a bank
+record, and files written before the enums existed read the same. No torch here.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A str enum whose value is what users type and JSON stores (so `--mode rank` == Mode.RANK)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Mode(Choice):
+    """How a tag answers: greedy generation, or the likeliest answer of its answer set."""
+
+    GENERATE = "generate"
+    RANK = "rank"
+
+
+class Init(Choice):
+    TEXT = "text"
+    LABELS = "labels"
+    VOCAB = "vocab"
+    RANDOM = "random"
+
+
+class Reparam(Choice):
+    NONE = "none"
+    RESIDUAL = "residual"
+    MLP = "mlp"
+    LSTM = "lstm"
+
+
+class Dtype(Choice):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"

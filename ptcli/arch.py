@@ -62,7 +62,8 @@ def check_config(config, ref: str) -> None:
     """
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(
-            f"{ref!r} is an encoder-decoder model ({config.model_type}); ptcli tunes decoder-only (causal) language models",
+            f"{ref!r} is an encoder-decoder model ({config.model_type}); "
+            "ptcli tunes decoder-only (causal) language models",
             hint="pick a causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, ...)",
         )
     recurrent = sorted(set(getattr(config.get_text_config(), "layer_types", None) or []) & set(RECURRENT_LAYERS))
@@ -75,7 +76,8 @@ def check_config(config, ref: str) -> None:
 
 
 def check_supported(model, ref: str) -> None:
-    """Refuse a loaded base that takes no `inputs_embeds`, or on which ptcli's fast paths fail or disagree with a plain forward.
+    """Refuse a loaded base that takes no `inputs_embeds`, or on which ptcli's fast paths fail or disagree
+    with a plain forward.
 
     The probe: two rows of different lengths behind a 2-vector prompt, their loss (rows padded
     on the right) and a 2-token answer's score after each (rows padded on the left, then

@@ -106,6 +106,7 @@ def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, stat
     """Every trainable tensor of the prompt module (the prompts, and an encoder's weights) with its AdamW moments."""
     from safetensors.torch import save as st_save
 
+    assert state.best_prompt is not None  # a run holds its best prompts from the step-0 validation on
     tensors = {"best_prompt": state.best_prompt.cpu().contiguous()}
     steps = {}
     for name, param in prompt.named_parameters():
@@ -144,7 +145,8 @@ def _split(source: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def verify(source: Path) -> dict[str, Any]:
-    """The record of a whole, intact checkpoint (structure and sha256 checked, no torch); ProjectError names a damaged one."""
+    """The record of a whole, intact checkpoint (structure and sha256 checked, no torch); ProjectError names a
+    damaged one."""
     header, data = _split(source, source.read_bytes())
     record = header["__metadata__"]["ptcli"]
     ends = header["__ends__"]
@@ -164,7 +166,8 @@ def load(
     cfgs: dict[str, TaskConfig],
     inputs: dict[str, Any] | None = None,
 ) -> State:
-    """Restore a verified checkpoint into `prompt` and `opt`; refuse one made with other settings or inputs, naming them."""
+    """Restore a verified checkpoint into `prompt` and `opt`; refuse one made with other settings or inputs,
+    naming them."""
     import torch
     from safetensors.torch import load as st_load
 
@@ -203,7 +206,7 @@ def load(
                     "exp_avg": tensors[f"exp_avg.{name}"].to(param.device),
                     "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
                 }
-    return State(**record, best_prompt=tensors["best_prompt"].to(prompt.weight.device))
+    return State(**record, best_prompt=tensors["best_prompt"].to(params["weight"].device))
 
 
 def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:

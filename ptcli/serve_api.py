@@ -103,7 +103,8 @@ def completion_head(tag: str) -> dict[str, Any]:
 
 
 def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list[Record]]:
-    """Items and records of a ptcli rows request; every problem in the rows is reported at once, as `ptcli infer` does."""
+    """Items and records of a ptcli rows request; every problem in the rows is reported at once, as `ptcli infer`
+    does."""
     rows = body.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ServeError("`rows` must be a non-empty list of {prompt_tag, text[, answer]} objects")

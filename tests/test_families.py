@@ -100,7 +100,12 @@ CHOICES = ["positive", "negative", "entailment"]  # "entailment" is several toke
 WHICH = [1, 0, 0, 1]  # two prompts in one batch: an ensemble, or two tags
 
 
-@pytest.fixture(scope="module", params=PRESENT)
+# The fast loop (-m "not slow") checks these three: rotary with grouped queries, learned positions, and a
+# sliding window; the full suite checks every family.
+FAST = ("llama", "gpt2", "mistral")
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in PRESENT])
 def family(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_json: str):
     """(name, folder, model, tokenizer) of one family, built and loaded once per module."""
     cls, settings = FAMILIES[request.param]
@@ -265,7 +270,8 @@ VALID = [
 
 
 def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) -> None:
-    """A real `tune` (0 steps) of two tags at once: one scored on the answer (its loss comes from ranking), one on text and answer."""
+    """A real `tune` (0 steps) of two tags at once: one scored on the answer (its loss comes from ranking), one on
+    text and answer."""
     _, path, model, tok = family
     data = tmp_path / "data.jsonl"
     data.write_text(
@@ -354,7 +360,8 @@ def test_init_refuses_what_cannot_take_a_soft_prompt(
 def test_init_refuses_a_base_the_batched_forward_gets_wrong(
     tmp_path: Path, tiny_tokenizer_json: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """init's probe, on the bug it exists for: a window of 2 and the shared prefix forced on padded rows that cross it."""
+    """init's probe, on the bug it exists for: a window of 2 and the shared prefix forced on padded rows that cross
+    it."""
     tok = make_tokenizer(tiny_tokenizer_json)
     cls, settings = FAMILIES["mistral"]
     config = getattr(transformers, cls)(
@@ -394,7 +401,8 @@ def _slotted_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_templates_equal_the_unpadded_reference(family, template: str) -> None:
-    """Loss, gradient, greedy answers and ranked scores of template rows, two prompts in one batch, rows wider than the window."""
+    """Loss, gradient, greedy answers and ranked scores of template rows, two prompts in one batch, rows wider than
+    the window."""
     from ptcli.template import Layout
 
     _, _, model, tok = family

@@ -1,4 +1,5 @@
-"""Two torchrun "nodes" on one machine (the README's multi-node recipe, run as written), and inference over processes."""
+"""Two torchrun "nodes" on one machine (the README's multi-node recipe, run as written), and inference over
+processes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from clihelp import cli, ok
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 README = Path(__file__).resolve().parents[1] / "README.md"
 SETTINGS = ["--max-steps", "60", "--val-check-interval", "3", "--batch-size", "8", "--seed", "3", "--lr", "0.1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -413,7 +413,8 @@ KNOWN_FILES = {
 
 @dataclass
 class Kill:
-    """One `ptcli tune` process and how it was killed: `delay` seconds after training began, or inside a write to `kill_at`."""
+    """One `ptcli tune` process and how it was killed: `delay` seconds after training began, or inside a write to
+    `kill_at`."""
 
     name: str
     root: Path
@@ -445,7 +446,8 @@ def _run(job: Kill, data: Path, hook: Path) -> Kill:
 
 
 def _sound(root: Path, first_bytes: bytes | None) -> set[str]:
-    """The project after a kill: listing works, the manifest parses, every entry is whole. Returns the temp files left."""
+    """The project after a kill: listing works, the manifest parses, every entry is whole. Returns the temp files
+    left."""
     result = cli("list-tags", "--json", "-p", root)
     ok(result)
     listed = [e["tag"] for e in json.loads(result.stdout)]
@@ -469,6 +471,7 @@ def hook(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.slow  # tune subprocesses killed at each write
 def test_sigkill_loses_nothing_and_resume_matches(with_first: Path, data_dir: Path, hook: Path, tmp_path: Path) -> None:
     first_bytes = (with_first / "bank" / "first.safetensors").read_bytes()
     first_prompt, first_meta = bank.get(proj.load(with_first), "first")
@@ -552,6 +555,7 @@ def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: 
 # ---------------------------------------------------------------- two writers
 
 
+@pytest.mark.slow  # two tune subprocesses
 def test_two_tunes_on_one_project_one_gets_the_lock(base: Path, data_dir: Path, hook: Path, tmp_path: Path) -> None:
     root = _copy(base, tmp_path / "p")
     release = tmp_path / "release"
@@ -852,7 +856,8 @@ def test_unusable_data_files_exit_2_and_write_nothing(base: Path, data_dir: Path
         "missing": f"error: data file {valid.resolve()} does not exist",
         "empty": f"  {valid.resolve()}: no data rows",
         "blank lines only": f"  {valid.resolve()}: no data rows",
-        "valid file with another tag": f"  {valid.resolve()}:1: prompt_tag 'second' does not match the tag being tuned ('first')",
+        "valid file with another tag": f"  {valid.resolve()}:1: "
+        "prompt_tag 'second' does not match the tag being tuned ('first')",
     }[case]
     before = _saved(root)
     err = failed(_tune_first(root, train, valid), 2)

@@ -95,7 +95,8 @@ def main() -> None:
         "speedup": one / many,
         "same_output": outputs["1"] == outputs[str(a.devices)],
         "walls": walls,
-        "note": "wall time of the whole command, model loading included; the machine's cores were shared with other work",
+        "note": "wall time of the whole command, model loading included; "
+        "the machine's cores were shared with other work",
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,7 +9,8 @@ test set: `val_acc`) and on val.jsonl (mostly phrases: `val_acc_phrases`); RTE o
     zero_shot      a written instruction per task, then the text
     few_shot       the instruction, k class-balanced training examples, then the text
     peft           PEFT prompt tuning: same prompt length, batch, lr schedule, init text and loss as ptcli
-    peft_ptuning   PEFT P-tuning (P_TUNING, MLP prompt encoder): same prompt length, batches, schedule and loss; --ptuning-lr
+    peft_ptuning   PEFT P-tuning (P_TUNING, MLP prompt encoder): same prompt length, batches,
+                   schedule and loss; --ptuning-lr
     ptcli_default  `ptcli tune` with its default recipe, then `ptcli infer` (the tag's default mode: rank)
     ptcli_best     the same with the flags in RECIPES_BEST
     NAME           `--recipe NAME="tune flags"` adds a ptcli row with those flags (both tasks)
@@ -25,7 +26,8 @@ setting); --solo runs every method alone, one after another, on all cores, as a 
 --calibrate adds `*_calibrated` columns: the same prompts scored with contextual calibration.
 
     python bench/quality.py --budget-minutes 15 --threads 1   # the committed run: bench/results/quality.{json,md}
-    python bench/quality.py --budget-minutes 20 --solo        # each method alone on all cores: bench/results/quality_solo.{json,md}
+    python bench/quality.py --budget-minutes 20 --solo   # each method alone on all cores
+                                                               # -> bench/results/quality_solo.{json,md}
     python bench/quality.py --quick                  # a short configuration (CI keeps it working)
     python bench/quality.py --methods ptcli_default --recipe ptcli_reparam="--reparam residual" --calibrate
 """

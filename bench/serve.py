@@ -194,10 +194,12 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results["runs"]:
         print(
-            f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |"
+            f"| {r['batching']} | {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} "
+            f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |"
         )
     print(
-        f"\nbatching on / off at 32 clients: {results['speedup_c32']:.2f}x req/s; p99 / p50 at 8 clients: {results['p99_over_p50_c8']:.2f}"
+        f"\nbatching on / off at 32 clients: {results['speedup_c32']:.2f}x req/s; "
+        f"p99 / p50 at 8 clients: {results['p99_over_p50_c8']:.2f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -191,12 +191,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(
-        "| task | init | lr | P | other | val_acc_rank | val_acc | steps | best step | seconds |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| task | init | lr | P | other | val_acc_rank | val_acc | steps | best step | seconds |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in runs:
         other = " ".join(f"{k}={r[k]}" for k in EXTRA if k in r)
         print(
-            f"| {r['task']} | {r['init']} | {r['lr']} | {r.get('prompt_tokens', 20)} | {other} | {r['val_acc_rank']:.3f} | {r['val_acc']:.3f} "
+            f"| {r['task']} | {r['init']} | {r['lr']} | {r.get('prompt_tokens', 20)} | {other} "
+            f"| {r['val_acc_rank']:.3f} | {r['val_acc']:.3f} "
             f"| {r['steps']} | {r['best_step']} | {r['seconds']} |"
         )
 

@@ -107,6 +107,7 @@ def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, stat
     """Every trainable tensor of the prompt module (the prompts, and an encoder's weights) with its AdamW moments."""
     from safetensors.torch import save as st_save
 
+    assert state.best_prompt is not None  # a run holds its best prompts from the step-0 validation on
     tensors = {"best_prompt": state.best_prompt.cpu().contiguous()}
     steps = {}
     for name, param in prompt.named_parameters():
@@ -210,7 +211,7 @@ def load(
                     "exp_avg": tensors[f"exp_avg.{name}"].to(param.device),
                     "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
                 }
-    return State(**record, best_prompt=tensors["best_prompt"].to(prompt.weight.device))
+    return State(**record, best_prompt=tensors["best_prompt"].to(params["weight"].device))
 
 
 def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:

@@ -15,6 +15,9 @@ class Choice(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __format__(self, spec: str) -> str:  # f"{Mode.RANK}" is "rank" on every Python, as on 3.11's StrEnum
+        return format(self.value, spec)
+
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(m.value for m in cls)

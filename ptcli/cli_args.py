@@ -1,4 +1,4 @@
-"""What the commands share: option types (each TaskConfig flag with its dataclass help), tag
+"""What the commands share: option types (the tuning flags derived from TaskConfig's fields), tag
 completion, and the error handler that turns ptcli's errors into exit codes. No torch here.
 """
 
@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import typing
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ptcli.config import TaskConfig
-from ptcli.errors import PtcliError, UsageError
-
-_FIELD_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(TaskConfig)}
-
-
-def _opt(name: str, *flags: str, **kw: Any) -> Any:
-    return typer.Option(*flags, help=_FIELD_HELP[name], show_default=False, **kw)
-
+from ptcli.choices import Dtype, Mode
+from ptcli.config import TaskConfig, flag_of
+from ptcli.errors import PtcliError
 
 ProjectOpt = Annotated[
     Path | None,
@@ -29,27 +26,87 @@ ProjectOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write the result to stdout as JSON.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code to run.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Precision of the frozen base: float32, bfloat16 or float16.")]
-Train = Annotated[str | None, _opt("train", "--train")]
-Valid = Annotated[str | None, _opt("valid", "--valid")]
-Init = Annotated[str | None, _opt("init", "--init")]
-InitText = Annotated[str | None, _opt("init_text", "--init-text")]
-AnswerOnly = Annotated[bool | None, _opt("answer_only", "--answer-only/--full-text-loss")]
-BatchSize = Annotated[int | None, _opt("batch_size", "--batch-size")]
-Lr = Annotated[float | None, _opt("lr", "--lr")]
-MinLr = Annotated[float | None, _opt("min_lr", "--min-lr")]
-Warmup = Annotated[int | None, _opt("warmup_steps", "--warmup-steps")]
-Constant = Annotated[int | None, _opt("constant_steps", "--constant-steps")]
-MaxSteps = Annotated[int | None, _opt("max_steps", "--max-steps")]
-ValEvery = Annotated[int | None, _opt("val_check_interval", "--val-check-interval")]
-MaxSeq = Annotated[int | None, _opt("max_seq_length", "--max-seq-length")]
-Seed = Annotated[int | None, _opt("seed", "--seed")]
-Grouped = Annotated[bool | None, _opt("group_by_length", "--group-by-length/--no-group-by-length")]
-Ensemble = Annotated[int | None, _opt("ensemble", "--ensemble")]
-MaxMinutes = Annotated[float | None, _opt("max_minutes", "--max-minutes")]
-Template = Annotated[str | None, _opt("template", "--template")]
-Reparam = Annotated[str | None, _opt("reparam", "--reparam")]
-ReparamLr = Annotated[float | None, _opt("reparam_lr", "--reparam-lr")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Precision of the frozen base.")]
+
+# init
+BaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base",
+        help="Base model: a local Hugging Face folder, a .gguf file, or a hub id. Default: SmolLM2-135M-Instruct.",
+    ),
+]
+InitTokens = Annotated[
+    int, typer.Option("--num-prompt-tokens", help="Soft prompt length, shared by every task in the project.")
+]
+# add-task and tune: the TaskConfig flags come from `task_options` below
+TagArg = Annotated[str, typer.Argument(help="Task tag, as in the data's prompt_tag field.")]
+TuneTokens = Annotated[
+    int | None, typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")
+]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")
+]
+AutoResume = Annotated[
+    bool,
+    typer.Option(
+        "--auto-resume",
+        help="Resume if there is a checkpoint, else start afresh: one command for a job's first launch and its "
+        "relaunches.",
+    ),
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")]
+Devices = Annotated[
+    int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")
+]
+ShardBase = Annotated[
+    bool,
+    typer.Option(
+        "--shard-base",
+        help="With --devices N: shard the frozen base over the N processes (FSDP), for bases too big for one device.",
+    ),
+]
+# infer
+InferFile = Annotated[
+    str, typer.Argument(help="jsonl with prompt_tag and text per line (tags may mix); '-' reads stdin.")
+]
+ModeOpt = Annotated[
+    Mode | None,
+    typer.Option(
+        "--mode",
+        help="generate: greedy answers; rank: the likeliest of the tag's answer set (classification). "
+        "Default: per tag, the mode its prompt was chosen by (list-tags shows it).",
+        show_default=False,
+    ),
+]
+ChoicesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--choices", help="Comma-separated answer set for --mode rank (default: the answers seen in training)."
+    ),
+]
+Calibrate = Annotated[
+    bool,
+    typer.Option(
+        "--calibrate",
+        help="Ranked tags: correct each answer's score by its score after a content-free input ('N/A'), "
+        "contextual calibration.",
+    ),
+]
+TokensToGenerate = Annotated[
+    int, typer.Option("--tokens-to-generate", help="Most tokens generated per line (stops at end of sequence).")
+]
+InferBatch = Annotated[int, typer.Option("--batch-size", help="Lines per forward pass.")]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option("--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading)."),
+]
+InferDevices = Annotated[
+    int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) that share the rows; output as with one.")
+]
+InferJson = Annotated[
+    bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")
+]
 
 
 def _completion_project(ctx: typer.Context):
@@ -78,6 +135,18 @@ def _complete_task_tags(ctx: typer.Context, incomplete: str) -> list[str]:
     return sorted(t for t in set(bank.tags(p)) | set(p.tasks) if t.startswith(incomplete)) if p else []
 
 
+TuneTag = Annotated[
+    list[str],
+    typer.Option(
+        "--tag",
+        metavar="<str>",
+        help="Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed "
+        "batches.",
+        autocompletion=_complete_task_tags,
+    ),
+]
+
+
 class Format(str, Enum):
     """What `export` writes and `import` reads: ptcli's bank file, or a PEFT prompt-tuning adapter folder."""
 
@@ -101,13 +170,48 @@ def handled(fn):
     return wrapper
 
 
-def _given(**kw: Any) -> dict[str, Any]:
-    return kw
+RECORDED_WINS = (
+    "A tuning setting not given here takes the value recorded for the task (by add-task or an earlier tune); "
+    "the default shown applies only when none is recorded."
+)
 
 
-def _check_dtype(dtype: str) -> None:
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+def _shown_default(f: dataclasses.Field[Any], flag: str) -> str:
+    """How --help states a field's default: the field's own words, a bool's flag, or the value."""
+    if f.metadata.get("required"):
+        return "[required unless recorded]"
+    if "shown" in f.metadata:
+        return f"[default: {f.metadata['shown']}]"
+    if isinstance(f.default, bool):
+        return f"[default: {flag.split('/')[0 if f.default else 1]}]"
+    return f"[default: {f.default}]"
+
+
+def _task_option(f: dataclasses.Field[Any], hint: Any) -> inspect.Parameter:
+    """One TaskConfig field as a typer option. Its default is None, meaning "not given", so that a value the project
+    recorded for the task can win over the field's default; --help states that default in the text instead."""
+    flag = flag_of(f.name)
+    kind = f.metadata.get("choices") or next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    if kind is bool:
+        flag = f"{flag}/{f.metadata.get('off', '--no-' + flag.removeprefix('--'))}"
+    option = typer.Option(flag, help=f"{f.metadata['help']}  {_shown_default(f, flag)}", show_default=False)
+    return inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+def task_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command one option per TaskConfig field, in place of its `**settings` and right after its first
+    parameter (the tag). The dataclass is the schema (name, type, help, default), so a tuning flag is spelled once,
+    in config.py; typer reads the signature set here, and the command receives the fields in `settings`."""
+    sig = inspect.signature(command, eval_str=True)
+    first, *rest = (p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD)
+    hints = typing.get_type_hints(TaskConfig)
+    settings = [_task_option(f, hints[f.name]) for f in dataclasses.fields(TaskConfig)]
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest]
+    command.__signature__ = sig.replace(parameters=[first, *settings, *rest])  # type: ignore[attr-defined]
+    command.__doc__ = f"{command.__doc__}\n\n{RECORDED_WINS}"
+    return command
 
 
 BankTag = Annotated[str, typer.Argument(help="Tag of a prompt in the bank.", autocompletion=_complete_bank_tags)]

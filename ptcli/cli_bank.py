@@ -225,7 +225,8 @@ def import_(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Add an exported prompt or a PEFT prompt-tuning adapter to the bank, after checking its base, length and checksum."""
+    """Add an exported prompt or a PEFT prompt-tuning adapter to the bank, after checking its base, length and
+    checksum."""
     from ptcli import manage
     from ptcli import project as proj
     from ptcli.console import emit_json, say

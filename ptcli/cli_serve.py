@@ -1,4 +1,7 @@
-"""`ptcli serve`, registered on the app by cli.py. The server stack (the `serve` extra) is imported only when it runs."""
+"""`ptcli serve`, registered on the app by cli.py.
+
+The server stack (the `serve` extra) is imported only when it runs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from ptcli.cli_args import DtypeOpt, ProjectOpt, QuietOpt, TrustOpt, _check_dtype, handled
+from ptcli.choices import Dtype
+from ptcli.cli_args import DtypeOpt, ProjectOpt, QuietOpt, TrustOpt, handled
 from ptcli.errors import UsageError
 
 app = typer.Typer()  # cli.py copies this command onto its app
@@ -47,15 +51,15 @@ def serve(
             help="Require `Authorization: Bearer KEY` on every endpoint but /health.",
         ),
     ] = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = Dtype.FLOAT32,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Serve every tag of the bank over HTTP (OpenAI-compatible completions and ptcli rows), batched across tags and requests."""
+    """Serve every tag of the bank over HTTP (OpenAI-compatible completions and ptcli rows), batched across tags
+    and requests."""
     from ptcli import project as proj
     from ptcli.console import say
 
-    _check_dtype(dtype)
     try:
         from ptcli.serve import ServeConfig
         from ptcli.serve import serve as run

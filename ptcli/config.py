@@ -6,122 +6,90 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from ptcli.choices import Init, Reparam
 from ptcli.errors import UsageError
 
-INIT_METHODS = Init.values()
-REPARAMS = Reparam.values()
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
-def _flag(flag: str, help: str) -> dict[str, str]:
-    return {"flag": flag, "help": help}
+def _setting(help: str, default: Any, **cli: Any) -> Any:
+    """A TaskConfig field. Its flag is derived from its name (`flag_of`); `cli` holds what the option builder in
+    cli_args needs beyond name, type and default: `choices` (an Enum), `off` (a bool's negative flag),
+    `shown` (how --help states a default that is not a plain value), `required` (no default: the task must record it).
+    """
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass
 class TaskConfig:
-    """How one tag's prompt is tuned. Recorded in the project by `add-task` (or `tune`)."""
+    """How one tag's prompt is tuned. Recorded in the project by `add-task` (or `tune`).
 
-    train: str = field(default="", metadata=_flag("--train", "Training set, jsonl ({prompt_tag, text, answer})."))
-    valid: str = field(default="", metadata=_flag("--valid", "Validation set, jsonl."))
-    init: str = field(
-        default="text",
-        metadata=_flag(
-            "--init",
-            "Prompt init: text, labels (class-label embeddings, then sampled vocabulary), vocab (sampled vocabulary), or random.",
-        ),
+    Each field is the schema of one `add-task`/`tune` flag: name, type, default and help."""
+
+    train: str = _setting("Training set, jsonl ({prompt_tag, text, answer}).", "", required=True)
+    valid: str = _setting("Validation set, jsonl.", "", required=True)
+    init: str = _setting(
+        "Prompt init: text, labels (class-label embeddings, then sampled vocabulary), vocab (sampled vocabulary), "
+        "or random.",
+        "text",
+        choices=Init,
     )
-    init_text: str | None = field(
-        default=None,
-        metadata=_flag(
-            "--init-text", "Init text: tokenized, tiled or clipped to the prompt length. Default: the task's answers."
-        ),
+    init_text: str | None = _setting(
+        "Init text: tokenized, tiled or clipped to the prompt length.", None, shown="the task's answers"
     )
-    answer_only: bool = field(
-        default=True, metadata=_flag("--answer-only", "Loss on the answer only (else on text and answer).")
+    answer_only: bool = _setting("Loss on the answer only (else on text and answer).", True, off="--full-text-loss")
+    batch_size: int = _setting("Global batch size.", 16)
+    lr: float = _setting("Peak learning rate.", 0.1)  # best of 0.03 / 0.1 / 0.3 on SST-2 val (bench/sweep.py)
+    min_lr: float = _setting("Learning rate reached at --max-steps (cosine decay).", 3e-4)
+    warmup_steps: int = _setting("Linear warmup steps from 0 to --lr.", 10)
+    constant_steps: int = _setting("Steps held at --lr after warmup, before decay.", 0)
+    max_steps: int = _setting("Optimizer steps in total (0 stores the initial prompt).", 200)
+    val_check_interval: int = _setting("Validate (and checkpoint) every N steps.", 50)
+    max_seq_length: int = _setting("Max tokens per example, soft prompt included.", 512)
+    seed: int = _setting("Random seed (init and data order).", 1234)
+    group_by_length: bool = _setting(
+        "Batch rows of similar length together (less padding); the batches still come in random order.", True
     )
-    batch_size: int = field(default=16, metadata=_flag("--batch-size", "Global batch size."))
-    lr: float = field(
-        default=0.1, metadata=_flag("--lr", "Peak learning rate.")
-    )  # best of 0.03 / 0.1 / 0.3 on SST-2 val (bench/sweep.py)
-    min_lr: float = field(
-        default=3e-4, metadata=_flag("--min-lr", "Learning rate reached at --max-steps (cosine decay).")
+    ensemble: int = _setting("Prompts trained for the tag (own data order each); infer combines them.", 1)
+    template: str = _setting(
+        "Where the prompt sits: prefix, suffix, or a template such as '{text}{prompt}{answer}' or "
+        "'{prompt:10}{text} Answer:{prompt}{answer}' (slots add up to the prompt length).",
+        "prefix",
     )
-    warmup_steps: int = field(default=10, metadata=_flag("--warmup-steps", "Linear warmup steps from 0 to --lr."))
-    constant_steps: int = field(
-        default=0, metadata=_flag("--constant-steps", "Steps held at --lr after warmup, before decay.")
+    reparam: str = _setting(
+        "Train the prompt through an encoder, dropped after training: none, residual (P + MLP(P)), "
+        "mlp or lstm (P-tuning).",
+        "none",
+        choices=Reparam,
     )
-    max_steps: int = field(
-        default=200, metadata=_flag("--max-steps", "Optimizer steps in total (0 stores the initial prompt).")
-    )
-    val_check_interval: int = field(
-        default=50, metadata=_flag("--val-check-interval", "Validate (and checkpoint) every N steps.")
-    )
-    max_seq_length: int = field(
-        default=512, metadata=_flag("--max-seq-length", "Max tokens per example, soft prompt included.")
-    )
-    seed: int = field(default=1234, metadata=_flag("--seed", "Random seed (init and data order)."))
-    group_by_length: bool = field(
-        default=True,
-        metadata=_flag(
-            "--group-by-length",
-            "Batch rows of similar length together (less padding); the batches still come in random order.",
-        ),
-    )
-    ensemble: int = field(
-        default=1,
-        metadata=_flag("--ensemble", "Prompts trained for the tag (own data order each); infer combines them."),
-    )
-    template: str = field(
-        default="prefix",
-        metadata=_flag(
-            "--template",
-            "Where the prompt sits: prefix, suffix, or a template such as '{text}{prompt}{answer}' or "
-            "'{prompt:10}{text} Answer:{prompt}{answer}' (slots add up to the prompt length).",
-        ),
-    )
-    reparam: str = field(
-        default="none",
-        metadata=_flag(
-            "--reparam",
-            "Train the prompt through an encoder, dropped after training: none, residual (P + MLP(P)), mlp or lstm (P-tuning).",
-        ),
-    )
-    reparam_lr: float = field(
-        default=1e-3, metadata=_flag("--reparam-lr", "Peak learning rate of the --reparam encoder's weights.")
-    )
-    max_minutes: float | None = field(
-        default=None,
-        metadata=_flag(
-            "--max-minutes", "Stop training after this much wall time; the decay then runs over the time budget."
-        ),
+    reparam_lr: float = _setting("Peak learning rate of the --reparam encoder's weights.", 1e-3)
+    max_minutes: float | None = _setting(
+        "Stop training after this much wall time; the decay then runs over the time budget.", None, shown="no limit"
     )
 
     def __post_init__(self) -> None:
         problems = []
-        if self.init not in INIT_METHODS:
-            problems.append(f"--init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
-        if self.init == "text" and self.init_text is not None and not self.init_text.strip():
-            problems.append("--init-text must not be empty")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            problems.append(f"--max-minutes must be positive, got {self.max_minutes}")
+        for name, choices in (("init", Init), ("reparam", Reparam)):  # the CLI checks these; a recorded file may not
+            if getattr(self, name) not in {c.value for c in choices}:
+                allowed = ", ".join(c.value for c in choices)
+                problems.append(f"{flag_of(name)} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.init == Init.TEXT and self.init_text is not None and not self.init_text.strip():
+            problems.append(f"{flag_of('init_text')} must not be empty")
         for name in ("batch_size", "max_seq_length", "val_check_interval", "ensemble"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_of(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "constant_steps", "max_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_of(name)} must be 0 or more, got {getattr(self, name)}")
-        if self.reparam not in REPARAMS:
-            problems.append(f"--reparam must be one of {', '.join(REPARAMS)}, got {self.reparam!r}")
-        if not self.reparam_lr > 0:
-            problems.append(f"--reparam-lr must be positive, got {self.reparam_lr}")
-        if not self.lr > 0:
-            problems.append(f"--lr must be positive, got {self.lr}")
+        for name in ("max_minutes", "reparam_lr", "lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                problems.append(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
-            problems.append(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+            problems.append(f"{flag_of('min_lr')} must be between 0 and {flag_of('lr')} ({self.lr}), got {self.min_lr}")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -171,14 +139,14 @@ def check_run_together(cfgs: dict[str, TaskConfig]) -> None:
 
 
 def flag_of(name: str) -> str:
-    """The CLI flag that sets a TaskConfig field."""
-    return next(f.metadata["flag"] for f in dataclasses.fields(TaskConfig) if f.name == name)
+    """The CLI flag that sets a TaskConfig field: derived from the field's name, so no flag is spelled twice."""
+    return "--" + name.replace("_", "-")
 
 
 def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskConfig:
     """Flags given on the command line override what `add-task` recorded; None means not given."""
     merged = dict(recorded or {})
-    merged.update({k: v for k, v in given.items() if v is not None})
+    merged.update({k: v.value if isinstance(v, Enum) else v for k, v in given.items() if v is not None})
     for name in ("train", "valid"):  # recorded paths must still work from another directory
         value = given.get(name)
         if value and value != "-" and not value.startswith(("/dev/", "/proc/")):  # keep `<(cmd)` pipes as typed
@@ -194,7 +162,8 @@ def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskCo
 def check_tag(tag: str) -> str:
     if not TAG_PATTERN.fullmatch(tag):
         raise UsageError(
-            f"--tag {tag!r} is not a valid tag: use letters, digits, '_', '.', '-' (up to 64, starting with a letter or digit)"
+            f"--tag {tag!r} is not a valid tag: use letters, digits, '_', '.', '-' "
+            "(up to 64, starting with a letter or digit)"
         )
     return tag
 
@@ -203,3 +172,39 @@ def check_prompt_length(n: int) -> int:
     if not 1 <= n <= 4096:
         raise UsageError(f"--num-prompt-tokens must be between 1 and 4096, got {n}")
     return n
+
+
+def check_tune_flags(
+    length: int, num_prompt_tokens: int | None, devices: int, shard_base: bool, launched: bool
+) -> None:
+    """tune's flags that shape the run rather than a task; `length` is the project's prompt length."""
+    if num_prompt_tokens is not None and num_prompt_tokens != length:
+        raise UsageError(
+            f"--num-prompt-tokens {num_prompt_tokens} differs from the project's {length}; "
+            "one length serves every task",
+            hint="drop the flag, or init a new project with the length you want",
+        )
+    if devices < 1:
+        raise UsageError(f"--devices must be at least 1, got {devices}")
+    if shard_base and devices < 2 and not launched:
+        raise UsageError(
+            "--shard-base shards over several processes: pass --devices 2 or more (or launch with accelerate/torchrun)"
+        )
+
+
+def check_infer_flags(
+    devices: int, device_map: str | None, tokens_to_generate: int, batch_size: int, choices: str | None
+) -> list[str] | None:
+    """Refuse bad infer flags before the model loads, naming the flag.
+
+    Returns the --choices answer set (None: each tag's own)."""
+    if devices < 1 or (devices > 1 and device_map):
+        raise UsageError(f"--devices must be at least 1 and cannot go with --device-map, got {devices}")
+    if tokens_to_generate < 1:
+        raise UsageError(f"--tokens-to-generate must be at least 1, got {tokens_to_generate}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    options = [c.strip() for c in choices.split(",") if c.strip()] if choices is not None else None
+    if options is not None and len(options) < 2:
+        raise UsageError(f"--choices needs at least two comma-separated answers, got {choices!r}")
+    return options

@@ -161,9 +161,9 @@ def encode(
         budget = max_seq_length - layout.overhead() - len(a)
         if budget < 1:
             where = f"{source}:{rec.line}" if source else f"line {rec.line}"
+            around = "the prompt and template" if layout.overhead() > num_prompt_tokens else "the prompt"
             raise InputError(
-                f"{where}: the answer alone ({len(a)} tokens) plus the prompt{' and template' * (layout.overhead() > num_prompt_tokens)} "
-                f"({layout.overhead()}) "
+                f"{where}: the answer alone ({len(a)} tokens) plus {around} ({layout.overhead()}) "
                 f"exceed --max-seq-length {max_seq_length}"
             )
         if len(t) > budget:
@@ -210,13 +210,13 @@ class BatchOrder:
             rng = random.Random(self.seed * 100_003 + epoch)
             perm = list(range(self.n))
             rng.shuffle(perm)
-            if self.lengths is not None:
+            if (lengths := self.lengths) is not None:
                 B = self.batch_size
                 lead = min(self.n, (-epoch * self.n) % B)  # finish the batch the last epoch began
                 end = lead + (self.n - lead) // B * B  # whole batches; a partial one stays last
                 batches = []
                 for k in range(lead, end, self.GROUP * B):
-                    chunk = sorted(perm[k : min(k + self.GROUP * B, end)], key=lambda i: self.lengths[i])
+                    chunk = sorted(perm[k : min(k + self.GROUP * B, end)], key=lambda i: lengths[i])
                     batches += [chunk[j : j + B] for j in range(0, len(chunk), B)]
                 rng.shuffle(batches)
                 perm = perm[:lead] + [i for b in batches for i in b] + perm[end:]

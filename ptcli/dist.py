@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 LAUNCHED = "PTCLI_LAUNCHED"
 
@@ -75,16 +76,16 @@ def shard_frozen_base(model) -> tuple[int, int]:
     root for what is left. Every unit gathers its weights for its forward and frees them
     after. Each forward is then a collective: every process must make the same calls.
 
-    Returns (this process's weight bytes, all weight bytes). Not accelerate's FSDP plugin: it runs only on GPUs, and its `prepare` wraps the model
-    as one root unit and wants the optimizer's parameters inside it, which a prompt held
-    apart from the frozen weights is not.
+    Returns (this process's weight bytes, all weight bytes). Not accelerate's FSDP plugin: it runs
+    only on GPUs, and its `prepare` wraps the model as one root unit and wants the optimizer's
+    parameters inside it, which a prompt held apart from the frozen weights is not.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu" if dist.get_backend() == "gloo" else "cuda", (dist.get_world_size(),))
-    kw = {"mesh": mesh, "reshard_after_forward": True}  # roots too: FSDP2 keeps a root's weights gathered by default
+    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": True}  # roots too: FSDP2 keeps roots gathered
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     body = model.base_model
     layers = [m for m in body.modules() if type(m).__name__ in layer_types]

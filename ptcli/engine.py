@@ -65,6 +65,7 @@ class Engine:
         """Answers in item order; an item that cannot run (no room for its text) gets its error instead."""
         seqs = self.texts(items)
         results: list[Answer | PtcliError | None] = [s if isinstance(s, PtcliError) else None for s in seqs]
+        fits = {i: s for i, s in enumerate(seqs) if not isinstance(s, PtcliError)}  # rows whose text has room
         passes: dict[tuple[str, int, bool], list[int]] = {}  # one pass per mode, generation length and prompt placement
         for i, it in enumerate(items):
             if results[i] is None:
@@ -74,7 +75,7 @@ class Engine:
         for (mode, _, _), idx in passes.items():
             run = self._generate if mode == "generate" else self._rank
             with torch.inference_mode():
-                for i, out in zip(idx, run([items[i] for i in idx], [seqs[i] for i in idx])):
+                for i, out in zip(idx, run([items[i] for i in idx], [fits[i] for i in idx])):
                     results[i] = out
         return results  # type: ignore[return-value]
 
@@ -106,12 +107,14 @@ class Engine:
     def _expand(self, items: list[Item], seqs: list[list[int]]):
         """Stack the batch's prompts (M, P, H); repeat each row once per member of its tag, member-minor."""
         first: dict[int, int] = {}  # id(prompt) -> index of its first member in the stack
-        stacked = []
+        stacked: list[torch.Tensor] = []
         for it in items:
             if id(it.prompt) not in first:
                 first[id(it.prompt)] = sum(len(m) for m in stacked)
                 stacked.append(it.prompt.members)
-        rows, which, spans = [], [], []
+        rows: list[list[int]] = []
+        which: list[int] = []
+        spans: list[range] = []
         for it, s in zip(items, seqs):
             K = it.prompt.members.shape[0]
             spans.append(range(len(rows), len(rows) + K))
@@ -126,6 +129,7 @@ class Engine:
             0
         ].max_new  # the same for the whole pass: a row never decodes past the room its text was cut for
         outs, _ = answer(self.model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new)
+        assert outs is not None  # max_new > 0 asks for tokens
         answers = []
         for s, span in zip(seqs, spans):
             members = [outs[r] for r in span]
@@ -142,6 +146,7 @@ class Engine:
         _, scores = answer(
             self.model, prompts, rows, tok.pad_token_id, tok.pad_token_id, which=which, choices=answer_ids(tok, union)
         )  # (R, C)
+        assert scores is not None  # choices ask for scores
         answers = []
         for it, s, span in zip(items, seqs, spans):
             cols = [union.index(c) for c in it.choices]

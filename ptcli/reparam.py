@@ -20,11 +20,11 @@ from ptcli.choices import Reparam
 
 
 def _mlp(h: int, inner: int, zero_last: bool) -> nn.Sequential:
-    net = nn.Sequential(nn.Linear(h, inner), nn.ReLU(), nn.Linear(inner, h))
+    first, last = nn.Linear(h, inner), nn.Linear(inner, h)  # in this order: the seed draws first's weights first
     if zero_last:
-        nn.init.zeros_(net[2].weight)
-        nn.init.zeros_(net[2].bias)
-    return net
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(first, nn.ReLU(), last)
 
 
 class _Encoder(nn.Module):

@@ -20,7 +20,7 @@ import hmac
 import json
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +78,9 @@ class Service:
     max_body_bytes: int = 1_000_000
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None, extra: dict | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, headers: Mapping[str, str] | None = None, extra: dict | None = None
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(
         {"error": {"message": message, "type": kind, "code": status, **(extra or {})}}, status, headers=headers
@@ -149,7 +151,7 @@ async def _answers(request: Request, service: Service, items: list) -> list:
 
     def done(job) -> None:  # runs on the worker thread
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(job))
+            loop.call_soon_threadsafe(lambda: None if finished.done() else finished.set_result(job))
 
     job = service.batcher.submit(items, done)
     gone = asyncio.ensure_future(_disconnected(request))

@@ -73,7 +73,8 @@ def parse(template: str, num_prompt_tokens: int) -> list[Piece]:
         problems.append("at most one bare {prompt} (it takes the vectors the sized slots leave)")
     elif bare == 1 and fixed >= num_prompt_tokens:
         problems.append(
-            f"the sized slots take {fixed} vectors, leaving none of the project's {num_prompt_tokens} for the bare {{prompt}}"
+            f"the sized slots take {fixed} vectors, "
+            f"leaving none of the project's {num_prompt_tokens} for the bare {{prompt}}"
         )
     elif bare == 0 and "prompt" in kinds and fixed != num_prompt_tokens:
         problems.append(f"the slots hold {fixed} vectors but the project's prompt length is {num_prompt_tokens}")

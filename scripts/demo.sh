@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine: install, then on the default base model (SmolLM2-135M-Instruct)
-# tune one soft prompt per example task and show held-out accuracy before and after tuning.
+# tune one soft prompt per example task and show held-out accuracy side by side: zero-shot (the task's
+# instruction as plain text, no soft prompt), the untrained prompt (initialised from that text) and the tuned one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,10 +21,20 @@ for tag in reviews topic; do
     grep "\"prompt_tag\": \"$tag\"" "$DATA/$split.jsonl" > "$DIR/data/$tag-$split.jsonl"
   done
 done
-ptcli add-task reviews -p "$DIR" --train "$DIR/data/reviews-train.jsonl" --valid "$DIR/data/reviews-valid.jsonl" \
-  --init-text "is this review positive or negative" --lr 0.05 --batch-size 16 --warmup-steps 5 --val-check-interval 20
-ptcli add-task topic -p "$DIR" --train "$DIR/data/topic-train.jsonl" --valid "$DIR/data/topic-valid.jsonl" \
-  --init-text "is this news about sports food or science" --lr 0.05 --batch-size 16 --warmup-steps 5 --val-check-interval 20
+declare -A INSTRUCTION=(
+  [reviews]="is this review positive or negative"
+  [topic]="is this news about sports food or science"
+)
+for tag in reviews topic; do
+  ptcli add-task "$tag" -p "$DIR" --train "$DIR/data/$tag-train.jsonl" --valid "$DIR/data/$tag-valid.jsonl" \
+    --init-text "${INSTRUCTION[$tag]}" --lr 0.05 --batch-size 16 --warmup-steps 5 --val-check-interval 20
+done
+
+# Zero-shot: each instruction as plain text before the input, in a project of its own (scripts/zero_shot.sh says how).
+for tag in reviews topic; do
+  bash scripts/zero_shot.sh "$DIR/zero-shot-$tag" default "$tag" "${INSTRUCTION[$tag]}" \
+    "$DIR/data/$tag-train.jsonl" "$DIR/data/$tag-valid.jsonl" "$DATA/test.jsonl" > "$DIR/zero-shot-$tag.json"
+done
 
 # Before: the prompts as initialised from text (0 steps), scored on the held-out test file.
 for tag in reviews topic; do ptcli tune -p "$DIR" --tag "$tag" --max-steps 0 --quiet; done
@@ -39,8 +50,10 @@ import json, sys
 d, secs = sys.argv[1], sys.argv[2]
 before = json.load(open(f"{d}/before.json"))["accuracy"]
 after = json.load(open(f"{d}/after.json"))["accuracy"]
-print(f"\nheld-out accuracy on examples/data/test.jsonl (exact match), {secs} s in all")
-print(f"{'tag':<10}{'before':>10}{'after':>10}{'n':>6}")
+zero = {tag: json.load(open(f"{d}/zero-shot-{tag}.json"))["accuracy"][tag] for tag in after}
+print(f"\nheld-out accuracy on examples/data/test.jsonl, {secs} s in all")
+print(f"{'tag':<10}{'zero-shot':>11}{'untrained':>11}{'tuned':>9}{'n':>6}")
 for tag in sorted(after):
-    print(f"{tag:<10}{before[tag]['accuracy']:>10.3f}{after[tag]['accuracy']:>10.3f}{after[tag]['total']:>6}")
+    z, b, a = zero[tag]["accuracy"], before[tag]["accuracy"], after[tag]["accuracy"]
+    print(f"{tag:<10}{z:>11.3f}{b:>11.3f}{a:>9.3f}{after[tag]['total']:>6}")
 PY

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from ptcli import bank
 from ptcli import project as proj
 from ptcli.cli import app
+from ptcli.config import TaskConfig
 from ptcli.model import fingerprint, load_base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -178,6 +179,21 @@ def test_command_help(command: str, flags: list[str]) -> None:
     ok(result)
     missing = [f for f in flags if not _has_flag(result.stdout, f)]
     assert not missing
+
+
+@pytest.mark.parametrize("command", ["add-task", "tune"])
+def test_help_shows_every_setting_default_and_that_a_recorded_value_wins(command: str) -> None:
+    result = cli(command, "--help")
+    ok(result)
+    text = re.sub(r"(?<=\w-) ", "", " ".join(result.stdout.split()))  # help wraps lines, also after a hyphen
+    assert "takes the value recorded for the task (by add-task or an earlier tune)" in text
+    shown = {"train": "[required unless recorded]", "valid": "[required unless recorded]"}
+    shown |= {"init_text": "[default: the task's answers]", "max_minutes": "[default: no limit]"}
+    shown |= {"answer_only": "[default: --answer-only]", "group_by_length": "[default: --group-by-length]"}
+    for f in dataclasses.fields(TaskConfig):
+        expected = shown.get(f.name, f"[default: {f.default}]")
+        assert f"{f.metadata['help']} {expected}" in text, f.name
+    assert "--init [text|labels|vocab|random]" in text or "--init <text|labels|vocab|random>" in text
 
 
 def test_tune_help_fits_80_columns() -> None:
@@ -569,9 +585,10 @@ def test_infer_rank_needs_an_answer_set(tuned, mixed, tmp_path: Path) -> None:
     assert "--choices needs at least two" in failed(
         cli("infer", path, "-p", tuned.root, "--mode", "rank", "--choices", "one"), 2
     )
-    assert "--mode must be one of generate, rank, got 'vote'" in failed(
-        cli("infer", path, "-p", tuned.root, "--mode", "vote"), 2
-    )
+    refused = cli("infer", path, "-p", tuned.root, "--mode", "vote")  # the CLI's choice check, before any model
+    assert refused.exit_code == 2
+    assert "Invalid value for '--mode'" in refused.stderr
+    assert "'vote' is not one of 'generate', 'rank'" in refused.stderr
 
 
 def test_tune_several_tags_in_one_run(base_project, data, tmp_path: Path) -> None:

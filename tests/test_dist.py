@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ptcli.cli import app
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 TUNE = [
     "--tag",
     "sent",

@@ -102,7 +102,12 @@ CHOICES = ["positive", "negative", "entailment"]  # "entailment" is several toke
 WHICH = [1, 0, 0, 1]  # two prompts in one batch: an ensemble, or two tags
 
 
-@pytest.fixture(scope="module", params=PRESENT)
+# The fast loop (-m "not slow") checks these three: rotary with grouped queries, learned positions, and a
+# sliding window; the full suite checks every family.
+FAST = ("llama", "gpt2", "mistral")
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in PRESENT])
 def family(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_json: str):
     """(name, folder, model, tokenizer) of one family, built and loaded once per module."""
     cls, settings = FAMILIES[request.param]

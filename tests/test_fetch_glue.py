@@ -1,4 +1,7 @@
-"""scripts/fetch_glue.py: the split rules of ../shared/data/README.md, and clear failures without `datasets` or a network."""
+"""scripts/fetch_glue.py: the split rules of ../shared/data/README.md.
+
+And clear failures without `datasets` or a network.
+"""
 
 from __future__ import annotations
 

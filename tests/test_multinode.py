@@ -25,7 +25,7 @@ from clihelp import cli, ok
 from ptcli import bank, checkpoint
 from ptcli import project as proj
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 README = Path(__file__).resolve().parents[1] / "README.md"
 SETTINGS = ["--max-steps", "60", "--val-check-interval", "3", "--batch-size", "8", "--seed", "3", "--lr", "0.1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -82,6 +82,7 @@ def reference(finished: Path) -> torch.Tensor:
     return bank.get(proj.load(finished), "sent")[0]
 
 
+@pytest.mark.slow  # `finished` tunes 400 steps
 def test_a_relaunch_after_the_run_finished_does_nothing(finished: Path, data: Path) -> None:
     before = (finished / "bank" / "sent.safetensors").read_bytes()
     result = cli(*_args(data, steps=LONG), "-p", finished, "--json")
@@ -93,6 +94,7 @@ def test_a_relaunch_after_the_run_finished_does_nothing(finished: Path, data: Pa
     assert (finished / "bank" / "sent.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow  # a tune subprocess, stopped and resumed; and `reference` tunes 400 steps
 def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(
     empty: Path, data: Path, reference: torch.Tensor, tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ def _write(path: Path, tag: str, split: str, n: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
 
 
+@pytest.mark.slow  # a dozen ptcli subprocesses
 @pytest.mark.skipif(shutil.which("jq") is None, reason="the tour pipes into jq")
 def test_the_readme_tour_runs(tiny_llama, tmp_path):
     script = tour_commands()

@@ -475,6 +475,7 @@ def hook(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.slow  # tune subprocesses killed at each write
 def test_sigkill_loses_nothing_and_resume_matches(with_first: Path, data_dir: Path, hook: Path, tmp_path: Path) -> None:
     first_bytes = (with_first / "bank" / "first.safetensors").read_bytes()
     first_prompt, first_meta = bank.get(proj.load(with_first), "first")
@@ -558,6 +559,7 @@ def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: 
 # ---------------------------------------------------------------- two writers
 
 
+@pytest.mark.slow  # two tune subprocesses
 def test_two_tunes_on_one_project_one_gets_the_lock(base: Path, data_dir: Path, hook: Path, tmp_path: Path) -> None:
     root = _copy(base, tmp_path / "p")
     release = tmp_path / "release"

@@ -25,7 +25,7 @@ import pytest
 from clihelp import cli, ok
 from clihelp import write_jsonl as _jsonl
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # `ptcli serve` subprocesses
 
 P = 4
 FAST = [
@@ -243,7 +243,10 @@ def test_a_client_that_leaves_mid_request_does_not_hurt(server: Server) -> None:
     body = json.dumps({"rows": ROWS, "tokens_to_generate": 8}).encode()
     for cut in (False, True):  # leave after the whole request, and halfway through its body
         with socket.create_connection((host, int(port)), timeout=10) as s:
-            head = f"POST /v1/ptcli/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            head = (
+                "POST /v1/ptcli/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
             s.sendall(head.encode() + (body[: len(body) // 2] if cut else body))
     assert server.call("/v1/ptcli/infer", {"rows": ROWS[:2]})[0] == 200
     assert server.proc.poll() is None

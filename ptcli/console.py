@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 err = Console(stderr=True, highlight=False)
 
@@ -47,7 +47,7 @@ class TuneReporter:
         self.tag, self.quiet = tag, quiet
         self.live = err.is_terminal and not quiet
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.t0 = time.perf_counter()
         self.tokens = 0
         self.last_eval = ""
@@ -73,7 +73,7 @@ class TuneReporter:
 
     def step(self, step: int, loss: float, lr: float, tokens: int) -> None:
         self.tokens += tokens
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:
             tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
             info = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s {self.last_eval}"
             self.progress.update(self.task, completed=step, info=info)

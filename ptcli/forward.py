@@ -231,4 +231,6 @@ def choice_scores(
     model, prompts: torch.Tensor, seqs: list[list[int]], choices: list[list[int]], pad_id: int, which=None
 ) -> torch.Tensor:
     """Summed log-likelihood of each candidate answer after each row: (B, C)."""
-    return answer(model, prompts, seqs, pad_id, pad_id, which=which, choices=choices)[1]
+    scores = answer(model, prompts, seqs, pad_id, pad_id, which=which, choices=choices)[1]
+    assert scores is not None  # choices given, so answer() scored them
+    return scores

@@ -71,7 +71,7 @@ def answers(
     if outs is not None:
         texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
         voted = [Counter(texts[i * K : (i + 1) * K]).most_common(1)[0][0] for i in range(B)]
-    if scores is not None:
+    if scores is not None and choices:
         scores = scores.view(B, K, -1)  # (B, K, C)
         ranked = [choices[j] for j in scores.mean(1).argmax(-1).tolist()]
     return voted, ranked, scores
@@ -89,6 +89,7 @@ def predict(
 ) -> list[str]:
     """One batch of answers in one mode; see `answers`. `bias` (K, C) calibrates ranked scores (see `calibrate`)."""
     if mode == Mode.RANK:
+        assert choices, "rank mode needs an answer set (tag_modes checks it)"
         scores = answers(model, tok, prompts, seqs, choices=choices)[2]  # (B, K, C)
         scores = scores if bias is None else scores - bias
         return [choices[j] for j in scores.mean(1).argmax(-1).tolist()]
@@ -153,12 +154,15 @@ class TagPlan:
     def of(cls, project, model, tok, tag: str, mode: Mode, choices, tokens_to_generate: int, calibrated: bool):
         prompt, record = bank.get(project, tag)
         options = choices or record.choices
-        room = tokens_to_generate if mode == Mode.GENERATE else max(map(len, answer_ids(tok, options)))
+        assert options or mode == Mode.GENERATE, "rank mode needs an answer set (tag_modes checks it)"
+        room = tokens_to_generate if mode == Mode.GENERATE else max(map(len, answer_ids(tok, options or [])))
         layout = Layout(tok, record.template, project.num_prompt_tokens)
         budget = record.config["max_seq_length"] - layout.overhead() - room
         if budget < 1:
             raise ProjectError(f"the answers ({room} tokens) leave no room for text in {tag!r}'s max sequence length")
-        bias = content_free_bias(model, tok, prompt, options, layout) if calibrated and mode == Mode.RANK else None
+        bias = (
+            content_free_bias(model, tok, prompt, options or [], layout) if calibrated and mode == Mode.RANK else None
+        )
         return cls(prompt, mode, options, layout, budget, bias)
 
     @torch.inference_mode()

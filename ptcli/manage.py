@@ -159,6 +159,8 @@ def import_bytes(project: Project, name: str, blob: bytes, tag: str | None = Non
     _, _, record = bank.verify(name, blob)
     bank.check_compatible(project, record, name)
     new = tag or record.tag
+    if not new:
+        raise UsageError(f"{name} names no tag: import it with --tag")
     with new_tag_slot(project, new, name) as p:
         target = bank.path_of(p, new)
         atomic_write(target, bank.relabel(name, blob, new))

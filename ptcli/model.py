@@ -141,7 +141,7 @@ def load_base(
         check_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code), ref)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, device_map=device_map
+            source, dtype=DTYPES[Dtype(dtype)], trust_remote_code=trust_remote_code, device_map=device_map
         )
     except (OSError, ValueError) as e:
         raise ModelError(

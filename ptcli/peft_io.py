@@ -215,6 +215,8 @@ def import_adapter(project: Project, folder: Path, tag: str | None = None) -> Im
             )
         meta = dataclasses.replace(record, sha256=None)
         tag = tag or record.tag
+        if not tag:
+            raise InputError(f"{folder / WEIGHTS} names no tag", hint="import it with --tag")
     else:
         if tag is None:
             raise UsageError(f"--tag is required: {folder} is a PEFT adapter, which does not name its task")

@@ -121,6 +121,7 @@ class Recipe:
             self.reporter.evaluated(self.state.step, metrics, t.tag)
             self.state.history.append({"step": self.state.step, "tag": t.tag, **metrics})
             if better(metrics, self.state.best[t.tag]):
+                assert self.state.best_prompt is not None  # set by validate_initial, or restored by resume
                 self.state.best[t.tag], self.state.best_step[t.tag] = metrics, self.state.step
                 self.state.best_prompt[t.slots] = current[t.slots]
         self.save()

@@ -27,7 +27,7 @@ BLOCKS = "▁▂▃▄▅▆▇█"
 
 @dataclass
 class Curves:
-    train: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "lr"}
+    train: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss", "lr"}; lr is None in old logs
     valid: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_acc"}
     source: str = ""
     skipped: int = 0  # unreadable lines
@@ -143,7 +143,7 @@ def plot(tag: str, curves: Curves, out: Path, best_step: int | None = None) -> P
     ax.set_xlabel("step")
     ax.set_ylabel("loss per token")
     ax.grid(alpha=0.3)
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize="small")
+    ax.legend(handles=lines, labels=[str(ln.get_label()) for ln in lines], loc="center right", fontsize="small")
     fig.suptitle(tag)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -148,6 +148,7 @@ def write_results(project: Project, recipe: Recipe) -> list[TuneResult]:
         )
         if main:
             record = record_of(recipe, t, seconds)
+            assert state.best_prompt is not None  # a finished run holds its best prompts
             best = state.best_prompt[t.slots]  # (K, P, H)
             bank.put(project, t.tag, best[0] if len(t.slots) == 1 else best, record)
             checkpoint.write_log(project, t.tag, state.history)

@@ -38,7 +38,7 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     best-scoring candidate. Both come from one pass over the texts; so does the loss when
     it covers the answer only and every answer is a candidate. prompts: (K, P, H).
     """
-    enc, K, choices = task.valid, prompts.shape[0], task.choices
+    enc, K, choices = task.valid, prompts.shape[0], task.choices or []
     shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
     shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
     batches = [shard[s : s + batch_size] for s in range(0, len(shard), batch_size)]

@@ -23,7 +23,22 @@ ProjectOpt = Annotated[
     Path | None,
     typer.Option("--project", "-p", help="Project directory (default: the nearest one at or above the cwd)."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Write the result to stdout as JSON.")]
+
+
+def json_flag(help: str) -> Any:
+    """`--json`, with what it writes in this command; the flag is spelled here only."""
+    return typer.Option("--json", help=help)
+
+
+def devices_flag(help: str) -> Any:
+    return typer.Option("--devices", help=help)
+
+
+def prompt_tokens_flag(help: str) -> Any:
+    return typer.Option("--num-prompt-tokens", help=help)
+
+
+JsonOpt = Annotated[bool, json_flag("Write the result to stdout as JSON.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code to run.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Precision of the frozen base.")]
@@ -36,14 +51,10 @@ BaseOpt = Annotated[
         help="Base model: a local Hugging Face folder, a .gguf file, or a hub id. Default: SmolLM2-135M-Instruct.",
     ),
 ]
-InitTokens = Annotated[
-    int, typer.Option("--num-prompt-tokens", help="Soft prompt length, shared by every task in the project.")
-]
+InitTokens = Annotated[int, prompt_tokens_flag("Soft prompt length, shared by every task in the project.")]
 # add-task and tune: the TaskConfig flags come from `task_options` below
 TagArg = Annotated[str, typer.Argument(help="Task tag, as in the data's prompt_tag field.")]
-TuneTokens = Annotated[
-    int | None, typer.Option("--num-prompt-tokens", help="Must equal the project's prompt length (set by init).")
-]
+TuneTokens = Annotated[int | None, prompt_tokens_flag("Must equal the project's prompt length (set by init).")]
 Resume = Annotated[
     bool, typer.Option("--resume", help="Continue an interrupted run of this tag from its last checkpoint.")
 ]
@@ -56,9 +67,7 @@ AutoResume = Annotated[
     ),
 ]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Retune a tag that is already in the bank.")]
-Devices = Annotated[
-    int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")
-]
+Devices = Annotated[int, devices_flag("Processes (GPUs, or CPU workers) to tune with, launched through accelerate.")]
 ShardBase = Annotated[
     bool,
     typer.Option(
@@ -101,12 +110,8 @@ DeviceMap = Annotated[
     str | None,
     typer.Option("--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading)."),
 ]
-InferDevices = Annotated[
-    int, typer.Option("--devices", help="Processes (GPUs, or CPU workers) that share the rows; output as with one.")
-]
-InferJson = Annotated[
-    bool, typer.Option("--json", help="One JSON document (predictions and accuracy) instead of jsonl lines.")
-]
+InferDevices = Annotated[int, devices_flag("Processes (GPUs, or CPU workers) that share the rows; output as with one.")]
+InferJson = Annotated[bool, json_flag("One JSON document (predictions and accuracy) instead of jsonl lines.")]
 
 
 def _completion_project(ctx: typer.Context):

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ptcli.cli_args import BankTag, Format, JsonOpt, ProjectOpt, QuietOpt, _complete_task_tags, handled
+from ptcli.cli_args import BankTag, Format, JsonOpt, ProjectOpt, QuietOpt, _complete_task_tags, handled, json_flag
 from ptcli.config import check_tag
 from ptcli.errors import UsageError
 
@@ -72,7 +72,7 @@ def show(
         Path | None, typer.Option("--plot", help="Also write the training and validation curves to this PNG file.")
     ] = None,
     project: ProjectOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Write the record and the curves to stdout as JSON.")] = False,
+    as_json: Annotated[bool, json_flag("Write the record and the curves to stdout as JSON.")] = False,
 ) -> None:
     """A prompt's settings, metrics and base (from its bank header) and its training/validation curves."""
     from ptcli import project as proj

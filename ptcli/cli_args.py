@@ -38,6 +38,14 @@ def prompt_tokens_flag(help: str) -> Any:
     return typer.Option("--num-prompt-tokens", help=help)
 
 
+def tag_flag(help: str, **kw: Any) -> Any:
+    return typer.Option("--tag", help=help, **kw)
+
+
+def format_flag(help: str, **kw: Any) -> Any:
+    return typer.Option("--format", help=help, **kw)
+
+
 JsonOpt = Annotated[bool, json_flag("Write the result to stdout as JSON.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the base model's own Python code to run.")]
@@ -142,11 +150,9 @@ def _complete_task_tags(ctx: typer.Context, incomplete: str) -> list[str]:
 
 TuneTag = Annotated[
     list[str],
-    typer.Option(
-        "--tag",
+    tag_flag(
+        "Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed batches.",
         metavar="<str>",
-        help="Task tag to tune (new, or recorded by add-task); repeat it to tune several tags together over mixed "
-        "batches.",
         autocompletion=_complete_task_tags,
     ),
 ]

@@ -12,7 +12,18 @@ from typing import Annotated
 
 import typer
 
-from ptcli.cli_args import BankTag, Format, JsonOpt, ProjectOpt, QuietOpt, _complete_task_tags, handled, json_flag
+from ptcli.cli_args import (
+    BankTag,
+    Format,
+    JsonOpt,
+    ProjectOpt,
+    QuietOpt,
+    _complete_task_tags,
+    format_flag,
+    handled,
+    json_flag,
+    tag_flag,
+)
 from ptcli.config import check_tag
 from ptcli.errors import UsageError
 
@@ -165,7 +176,7 @@ def export(
         typer.Argument(help="ptcli: a .safetensors file (or a folder, or '-' for stdout). peft: an adapter folder."),
     ],
     fmt: Annotated[
-        Format, typer.Option("--format", help="ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")
+        Format, format_flag("ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")
     ] = Format.ptcli,
     force: Annotated[bool, typer.Option("--force", help="Overwrite what is at OUT.")] = False,
     project: ProjectOpt = None,
@@ -213,13 +224,11 @@ def import_(
     ],
     tag: Annotated[
         str | None,
-        typer.Option(
-            "--tag", help="Tag in this bank (default: the tag recorded in FILE; required for other PEFT adapters)."
-        ),
+        tag_flag("Tag in this bank (default: the tag recorded in FILE; required for other PEFT adapters)."),
     ] = None,
     fmt: Annotated[
         Format | None,
-        typer.Option("--format", help="Default: peft for a folder, ptcli for a file.", show_default=False),
+        format_flag("Default: peft for a folder, ptcli for a file.", show_default=False),
     ] = None,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,

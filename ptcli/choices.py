@@ -44,6 +44,13 @@ class Reparam(Choice):
     LSTM = "lstm"
 
 
+class Format(Choice):
+    """What `export` writes and `import` reads: ptcli's bank file, or a PEFT prompt-tuning adapter folder."""
+
+    PTCLI = "ptcli"
+    PEFT = "peft"
+
+
 class Dtype(Choice):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"

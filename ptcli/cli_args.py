@@ -9,7 +9,6 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -156,13 +155,6 @@ TuneTag = Annotated[
         autocompletion=_complete_task_tags,
     ),
 ]
-
-
-class Format(str, Enum):
-    """What `export` writes and `import` reads: ptcli's bank file, or a PEFT prompt-tuning adapter folder."""
-
-    ptcli = "ptcli"
-    peft = "peft"
 
 
 def handled(fn):

@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
+from ptcli.choices import Format
 from ptcli.cli_args import (
     BankTag,
-    Format,
     JsonOpt,
     ProjectOpt,
     QuietOpt,
@@ -177,7 +177,7 @@ def export(
     ],
     fmt: Annotated[
         Format, format_flag("ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")
-    ] = Format.ptcli,
+    ] = Format.PTCLI,
     force: Annotated[bool, typer.Option("--force", help="Overwrite what is at OUT.")] = False,
     project: ProjectOpt = None,
     as_json: JsonOpt = False,
@@ -190,7 +190,7 @@ def export(
 
     p = proj.load(project)
     if out == "-":
-        if fmt is not Format.ptcli or as_json:
+        if fmt is not Format.PTCLI or as_json:
             raise UsageError("OUT '-' (stdout) takes the ptcli format and no --json")
         if sys.stdout.isatty():
             raise UsageError(
@@ -200,7 +200,7 @@ def export(
         sys.stdout.buffer.write(manage.export_bytes(p, tag))
         sys.stdout.flush()
         return
-    if fmt is Format.peft:
+    if fmt is Format.PEFT:
         from ptcli import peft_io
 
         result = peft_io.export(p, tag, Path(out), force)
@@ -208,7 +208,7 @@ def export(
         result = manage.export_file(p, tag, Path(out), force)
     if as_json:
         emit_json(dataclasses.asdict(result))
-    how = f"; load it with peft.PeftModel.from_pretrained(base, {result.path!r})" if fmt is Format.peft else ""
+    how = f"; load it with peft.PeftModel.from_pretrained(base, {result.path!r})" if fmt is Format.PEFT else ""
     say(f"exported {tag!r} to {result.path}{how}", quiet)
 
 
@@ -244,8 +244,8 @@ def import_(
         check_tag(tag)
     p = proj.load(project)
     if fmt is None:
-        fmt = Format.peft if source != "-" and Path(source).is_dir() else Format.ptcli
-    if fmt is Format.peft:
+        fmt = Format.PEFT if source != "-" and Path(source).is_dir() else Format.PTCLI
+    if fmt is Format.PEFT:
         from ptcli import peft_io
 
         result = peft_io.import_adapter(p, Path(source), tag)

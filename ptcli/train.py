@@ -22,11 +22,11 @@ from ptcli.data import Record, read_jsonl
 from ptcli.errors import InputError, ProjectError
 from ptcli.model import load_project_base
 from ptcli.project import Project, now
-from ptcli.recipe import Recipe, Reporter, lr_at, make_tasks, setup
+from ptcli.recipe import Recipe, Reporter, make_tasks, setup
 from ptcli.record import PromptRecord, kept_mode
 from ptcli.validate import Task
 
-__all__ = ["Reporter", "TuneResult", "lr_at", "tune_many"]
+__all__ = ["Reporter", "TuneResult", "tune_many"]
 
 
 @dataclass

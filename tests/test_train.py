@@ -17,7 +17,8 @@ from ptcli import bank, checkpoint
 from ptcli import project as proj
 from ptcli.config import TaskConfig
 from ptcli.errors import ProjectError, UsageError
-from ptcli.train import lr_at, tune_many
+from ptcli.recipe import lr_at
+from ptcli.train import tune_many
 from ptcli.validate import better
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

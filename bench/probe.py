@@ -25,7 +25,7 @@ from pathlib import Path
 import datadir
 import torch
 
-from ptcli.model import load_base
+from ptcli.lm.base import load_base
 
 ROOT = Path(__file__).resolve().parent.parent
 VAL = {"SST2": "val_sentences.jsonl"}

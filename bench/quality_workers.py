@@ -76,7 +76,7 @@ def score_splits(task: str, cfg: dict, labels: list[str], score) -> dict:
 
     score(texts) gives the (N, C) answer log-likelihoods of raw texts.
     """
-    from ptcli.infer import CONTENT_FREE, calibrate
+    from ptcli.inference.infer import CONTENT_FREE, calibrate
 
     free = score(list(CONTENT_FREE)) if cfg["calibrate"] else None  # (N_cf, C)
     out = {}
@@ -117,7 +117,7 @@ def worker_prompted(task: str, cfg: dict) -> dict:
     """zero_shot (k=0) and few_shot: the instruction and shots are a prefix whose KV cache every batch reuses."""
     import torch
 
-    from ptcli.model import load_base
+    from ptcli.lm.base import load_base
 
     model, tok = load_base("default")
     train = load_rows(cfg["data_dir"], task, "train")[: -cfg["dev_rows"]]
@@ -171,7 +171,7 @@ def peft_config(kind: str, P: int, labels: list[str], hidden: int):
     P-tuning, PEFT's MLP prompt encoder (hidden width = the model's) over randomly initialised prompt embeddings."""
     from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
-    from ptcli.model import resolve
+    from ptcli.lm.base import resolve
 
     if kind == "peft_ptuning":
         return PromptEncoderConfig(
@@ -195,8 +195,10 @@ def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
     from peft import get_peft_model
 
     from ptcli.config import TaskConfig
-    from ptcli.data import BatchOrder, Record, encode
-    from ptcli.model import load_base
+    from ptcli.data.encode import encode
+    from ptcli.data.jsonl import Record
+    from ptcli.lm.base import load_base
+    from ptcli.tuning.batches import BatchOrder
 
     model, tok = load_base("default")
     P, B = cfg["prompt_tokens"], cfg["batch_size"]

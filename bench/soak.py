@@ -40,11 +40,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's ptcli; the te
 
 import transformers  # noqa: E402,F401  (imported once, before any fork)
 
-import ptcli.train  # noqa: E402,F401
-from ptcli import bank, checkpoint, storage  # noqa: E402
-from ptcli import project as proj  # noqa: E402
-from ptcli.check import check  # noqa: E402
-from ptcli.cli import main as ptcli_main  # noqa: E402
+import ptcli.tuning.tune  # noqa: E402,F401
+from ptcli.cli.app import main as ptcli_main  # noqa: E402
+from ptcli.project import bank, storage  # noqa: E402
+from ptcli.project import manifest as proj  # noqa: E402
+from ptcli.project.check import check  # noqa: E402
+from ptcli.tuning import checkpoint  # noqa: E402
 
 STEPS, EVERY = 40, 4
 ROWS = [

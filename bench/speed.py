@@ -61,10 +61,11 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     """tool: ptcli (the prompt first), ptcli-suffix (--template suffix: the text runs without gradient) or peft."""
     import torch
 
-    from ptcli.data import Record, encode
-    from ptcli.forward import lm_loss
-    from ptcli.model import init_prompt, load_base
-    from ptcli.reparam import SoftPrompt
+    from ptcli.data.encode import encode
+    from ptcli.data.jsonl import Record
+    from ptcli.lm.base import load_base
+    from ptcli.lm.forward import lm_loss
+    from ptcli.tuning.soft_prompt import SoftPrompt, init_prompt
 
     model, tok = load_base("default")
     model.to(DEVICE)
@@ -135,8 +136,9 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
 def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
     import torch
 
-    from ptcli.forward import answer
-    from ptcli.model import init_prompt, load_base
+    from ptcli.lm.base import load_base
+    from ptcli.lm.forward import answer
+    from ptcli.tuning.soft_prompt import init_prompt
 
     model, tok = load_base("default")
     tags = {"SST2": "positive negative", "RTE": "True False"}
@@ -215,8 +217,9 @@ def list_tags_seconds(n_tags: int = 50) -> float:
     """Wall time of `ptcli list-tags` on a bank of n prompts (a fake base: only headers are read)."""
     import torch
 
-    from ptcli import bank, project
-    from ptcli.record import PromptRecord
+    from ptcli.project import bank
+    from ptcli.project import manifest as project
+    from ptcli.project.record import PromptRecord
 
     with tempfile.TemporaryDirectory() as d:
         p = project.create(Path(d) / "p", project.BaseInfo("default", "0" * 64, 576, "llama"), 20)

@@ -1,3 +1,3 @@
-from ptcli.cli import main
+from ptcli.cli.app import main
 
 main()

@@ -15,20 +15,21 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ptcli import bank
-from ptcli import project as proj
 from ptcli.config import TaskConfig, merge_task
-from ptcli.record import PromptRecord
-from ptcli.storage import is_main_process, project_lock
-from ptcli.template import parse as parse_template
+from ptcli.data.template import parse as parse_template
+from ptcli.errors import ProjectError
+from ptcli.project import bank
+from ptcli.project import manifest as proj
+from ptcli.project.record import PromptRecord
+from ptcli.project.storage import is_main_process, project_lock
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     import torch
 
-    from ptcli.infer import InferResult
-    from ptcli.train import Reporter, TuneResult
+    from ptcli.inference.infer import InferResult
+    from ptcli.tuning.tune import Reporter, TuneResult
 
 
 class Silent:
@@ -95,7 +96,7 @@ class Project:
         settings: TaskConfig fields (train, valid, lr, max_steps, ...) over the recorded task's. resume: True or
         "auto" (see train.tune_many). Holds the project lock, as every command that writes the project does.
         """
-        from ptcli.train import tune_many
+        from ptcli.tuning.tune import tune_many
 
         tags = [tags] if isinstance(tags, str) else list(tags)
         cfgs = self.task_configs(tags, settings)
@@ -118,6 +119,27 @@ class Project:
         options: those of infer.infer (mode, choices, calibrated, tokens_to_generate, batch_size, dtype, ...).
         The rows come back in input order, each with `prediction` added, exactly as `ptcli infer` writes them.
         """
-        from ptcli.infer import infer
+        from ptcli.inference.infer import infer
 
         return infer(self.project, source, **options)
+
+
+def init_project(
+    root: Path, base: str | None, num_prompt_tokens: int, trust_remote_code: bool = False, status=lambda _: None
+) -> proj.Project:
+    """Create a project: load the base once to record its fingerprint and hidden size."""
+    from ptcli.lm.base import canonical_ref, fingerprint, load_base
+    from ptcli.lm.probe import check_supported
+
+    if (root / proj.MANIFEST).exists():
+        raise ProjectError(f"{root} is already a ptcli project", hint="use it as is, or pick another directory")
+    ref = canonical_ref(base)
+    model, _ = load_base(ref, trust_remote_code=trust_remote_code, status=status)
+    check_supported(model, ref)
+    info = proj.BaseInfo(
+        ref=ref,
+        fingerprint=fingerprint(model),
+        hidden_size=int(model.get_input_embeddings().weight.shape[1]),
+        model_type=str(model.config.model_type),
+    )
+    return proj.create(root, info, num_prompt_tokens)

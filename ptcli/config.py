@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ptcli.choices import Init, Reparam
+from ptcli.enums import Init, Reparam
 from ptcli.errors import UsageError
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from ptcli.cli import app
+from ptcli.cli.app import app
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that help never abbreviates a flag
 

@@ -244,7 +244,7 @@ def default_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama(lively_llama):
     """(model, tokenizer) of ``lively_llama``, loaded once."""
-    from ptcli.model import load_base
+    from ptcli.lm.base import load_base
 
     return load_base(str(lively_llama))
 
@@ -252,7 +252,7 @@ def llama(lively_llama):
 @pytest.fixture(scope="session")
 def gpt2(lively_gpt2):
     """(model, tokenizer) of ``lively_gpt2``, loaded once."""
-    from ptcli.model import load_base
+    from ptcli.lm.base import load_base
 
     return load_base(str(lively_gpt2))
 

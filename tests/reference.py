@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ptcli.forward import answer
-from ptcli.rows import IGNORE, left_pad, stack
+from ptcli.lm.batch import IGNORE, left_pad, stack
+from ptcli.lm.forward import answer
 
 
 def assemble(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
@@ -60,6 +60,6 @@ def greedy(
 
 def tune(project, tag: str, cfg, reporter, **options):
     """Tune one tag: `train.tune_many` with a single entry, its one TuneResult."""
-    from ptcli.train import tune_many
+    from ptcli.tuning.tune import tune_many
 
     return tune_many(project, {tag: cfg}, reporter, **options)[0]

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptcli import bank
-from ptcli import project as proj
 from ptcli.errors import CompatibilityError, ProjectError
-from ptcli.record import PromptRecord
+from ptcli.project import bank
+from ptcli.project import manifest as proj
+from ptcli.project.record import PromptRecord
 
 H = 8
 P = 4
@@ -94,7 +94,7 @@ def test_read_meta_needs_only_the_header(project: proj.Project) -> None:
 def test_listing_does_not_import_torch(project: proj.Project) -> None:
     bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     code = (
-        "import sys, pathlib; from ptcli import bank, project; p = project.load(pathlib.Path(sys.argv[1]));"
+        "import sys, pathlib; from ptcli.project import bank, manifest; p = manifest.load(pathlib.Path(sys.argv[1]));"
         "e = [bank.read_meta(p, t) for t in bank.tags(p)]; assert [x.tag for x in e] == ['sent'], e;"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptcli import bank
-from ptcli.batcher import Batcher, Job
-from ptcli.engine import Answer
 from ptcli.errors import ServeError, UsageError
-from ptcli.project import BaseInfo, Project
-from ptcli.record import PromptRecord
+from ptcli.inference.engine import Answer
+from ptcli.project import bank
+from ptcli.project.manifest import BaseInfo, Project
+from ptcli.project.record import PromptRecord
+from ptcli.serving.batcher import Batcher, Job
 
 
 def _collect() -> tuple[list[Job], threading.Event, Callable[[Job], None]]:
@@ -103,8 +103,8 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
     """A real server whose engine holds its first batch until released: one row runs, one waits, the next is refused."""
     import uvicorn
 
-    from ptcli.live_bank import LiveBank
-    from ptcli.serve import Service, build_app, listen
+    from ptcli.serving.live_bank import LiveBank
+    from ptcli.serving.server import Service, build_app, listen
 
     project = Project(tmp_path, BaseInfo("stub", "f" * 64, 8, "llama"), num_prompt_tokens=2)
     bank.put(project, "t", torch.zeros(2, 8), PromptRecord(config={"max_seq_length": 16}))

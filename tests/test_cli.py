@@ -18,11 +18,11 @@ import torch
 from clihelp import cli, failed, ok
 from typer.testing import CliRunner
 
-from ptcli import bank
-from ptcli import project as proj
-from ptcli.cli import app
+from ptcli.cli.app import app
 from ptcli.config import TaskConfig
-from ptcli.model import fingerprint, load_base
+from ptcli.lm.base import fingerprint, load_base
+from ptcli.project import bank
+from ptcli.project import manifest as proj
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -244,7 +244,7 @@ def test_manifest_from_a_newer_ptcli_is_refused(base_project, tmp_path: Path) ->
 
 
 def test_a_locked_project_refuses_a_second_writer(base_project, data, tmp_path: Path) -> None:
-    from ptcli.storage import project_lock
+    from ptcli.project.storage import project_lock
 
     root = _copy(base_project.root, tmp_path)
     with project_lock(root, "ptcli tune --tag other"):
@@ -695,9 +695,9 @@ def test_a_record_without_a_mode_ranks_when_it_has_an_answer_set(tuned, tmp_path
 
 
 def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Path, lively_llama: Path) -> None:
-    from ptcli.data import answer_ids
-    from ptcli.forward import choice_scores
-    from ptcli.infer import CONTENT_FREE, calibrate
+    from ptcli.data.encode import answer_ids
+    from ptcli.inference.infer import CONTENT_FREE, calibrate
+    from ptcli.lm.forward import choice_scores
 
     sent = [r for r in mixed if r["prompt_tag"] == "sent"]
     out = _infer(tuned.root, _jsonl(tmp_path / "sent.jsonl", sent), "--calibrate")

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from ptcli import project as proj
-from ptcli.cli import app
-from ptcli.cli_args import _complete_bank_tags, _complete_task_tags
+from ptcli.cli.app import app
+from ptcli.cli.options import _complete_bank_tags, _complete_task_tags
 from ptcli.config import TaskConfig
+from ptcli.project import manifest as proj
 
 REPO = Path(__file__).resolve().parents[1]
 SHELLS = ("bash", "zsh", "fish")

@@ -16,10 +16,10 @@ import torch
 from clihelp import cli, ok
 from reference import greedy, plain_lm_loss
 
-from ptcli import bank
-from ptcli import project as proj
-from ptcli.data import answer_ids
-from ptcli.forward import IGNORE, choice_scores, lm_loss
+from ptcli.data.encode import answer_ids
+from ptcli.lm.forward import IGNORE, choice_scores, lm_loss
+from ptcli.project import bank
+from ptcli.project import manifest as proj
 
 DEVICE = os.environ.get("PTCLI_TEST_DEVICE", "cuda")
 pytestmark = [

@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptcli.data import MAX_REPORTED, BatchOrder, Record, encode, read_jsonl
+from ptcli.data.encode import encode
+from ptcli.data.jsonl import MAX_REPORTED, Record, read_jsonl
 from ptcli.errors import InputError
+from ptcli.tuning.batches import BatchOrder
 
 GOOD = {"prompt_tag": "sent", "text": "i love it", "answer": "positive"}
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ptcli.cli import app
+from ptcli.cli.app import app
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 TUNE = [

@@ -19,16 +19,17 @@ from clihelp import cli, failed
 from conftest import make_tokenizer
 from reference import greedy
 
-from ptcli import bank, forward, peft_io
-from ptcli import project as proj
-from ptcli.arch import window_of
+from ptcli.api import init_project
 from ptcli.config import TaskConfig
-from ptcli.data import ANSWER_PREFIX
+from ptcli.data.encode import ANSWER_PREFIX
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, choice_scores, token_logprobs
-from ptcli.model import load_base
-from ptcli.record import PromptRecord
-from ptcli.train import tune_many
+from ptcli.lm import forward
+from ptcli.lm.arch import window_of
+from ptcli.lm.base import load_base
+from ptcli.lm.forward import IGNORE, choice_scores, token_logprobs
+from ptcli.project import bank, peft_adapter
+from ptcli.project.record import PromptRecord
+from ptcli.tuning.tune import tune_many
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -248,10 +249,10 @@ def test_peft_export_gives_the_reference_logits(family, tmp_path: Path) -> None:
     from peft import PeftModel
 
     _, path, model, tok = family
-    project = proj.init(tmp_path / "p", str(path), P)
+    project = init_project(tmp_path / "p", str(path), P)
     prompt = _prompts(model, 1)[0]  # (P, H)
     bank.put(project, "t", prompt, PromptRecord(config=TaskConfig().to_dict()))
-    peft_io.export(project, "t", tmp_path / "adapter")
+    peft_adapter.export(project, "t", tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(load_base(str(path))[0], str(tmp_path / "adapter"))
     ids = tok(TEXTS[3], add_special_tokens=False).input_ids  # one unpadded row, longer than the window
     x = torch.tensor([ids])  # (1, T)
@@ -290,7 +291,7 @@ def test_step0_validation_equals_the_unpadded_reference(family, tmp_path: Path) 
         )
         for tag in ("ans", "all")
     }
-    results = tune_many(proj.init(tmp_path / "p", str(path), P), cfgs, _Quiet())
+    results = tune_many(init_project(tmp_path / "p", str(path), P), cfgs, _Quiet())
     ids = (tok(init_text, add_special_tokens=False).input_ids * P)[:P]
     prompt = model.get_input_embeddings().weight.detach()[ids]  # (P, H): the text init
     max_new = max(len(_answer_ids(tok, a)) for _, a in VALID)  # as validation decodes: the longest answer and eos
@@ -375,10 +376,10 @@ def test_init_refuses_a_base_the_batched_forward_gets_wrong(
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    proj.init(tmp_path / "ok", str(tmp_path / "base"), P)  # as ptcli runs it: exact
+    init_project(tmp_path / "ok", str(tmp_path / "base"), P)  # as ptcli runs it: exact
     monkeypatch.setattr(forward, "shared_prefix_exact", lambda model, width: True)
     with pytest.raises(ModelError, match="batched forward gives a loss of .* where one row at a time gives"):
-        proj.init(tmp_path / "p", str(tmp_path / "base"), P)
+        init_project(tmp_path / "p", str(tmp_path / "base"), P)
 
 
 class _Quiet:
@@ -411,7 +412,7 @@ def test_templates_equal_the_unpadded_reference(family, template: str) -> None:
 
     Two prompts in one batch, rows wider than the window.
     """
-    from ptcli.template import Layout
+    from ptcli.data.template import Layout
 
     _, _, model, tok = family
     layout = Layout(tok, template, P)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from clihelp import cli, failed, ok
 
-from ptcli import checkpoint, storage
-from ptcli import project as proj
+from ptcli.project import manifest as proj
+from ptcli.project import storage
+from ptcli.tuning import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROWS = [
@@ -193,7 +194,7 @@ def test_leftover_temp_files_are_noted_then_removed_by_the_next_write(root: Path
 def test_check_stays_light(root: Path) -> None:
     """`check` reads headers and bytes only: it imports neither torch nor transformers."""
     code = (
-        "import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
+        "import sys; from typer.testing import CliRunner; from ptcli.cli.app import app; "
         f"r = CliRunner().invoke(app, ['check', '-p', {str(root)!r}, '--json']); "
         "print(r.exit_code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )

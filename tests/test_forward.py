@@ -10,11 +10,12 @@ import pytest
 import torch
 from reference import greedy, plain_lm_loss
 
-from ptcli.data import ANSWER_PREFIX, Record, answer_ids, closed_answers
+from ptcli.data.encode import ANSWER_PREFIX, answer_ids, closed_answers
+from ptcli.data.jsonl import Record
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, answer, choice_scores, lm_loss
-from ptcli.infer import predict
-from ptcli.model import init_prompt
+from ptcli.inference.infer import predict
+from ptcli.lm.forward import IGNORE, answer, choice_scores, lm_loss
+from ptcli.tuning.soft_prompt import init_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptcli.infer import calibrate, calibration_bias
-from ptcli.record import PromptRecord
+from ptcli.inference.infer import calibrate, calibration_bias
+from ptcli.project.record import PromptRecord
 
 
 def test_a_strong_content_free_bias_changes_the_predictions() -> None:

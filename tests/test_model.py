@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from reference import assemble, greedy, plain_lm_loss
 
-from ptcli.data import Record, encode
+from ptcli.data.encode import encode
+from ptcli.data.jsonl import Record
 from ptcli.errors import ModelError
-from ptcli.forward import IGNORE, lm_loss
-from ptcli.model import fingerprint, init_prompt, load_base
-from ptcli.reparam import SoftPrompt
+from ptcli.lm.base import fingerprint, load_base
+from ptcli.lm.forward import IGNORE, lm_loss
+from ptcli.tuning.soft_prompt import SoftPrompt, init_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

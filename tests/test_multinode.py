@@ -22,8 +22,9 @@ import pytest
 import torch
 from clihelp import cli, ok
 
-from ptcli import bank, checkpoint
-from ptcli import project as proj
+from ptcli.project import bank
+from ptcli.project import manifest as proj
+from ptcli.tuning import checkpoint
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -14,8 +14,9 @@ import pytest
 import torch
 from clihelp import cli, failed, ok
 
-from ptcli import bank, checkpoint
-from ptcli import project as proj
+from ptcli.project import bank
+from ptcli.project import manifest as proj
+from ptcli.tuning import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

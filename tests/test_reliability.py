@@ -37,10 +37,12 @@ from clihelp import cli, failed, ok
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ptcli import bank, checkpoint, storage
-from ptcli import project as proj
-from ptcli.data import MAX_REPORTED, TRAIN_FIELDS, Record, encode, read_jsonl
+from ptcli.data.encode import encode
+from ptcli.data.jsonl import MAX_REPORTED, TRAIN_FIELDS, Record, read_jsonl
 from ptcli.errors import InputError, ProjectError
+from ptcli.project import bank, storage
+from ptcli.project import manifest as proj
+from ptcli.tuning import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,10 +12,12 @@ from clihelp import cli, failed, ok
 from reference import tune
 from test_train import ROWS, Reporter
 
-from ptcli import bank, checkpoint
-from ptcli import project as proj
+from ptcli.api import init_project
 from ptcli.config import TaskConfig
-from ptcli.reparam import SoftPrompt
+from ptcli.project import bank
+from ptcli.project import manifest as proj
+from ptcli.tuning import checkpoint
+from ptcli.tuning.soft_prompt import SoftPrompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,7 +37,7 @@ def test_residual_starts_at_the_initial_prompt_and_every_encoder_trains() -> Non
 @pytest.fixture(scope="module")
 def start(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple[Path, TaskConfig]:
     root = tmp_path_factory.mktemp("reparam") / "p"
-    proj.init(root, str(lively_llama), 4)
+    init_project(root, str(lively_llama), 4)
     data = root.parent / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": a}) + "\n" for t, a in ROWS))
     cfg = TaskConfig(

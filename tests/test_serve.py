@@ -305,7 +305,7 @@ def test_api_key_then_sigterm_finishes_the_request_in_flight(project: Path) -> N
 
 def test_light_commands_do_not_import_the_server_stack() -> None:
     code = (
-        "import sys; from typer.testing import CliRunner; from ptcli.cli import app; "
+        "import sys; from typer.testing import CliRunner; from ptcli.cli.app import app; "
         "codes = [CliRunner().invoke(app, a).exit_code for a in (['--help'], ['serve', '--help'])]; "
         "print(codes, sorted(m for m in ('starlette', 'uvicorn', 'torch') if m in sys.modules))"
     )

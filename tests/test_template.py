@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from reference import greedy
 from test_model import ROWS
 
-from ptcli.data import Record, answer_ids, encode
+from ptcli.data.encode import answer_ids, encode
+from ptcli.data.jsonl import Record
+from ptcli.data.template import Layout, parse
 from ptcli.errors import UsageError
-from ptcli.forward import IGNORE, choice_scores, lm_loss
-from ptcli.template import Layout, parse
+from ptcli.lm.forward import IGNORE, choice_scores, lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

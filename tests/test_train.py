@@ -13,13 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import tune
 
-from ptcli import bank, checkpoint
-from ptcli import project as proj
+from ptcli.api import init_project
 from ptcli.config import TaskConfig
 from ptcli.errors import ProjectError, UsageError
-from ptcli.recipe import lr_at
-from ptcli.train import tune_many
-from ptcli.validate import better
+from ptcli.project import bank
+from ptcli.project import manifest as proj
+from ptcli.tuning import checkpoint
+from ptcli.tuning.recipe import lr_at
+from ptcli.tuning.tune import tune_many
+from ptcli.tuning.validate import better
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -125,7 +127,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple[Path, TaskConfig]:
     root = tmp_path_factory.mktemp("train") / "p"
-    proj.init(root, str(lively_llama), 4)
+    init_project(root, str(lively_llama), 4)
     data = root.parent / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": a}) + "\n" for t, a in ROWS))
     # validation on the training rows: the loss falls, so the best prompt is a late one
@@ -221,7 +223,7 @@ def test_resume_without_a_checkpoint(uninterrupted, fresh) -> None:
 def test_every_finished_run_appends_one_line_to_the_history(tmp_path, tiny_llama, tiny_data) -> None:
     from typer.testing import CliRunner
 
-    from ptcli.cli import app
+    from ptcli.cli.app import app
 
     root = tmp_path / "p"
     runner = CliRunner()
@@ -341,8 +343,9 @@ def test_time_budget_drives_the_decay() -> None:
 def test_validation_loss_from_the_ranking_pass_equals_the_loss(mixed, llama) -> None:
     from reference import plain_lm_loss
 
-    from ptcli.data import closed_answers, encode, read_jsonl
-    from ptcli.validate import Task, evaluate
+    from ptcli.data.encode import closed_answers, encode
+    from ptcli.data.jsonl import read_jsonl
+    from ptcli.tuning.validate import Task, evaluate
 
     model, tok = llama
     _, cfgs = mixed

@@ -19,9 +19,9 @@ import pytest
 import torch
 from clihelp import cli, failed, ok
 
-from ptcli import bank
-from ptcli import project as proj
-from ptcli.cli import app
+from ptcli.cli.app import app
+from ptcli.project import bank
+from ptcli.project import manifest as proj
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -178,7 +178,7 @@ def test_show_without_curves(root: Path, tmp_path: Path) -> None:
 
 
 def test_sparkline() -> None:
-    from ptcli.report import sparkline
+    from ptcli.project.report import sparkline
 
     assert sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
     assert sparkline([3.0, 3.0]) == "▄▄"
@@ -212,7 +212,7 @@ def test_remove_tag_keep_task(root: Path) -> None:
 
 
 def test_writers_take_the_project_lock(root: Path, tmp_path: Path) -> None:
-    from ptcli.storage import project_lock
+    from ptcli.project.storage import project_lock
 
     exported = tmp_path / "sent.safetensors"
     ok(cli("export", "sent", exported, "-p", root))
@@ -350,8 +350,8 @@ def test_peft_loads_the_exported_adapter_and_agrees_with_ptcli(tuned, tmp_path: 
     from peft import PeftConfig, PeftModel, PromptTuningConfig
     from reference import assemble, greedy
 
-    from ptcli.forward import to_logits
-    from ptcli.model import load_base
+    from ptcli.lm.base import load_base
+    from ptcli.lm.forward import to_logits
 
     out = _peft_export(tuned.root, "sent", tmp_path / "adapter")
     prompt, _ = bank.get(proj.load(tuned.root), "sent")  # (P, H)
@@ -417,7 +417,7 @@ def _foreign_adapter(base: Path, out: Path, n: int = P) -> torch.Tensor:
     """An adapter made by PEFT itself (no ptcli record), with recognisable weights."""
     from peft import PromptTuningConfig, get_peft_model
 
-    from ptcli.model import load_base
+    from ptcli.lm.base import load_base
 
     model, _ = load_base(str(base))
     pm = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
@@ -499,7 +499,7 @@ def test_light_commands_import_neither_torch_nor_transformers(root: Path, tmp_pa
     code = textwrap.dedent(f"""
         import json, sys
         from typer.testing import CliRunner
-        from ptcli.cli import app
+        from ptcli.cli.app import app
         root, out = {str(root)!r}, {str(tmp_path / "x.safetensors")!r}
         runs = [["--help"], ["list-tags", "-p", root], ["list-tags", "-p", root, "--json"],
                 ["show", "sent", "-p", root], ["show", "sent", "-p", root, "--json"],

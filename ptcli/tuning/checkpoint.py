@@ -1,0 +1,235 @@
+"""Resumable tuning state: the prompt, the best prompt so far, AdamW's moments and the step.
+
+Stored as `runs/TAG/checkpoint.safetensors` (tensors) with a JSON record in its header,
+a sha256 of the tensor bytes, and the run's inputs (each tag's settings, a hash of each
+tag's rows, dtype, base fingerprint), so that a resume with other data or settings is
+refused by name; written atomically at every validation and on SIGTERM. The data order is a function of (seed, step) and
+the frozen base has no dropout in eval mode, so these are all a resumed run needs to end
+with the same prompt as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ptcli.config import TaskConfig
+from ptcli.data.jsonl import Record
+from ptcli.errors import ProjectError
+from ptcli.project.manifest import Project
+from ptcli.project.storage import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class State:
+    """One run's progress; per-tag fields are keyed by tag (a run may tune several tags)."""
+
+    config: dict[str, dict[str, Any]]
+    started: str
+    step: int = 0
+    best_step: dict[str, int] = field(default_factory=dict)
+    best: dict[str, dict[str, float]] = field(default_factory=dict)
+    initial: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    inputs: dict[str, Any] = field(default_factory=dict)  # see inputs_of
+    best_prompt: torch.Tensor | None = field(default=None, repr=False)  # (S, P, H), every slot of the run
+
+
+def path(project: Project, tags: list[str] | str) -> Path:
+    """runs/TAG/, or runs/A+B/ for tags tuned together ('+' is never part of a tag)."""
+    return project.run_dir(tags if isinstance(tags, str) else "+".join(tags)) / "checkpoint.safetensors"
+
+
+def inputs_of(rows: dict[str, dict[str, list[Record]]], dtype: str, base_fingerprint: str) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one besides the settings: a sha256 of each tag's
+    rows per split (`rows[split][tag]`; the rows, not the file bytes, so stdin works too), dtype and base."""
+    data = {}
+    for split, by_tag in rows.items():
+        for tag, records in by_tag.items():
+            h = hashlib.sha256()
+            for r in records:
+                h.update(json.dumps([r.tag, r.text, r.answer]).encode() + b"\n")
+            data[f"{split} data of {tag!r}"] = h.hexdigest()
+    return {**data, "dtype": dtype, "base fingerprint": base_fingerprint}
+
+
+def finished(
+    project: Project, cfgs: dict[str, TaskConfig], inputs: dict[str, Any], overwrite: bool
+) -> list[dict[str, Any]] | None:
+    """For --auto-resume without a checkpoint: TuneResult fields of every tag when the bank already holds this very
+    run (same settings and inputs), None when the run is to start afresh; a tag tuned otherwise needs `overwrite`.
+
+    A job killed after its last bank write, relaunched with the same command, then ends at once instead of failing.
+    """
+    from ptcli.project import bank
+
+    done = []
+    for tag, cfg in cfgs.items():
+        path = bank.path_of(project, tag)
+        record = bank.read_meta(project, tag).record if path.is_file() else None
+        if (
+            record is None
+            or record.config != cfg.to_dict()
+            or record.inputs != inputs
+            or record.tuned_with != [t for t in cfgs if t != tag]
+        ):
+            if not overwrite and any(bank.path_of(project, t).is_file() for t in cfgs):
+                raise ProjectError(
+                    f"{'+'.join(cfgs)!r} is already tuned, with other settings or data",
+                    hint="pass --overwrite to retune",
+                )
+            return None
+        done.append(
+            {
+                "tag": tag,
+                "steps": record.steps,
+                "best_step": record.best_step,
+                "metrics": record.metrics,
+                "initial_metrics": record.initial_metrics,
+                "seconds": record.train_seconds or 0.0,
+                "truncated": 0,
+                "path": str(path),
+            }
+        )
+    return done
+
+
+def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, state: State) -> None:
+    """Every trainable tensor of the prompt module (the prompts, and an encoder's weights) with its AdamW moments."""
+    from safetensors.torch import save as st_save
+
+    assert state.best_prompt is not None  # a run holds its best prompts from the step-0 validation on
+    tensors = {"best_prompt": state.best_prompt.cpu().contiguous()}
+    steps = {}
+    for name, param in prompt.named_parameters():
+        tensors[f"param.{name}"] = param.detach().cpu().contiguous()
+        adam = opt.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in adam:
+                tensors[f"{key}.{name}"] = adam[key].detach().cpu().contiguous()
+        if "step" in adam:
+            steps[name] = float(adam["step"])
+    record = {k: v for k, v in asdict(state).items() if k != "best_prompt"}
+    record["adam_steps"] = steps
+    _, data = _split(
+        target, st_save(tensors, metadata={"ptcli": json.dumps(record)})
+    )  # the tensor bytes, as they will lie
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    atomic_write(target, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
+
+
+def _split(source: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header, tensor bytes) of a safetensors file; a damaged one raises ProjectError naming it."""
+    n = struct.unpack("<Q", blob[:8])[0] if len(blob) >= 8 else -1
+    try:
+        if not 0 <= n <= len(blob) - 8:
+            raise ValueError(f"truncated: {len(blob)} bytes")
+        header = json.loads(blob[8 : 8 + n])
+        header["__metadata__"]["ptcli"] = record = json.loads(header["__metadata__"]["ptcli"])
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise ValueError("its record is not a ptcli checkpoint's")
+        header["__ends__"] = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ProjectError(
+            f"checkpoint {source} is unreadable ({e})", hint="delete it and tune again, or retune with --overwrite"
+        ) from e
+    return header, blob[8 + n :]
+
+
+def verify(source: Path) -> dict[str, Any]:
+    """The record of a whole, intact checkpoint (structure and sha256 checked, no torch).
+
+    A damaged one raises ProjectError naming it.
+    """
+    header, data = _split(source, source.read_bytes())
+    record = header["__metadata__"]["ptcli"]
+    ends = header["__ends__"]
+    legacy = "sha256" not in record  # written before checkpoints carried a checksum: structure checks only
+    if max(ends, default=0) != len(data) or not legacy and hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ProjectError(
+            f"checkpoint {source} is corrupted: its checksum does not match",
+            hint="delete it and tune again, or retune with --overwrite",
+        )
+    return record
+
+
+def load(
+    source: Path,
+    prompt: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    cfgs: dict[str, TaskConfig],
+    inputs: dict[str, Any] | None = None,
+) -> State:
+    """Restore a verified checkpoint into `prompt` and `opt`.
+
+    One made with other settings or inputs is refused, naming them.
+    """
+    import torch
+    from safetensors.torch import load as st_load
+
+    record = verify(source)
+    record.pop("sha256", None)
+    tensors = st_load(source.read_bytes())
+    given = {tag: cfg.to_dict() for tag, cfg in cfgs.items()}
+    changed = sorted({k for t, c in given.items() for k in c if record["config"].get(t, {}).get(k) != c[k]})
+    if "inputs" in record:  # older checkpoints recorded the settings only
+        changed += [k for k, v in (inputs or {}).items() if record["inputs"].get(k) != v]
+    if changed:
+        raise ProjectError(
+            f"the interrupted run used other settings ({', '.join(changed)})",
+            hint="resume with the same flags and data, or start over with --overwrite",
+        )
+    if "prompt" in tensors:  # written before encoders: the prompt and its moments under plain names
+        tensors = {
+            {"prompt": "param.weight", "exp_avg": "exp_avg.weight", "exp_avg_sq": "exp_avg_sq.weight"}.get(k, k): v
+            for k, v in tensors.items()
+        }
+        record["adam_steps"] = {"weight": record.pop("adam_step", 0.0)}
+    params = dict(prompt.named_parameters())
+    shapes = {n: tuple(t.shape) for n, t in tensors.items() if n.startswith("param.")}
+    if shapes != {f"param.{n}": tuple(p.shape) for n, p in params.items()}:
+        raise ProjectError(
+            f"checkpoint {source} holds other prompt tensors ({shapes}) than this run trains",
+            hint="start over with --overwrite",
+        )
+    steps = record.pop("adam_steps", {})
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"param.{name}"].to(param.device))
+            if f"exp_avg.{name}" in tensors:
+                opt.state[param] = {
+                    "step": torch.tensor(steps[name]),
+                    "exp_avg": tensors[f"exp_avg.{name}"].to(param.device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
+                }
+    return State(**record, best_prompt=tensors["best_prompt"].to(params["weight"].device))
+
+
+def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:
+    """One tag's metrics, one JSON object per line: the run's training steps and this tag's validations."""
+    target = project.run_dir(tag) / "metrics.jsonl"
+    mine = [{k: v for k, v in h.items() if k != "tag"} for h in history if h.get("tag", tag) == tag]
+    atomic_write(target, "".join(json.dumps(h) + "\n" for h in mine).encode())
+    return target
+
+
+def append_run(project: Project, record: dict[str, Any]) -> Path:
+    """One line per finished run in `runs/history.jsonl`, appended (a single O_APPEND write)."""
+    target = project.root / "runs" / "history.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return target

@@ -1,0 +1,221 @@
+"""One tuning run in phases that read top to bottom: set up, validate, one step, the loop.
+
+(The shape of torchtune's single-device recipes.) `setup` builds a `Recipe` holding
+everything the run needs; its methods only read it and advance `state`, the part a
+checkpoint saves. Every (tag, member) is one slot of a single (S, P, H) parameter; each
+member draws its own data order over the pooled rows of all tags (`MixedBatches`), and
+each row names the slot it trains. Tags keep their own validation and best step.
+
+Data parallel through accelerate: every process takes its slice of each global batch, the
+loss is normalised by the global count of labelled tokens, and only the prompts' gradient is
+all-reduced, so N processes reach the same prompts as one. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ptcli import preempt
+from ptcli.config import TaskConfig
+from ptcli.data.encode import closed_answers, encode
+from ptcli.data.jsonl import Record
+from ptcli.enums import Reparam
+from ptcli.lm.forward import lm_loss
+from ptcli.project.manifest import Project, now
+from ptcli.tuning import checkpoint
+from ptcli.tuning.batches import MixedBatches
+from ptcli.tuning.soft_prompt import SoftPrompt, make_prompt
+from ptcli.tuning.validate import Task, agreed, better, evaluate
+
+
+class Reporter(Protocol):
+    def status(self, message: str) -> None: ...
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, loss: float, lr: float, tokens: int) -> None: ...
+    def evaluated(self, step: int, metrics: dict[str, float], tag: str | None = None) -> None: ...
+
+
+def lr_at(step: int, cfg: TaskConfig, elapsed: float = 0.0) -> float:
+    """NeMo's warmup-hold-cosine: linear warmup, hold at --lr, cosine decay to --min-lr at --max-steps.
+
+    Under --max-minutes the decay ends at whichever comes first, the last step or the time budget.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    held = cfg.warmup_steps + cfg.constant_steps
+    if step < held:
+        return cfg.lr
+    progress = (step - held) / max(1, cfg.max_steps - held)
+    if cfg.max_minutes:
+        progress = max(progress, elapsed / (60 * cfg.max_minutes))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Recipe:
+    """Everything a set-up run holds. Only `state` (and the prompt and optimizer) change as it runs."""
+
+    tasks: list[Task]
+    reporter: Reporter
+    acc: Any  # accelerate.Accelerator
+    model: Any  # the frozen base
+    tok: Any
+    prompt: SoftPrompt  # prompt() is (S, P, H): one slot per (tag, member)
+    opt: torch.optim.Optimizer
+    batches: MixedBatches
+    state: checkpoint.State
+    ckpt_path: Path
+    inputs: dict[str, Any]  # checkpoint.inputs_of: the data and base this run was set up with
+    started: float  # time.perf_counter() when the run began
+    prior_seconds: float = 0.0  # time the interrupted run spent, when resuming
+
+    @property
+    def run(self) -> TaskConfig:
+        """The settings every tag of the run shares (config.check_run_together)."""
+        return self.tasks[0].cfg
+
+    def elapsed(self) -> float:
+        return self.prior_seconds + time.perf_counter() - self.started
+
+    def validate_initial(self) -> None:
+        """Step 0: each tag's initial prompts are its best so far, and its `initial_metrics`."""
+        with torch.no_grad():
+            self.state.best_prompt = self.prompt().detach().clone()  # (S, P, H)
+        for t in self.tasks:
+            metrics = evaluate(self.model, self.tok, self.state.best_prompt[t.slots], t, self.run.batch_size, self.acc)
+            self.state.initial[t.tag] = self.state.best[t.tag] = metrics
+            self.state.best_step[t.tag] = 0
+            self.reporter.evaluated(0, metrics, t.tag)
+
+    def validate(self) -> None:
+        """Score every tag's current prompts, keep each tag's better ones, and checkpoint."""
+        with torch.no_grad():
+            current = self.prompt().detach()  # (S, P, H)
+        for t in self.tasks:
+            metrics = evaluate(self.model, self.tok, current[t.slots], t, self.run.batch_size, self.acc)
+            self.reporter.evaluated(self.state.step, metrics, t.tag)
+            self.state.history.append({"step": self.state.step, "tag": t.tag, **metrics})
+            if better(metrics, self.state.best[t.tag]):
+                assert self.state.best_prompt is not None  # set by validate_initial, or restored by resume
+                self.state.best[t.tag], self.state.best_step[t.tag] = metrics, self.state.step
+                self.state.best_prompt[t.slots] = current[t.slots]
+        self.save()
+
+    def save(self) -> None:
+        if self.acc.is_main_process:
+            self.state.seconds = self.elapsed()
+            checkpoint.save(self.ckpt_path, self.prompt, self.opt, self.state)
+
+    def step(self, step: int, elapsed: float) -> None:
+        """One optimizer step on the global batch of `step`; this process computes its share."""
+        acc, run, model = self.acc, self.run, self.model
+        picks = self.batches.picks(step, acc.process_index, acc.num_processes)
+        lr = lr_at(step, run, elapsed)
+        for group in self.opt.param_groups:
+            group["lr"] = lr * group["peak"] / run.lr
+        ids, labels = [t.train.ids[i] for t, i, _ in picks], [t.train.labels[i] for t, i, _ in picks]
+        which = [t.slots[k] for t, _, k in picks]
+        loss_sum, n = lm_loss(model, self.prompt(), ids, labels, self.tok.pad_token_id, which=which)
+        n_global = int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
+        (loss_sum / n_global).backward()
+        if acc.num_processes > 1:
+            for param in self.prompt.parameters():
+                param.grad = acc.reduce(param.grad, "sum")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
+        P = self.prompt.weight.shape[-2]
+        positions = sum(len(row) + P * (min(row) >= 0) for row in ids)  # template rows hold their slots
+        self.reporter.step(step + 1, loss, lr, positions * acc.num_processes)
+        self.state.step = step + 1
+        self.state.history.append({"step": self.state.step, "loss": loss, "lr": lr})
+
+    def train(self) -> None:
+        """Steps until --max-steps or --max-minutes, validating every --val-check-interval and at the end."""
+        run, state = self.run, self.state
+        self.reporter.start(run.max_steps, state.step)
+        for step in range(state.step, run.max_steps):
+            elapsed = self.elapsed()
+            if run.max_minutes and agreed(self.acc, elapsed >= 60 * run.max_minutes):
+                break
+            if agreed(self.acc, preempt.requested()):  # SIGTERM on any process: checkpoint here, every process stops
+                self.save()
+                self.acc.wait_for_everyone()
+                raise preempt.stopped(f"at step {state.step}; checkpoint saved in {self.ckpt_path}")
+            self.step(step, elapsed)
+            if state.step % run.val_check_interval == 0 or state.step == run.max_steps:
+                self.validate()
+        validated = any(h.get("step") == state.step and "tag" in h for h in state.history)
+        if state.step > 0 and not validated:
+            self.validate()  # stopped by the time budget between validations
+
+
+def make_tasks(tok: Any, cfgs: dict[str, TaskConfig], rows: dict[str, dict[str, list[Record]]], P: int) -> list[Task]:
+    """Each tag's encoded rows, answer set, init text and slots (tag n, member k: slot n*K + k)."""
+    tasks = []
+    for n, (tag, cfg) in enumerate(cfgs.items()):
+        train, valid, K = rows["train"][tag], rows["valid"][tag], cfg.ensemble
+        tasks.append(
+            Task(
+                tag,
+                cfg,
+                encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train, template=cfg.template),
+                encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid, template=cfg.template),
+                closed_answers(train),
+                cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100]),
+                list(range(n * K, (n + 1) * K)),
+            )
+        )
+    return tasks
+
+
+def make_optimizer(prompt: SoftPrompt, run: TaskConfig) -> torch.optim.Optimizer:
+    """AdamW over the prompts (peak --lr) and any encoder (peak --reparam-lr); `peak` scales the shared schedule."""
+    groups = [{"params": [prompt.weight], "peak": run.lr}]
+    if run.reparam != Reparam.NONE:
+        groups.append({"params": list(prompt.encoders.parameters()), "peak": run.reparam_lr})
+    return torch.optim.AdamW(groups, lr=run.lr, weight_decay=0.0)
+
+
+def setup(
+    project: Project,
+    tasks: list[Task],
+    base: tuple[Any, Any],
+    acc: Any,
+    reporter: Reporter,
+    *,
+    ckpt_path: Path,
+    inputs: dict[str, Any],
+    resuming: bool,
+    shard_base: bool,
+    started: float,
+) -> Recipe:
+    """Prompts, optimizer and state on the run's device: restored from the checkpoint, or validated at step 0."""
+    model, tok = base
+    prompt = make_prompt(model, tok, tasks, project.num_prompt_tokens).to(acc.device)
+    if shard_base and acc.num_processes > 1:  # after the fingerprint and the inits, which read whole weights
+        from ptcli.dist import shard_frozen_base
+
+        mine, whole = shard_frozen_base(model)
+        reporter.status(
+            f"sharded the frozen base over {acc.num_processes} processes (FSDP): "
+            f"this one holds {100 * mine / whole:.1f}% of its {whole / 2**20:,.1f} MiB of weights"
+        )
+    model.to(acc.device)
+    opt = make_optimizer(prompt, tasks[0].cfg)
+    state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now(), inputs=inputs)
+    batches = MixedBatches.of(tasks, tasks[0].cfg)
+    recipe = Recipe(tasks, reporter, acc, model, tok, prompt, opt, batches, state, ckpt_path, inputs, started)
+    if resuming:
+        recipe.state = checkpoint.load(ckpt_path, prompt, opt, {t.tag: t.cfg for t in tasks}, inputs)
+        reporter.status(f"resuming {'+'.join(t.tag for t in tasks)!r} at step {recipe.state.step}")
+    else:
+        recipe.validate_initial()
+    recipe.prior_seconds = recipe.state.seconds
+    return recipe

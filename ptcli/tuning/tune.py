@@ -1,0 +1,185 @@
+"""Tune prompts: check the run may start, read the data, load the base, run the recipe, write the results.
+
+A run tunes one tag, or several tags over mixed batches (`--tag A --tag B`), each with
+`--ensemble K` members; recipe.py holds the phases of the run itself. Here is what comes
+before and after it: the preconditions (resume, overwrite), the shortcut of a finished
+`--auto-resume`, and each tag's bank entry, run log and history line at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptcli.config import TaskConfig, check_run_together
+from ptcli.data.jsonl import Record, read_jsonl
+from ptcli.enums import Init
+from ptcli.errors import InputError, ProjectError
+from ptcli.lm.base import load_project_base
+from ptcli.project import bank
+from ptcli.project.manifest import Project, now
+from ptcli.project.record import PromptRecord, kept_mode
+from ptcli.tuning import checkpoint
+from ptcli.tuning.recipe import Recipe, Reporter, make_tasks, setup
+from ptcli.tuning.validate import Task
+
+__all__ = ["Reporter", "TuneResult", "tune_many"]
+
+
+@dataclass
+class TuneResult:
+    tag: str
+    steps: int
+    best_step: int
+    metrics: dict[str, float]
+    initial_metrics: dict[str, float]
+    seconds: float
+    truncated: int
+    path: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_split(cfgs: dict[str, TaskConfig], split: str) -> dict[str, list[Record]]:
+    """Each tag's rows of one split; a file shared by several tags is read once (it may be stdin)."""
+    by_path: dict[str, list[str]] = {}
+    for tag, cfg in cfgs.items():
+        by_path.setdefault(getattr(cfg, split), []).append(tag)
+    out = {}
+    for path, tags in by_path.items():
+        rows = read_jsonl(path, training=True, tag=tags[0] if len(tags) == 1 else tuple(tags))
+        for tag in tags:
+            out[tag] = [r for r in rows if r.tag == tag]
+            if not out[tag]:
+                raise InputError(f"{path} has no rows for tag {tag!r}", [])
+    return out
+
+
+def check_start(
+    project: Project, cfgs: dict[str, TaskConfig], ckpt_path: Path, resume: bool | str, overwrite: bool
+) -> bool:
+    """Whether the run resumes. Refuses --resume with nothing to resume, and retuning a tag without --overwrite."""
+    auto = resume == "auto"
+    resuming = ckpt_path.exists() if auto else bool(resume)
+    if resuming and not ckpt_path.exists():
+        raise ProjectError(
+            f"no interrupted run of {'+'.join(cfgs)!r} to resume ({ckpt_path} is missing)", hint="drop --resume"
+        )
+    for tag in cfgs:
+        if bank.path_of(project, tag).exists() and not (resuming or overwrite or auto):
+            raise ProjectError(
+                f"tag {tag!r} is already tuned",
+                hint="pass --overwrite to retune it, or --resume to continue a killed run",
+            )
+    return resuming
+
+
+def tune_many(
+    project: Project,
+    cfgs: dict[str, TaskConfig],
+    reporter: Reporter,
+    *,
+    resume: bool | str = False,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    shard_base: bool = False,
+) -> list[TuneResult]:
+    """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes.
+
+    resume: True continues the interrupted run; "auto" does when there is one, starts afresh when there is
+    none, and returns the bank's entries when this run already finished (same settings and data).
+    """
+    from accelerate import Accelerator
+
+    check_run_together(cfgs)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
+    ckpt_path = checkpoint.path(project, list(cfgs))
+    resuming = check_start(project, cfgs, ckpt_path, resume, overwrite)
+    started = time.perf_counter()
+    rows = {"train": read_split(cfgs, "train"), "valid": read_split(cfgs, "valid")}
+    inputs = checkpoint.inputs_of(rows, dtype, project.base.fingerprint)
+    if resume == "auto" and not resuming:
+        done = checkpoint.finished(project, cfgs, inputs, overwrite)
+        if done is not None:
+            reporter.status(f"{'+'.join(cfgs)!r} is already tuned with these settings and data: nothing to do")
+            return [TuneResult(**r) for r in done]
+    model, tok = load_project_base(project, dtype, trust_remote_code, reporter.status)
+    tasks = make_tasks(tok, cfgs, rows, project.num_prompt_tokens)
+    truncated = sum(t.train.truncated + t.valid.truncated for t in tasks)
+    if truncated:
+        reporter.status(f"cut {truncated} long text(s) from the left to fit --max-seq-length")
+    recipe = setup(
+        project,
+        tasks,
+        (model, tok),
+        acc,
+        reporter,
+        ckpt_path=ckpt_path,
+        inputs=inputs,
+        resuming=resuming,
+        shard_base=shard_base,
+        started=started,
+    )
+    recipe.train()
+    return write_results(project, recipe)
+
+
+def write_results(project: Project, recipe: Recipe) -> list[TuneResult]:
+    """Each tag's best prompts into the bank with their record, its run log and history line; the checkpoint goes."""
+    seconds = recipe.elapsed()
+    state, main = recipe.state, recipe.acc.is_main_process
+    results = []
+    for t in recipe.tasks:
+        results.append(
+            TuneResult(
+                tag=t.tag,
+                steps=state.step,
+                best_step=state.best_step[t.tag],
+                metrics=state.best[t.tag],
+                initial_metrics=state.initial[t.tag],
+                seconds=seconds,
+                truncated=t.train.truncated + t.valid.truncated,
+                path=str(bank.path_of(project, t.tag)),
+                history=[h for h in state.history if h.get("tag", t.tag) == t.tag],
+            )
+        )
+        if main:
+            record = record_of(recipe, t, seconds)
+            assert state.best_prompt is not None  # a finished run holds its best prompts
+            best = state.best_prompt[t.slots]  # (K, P, H)
+            bank.put(project, t.tag, best[0] if len(t.slots) == 1 else best, record)
+            checkpoint.write_log(project, t.tag, state.history)
+            line = {k: v for k, v in record.to_json().items() if k != "init_text"}
+            checkpoint.append_run(project, {"tag": t.tag, **line})
+            project.record_task(t.tag, t.cfg)
+    if main:
+        recipe.ckpt_path.unlink(missing_ok=True)
+    recipe.acc.wait_for_everyone()
+    return results
+
+
+def record_of(recipe: Recipe, t: Task, seconds: float) -> PromptRecord:
+    """What the bank keeps about one tag's prompts: settings, metrics, data hashes, time (bank.put adds the base)."""
+    state = recipe.state
+    return PromptRecord(
+        init=t.cfg.init,
+        init_text=t.init_text if t.cfg.init == Init.TEXT else None,
+        choices=t.choices,
+        mode=kept_mode(t.choices),  # what `better` kept the prompt by; infer's default
+        ensemble=len(t.slots),
+        tuned_with=[o.tag for o in recipe.tasks if o.tag != t.tag],
+        config=t.cfg.to_dict(),
+        steps=state.step,
+        best_step=state.best_step[t.tag],
+        metrics=state.best[t.tag],
+        initial_metrics=state.initial[t.tag],
+        train_seconds=round(seconds, 2),
+        world_size=recipe.acc.num_processes,
+        inputs=recipe.inputs,
+        created=state.started,
+        updated=now(),
+    )

@@ -1,0 +1,105 @@
+"""Validation during tuning: one pass over a tag's validation rows gives its loss and both accuracies.
+
+The kept prompt is the one with the best accuracy (ranked, where the task has an answer set),
+ties going to the lower loss. Every process scores its share of the rows and the totals are
+reduced, so N processes agree with one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptcli.config import TaskConfig
+from ptcli.data.encode import Encoded
+from ptcli.inference.infer import answers
+from ptcli.lm.forward import lm_loss
+from ptcli.project.record import headline
+
+
+@dataclass
+class Task:
+    """One tag of the run: its data, answer set and slots in the prompt stack."""
+
+    tag: str
+    cfg: TaskConfig
+    train: Encoded
+    valid: Encoded
+    choices: list[str] | None
+    init_text: str
+    slots: list[int]
+
+
+def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc) -> dict[str, float]:
+    """Loss per token (all members), and the accuracy of the combined answers, over all processes.
+
+    val_acc scores greedy answers; val_acc_rank (tasks with a closed answer set) the
+    best-scoring candidate. Both come from one pass over the texts; so does the loss when
+    it covers the answer only and every answer is a candidate. prompts: (K, P, H).
+    """
+    enc, K, choices = task.valid, prompts.shape[0], task.choices or []
+    shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
+    shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
+    batches = [shard[s : s + batch_size] for s in range(0, len(shard), batch_size)]
+    if acc.num_processes > 1:  # every process makes the same calls (a sharded base's forward is collective)
+        most = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max"))
+        batches += [[]] * (most - len(batches))  # an empty batch runs one row and counts nothing
+    max_new = max(
+        len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts)
+    )  # longest answer + eos, already tokenized
+    loss_from_scores = bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
+    loss_sum, count, correct, ranked = 0.0, 0, 0, 0
+    agree = (lambda flag: agreed(acc, flag, "min")) if acc.num_processes > 1 else None
+    with torch.no_grad():
+        for idx in batches:
+            if not idx:
+                answers(model, tok, prompts, [enc.prompts[0]], max_new=max_new, choices=choices, agree=agree)
+                if not loss_from_scores:
+                    lm_loss(model, prompts, enc.ids[:1], enc.labels[:1], tok.pad_token_id)
+                continue
+            truth = [enc.answers[i].strip() for i in idx]
+            voted, best, scores = answers(
+                model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices, agree=agree
+            )
+            correct += sum(p == a for p, a in zip(voted, truth))
+            if choices:
+                ranked += sum(p == a for p, a in zip(best, truth))
+            if loss_from_scores:
+                picked = torch.tensor([choices.index(enc.answers[i]) for i in idx])  # (B,)
+                loss_sum -= float(scores[torch.arange(len(idx)), :, picked].sum())  # (B, K) true-answer log-likelihoods
+                count += K * sum(len(enc.ids[i]) - len(enc.prompts[i]) for i in idx)
+            else:
+                rows = [i for i in idx for _ in range(K)]
+                s, n = lm_loss(
+                    model,
+                    prompts,
+                    [enc.ids[i] for i in rows],
+                    [enc.labels[i] for i in rows],
+                    tok.pad_token_id,
+                    which=list(range(K)) * len(idx),
+                )
+                loss_sum, count = loss_sum + float(s), count + n
+    totals = acc.reduce(torch.tensor([loss_sum, count, correct, ranked], dtype=torch.float64, device=acc.device), "sum")
+    loss_sum, count, correct, ranked = totals.tolist()
+    metrics = {"val_loss": loss_sum / max(count, 1), "val_acc": correct / len(enc.ids)}
+    if choices:
+        metrics["val_acc_rank"] = ranked / len(enc.ids)
+    return metrics
+
+
+def better(new: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Higher accuracy wins (ranked, where the task has an answer set); equal accuracy goes to lower loss."""
+
+    def key(m: dict[str, float]) -> tuple[float, float]:
+        return m[headline(m)], -m["val_loss"]
+
+    return best is None or key(new) > key(best)
+
+
+def agreed(acc, flag: bool, how: str = "max") -> bool:
+    """A decision every process takes together: any of them ("max"), or all of them ("min")."""
+    if acc.num_processes == 1:
+        return flag
+    flags = acc.gather(torch.tensor([float(flag)], device=acc.device))  # (world,)
+    return bool(flags.max() if how == "max" else flags.min())

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ptcli.config import TaskConfig, merge_task
+from ptcli.config import BaseOptions, TaskConfig, merge_task
 from ptcli.data.template import parse as parse_template
 from ptcli.errors import ProjectError
 from ptcli.project import bank
@@ -86,9 +86,7 @@ class Project:
         reporter: Reporter | None = None,
         resume: bool | str = False,
         overwrite: bool = False,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        shard_base: bool = False,
+        base: BaseOptions = BaseOptions(),
         **settings: Any,
     ) -> list[TuneResult]:
         """Tune one tag, or several together over mixed batches; one TuneResult per tag, in order.
@@ -108,15 +106,13 @@ class Project:
                 reporter or Silent(),
                 resume=resume,
                 overwrite=overwrite,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-                shard_base=shard_base,
+                base=base,
             )
 
     def infer(self, source: str | Path | Iterable[dict[str, Any]], **options: Any) -> InferResult:
         """Answers for rows given as dicts ({"prompt_tag", "text"[, "answer"], ...}) or a jsonl path ('-': stdin).
 
-        options: those of infer.infer (mode, choices, calibrated, tokens_to_generate, batch_size, dtype, ...).
+        options: those of infer.infer (mode, choices, calibrated, tokens_to_generate, batch_size, base, ...).
         The rows come back in input order, each with `prediction` added, exactly as `ptcli infer` writes them.
         """
         from ptcli.inference.infer import infer
@@ -134,7 +130,7 @@ def init_project(
     if (root / proj.MANIFEST).exists():
         raise ProjectError(f"{root} is already a ptcli project", hint="use it as is, or pick another directory")
     ref = canonical_ref(base)
-    model, _ = load_base(ref, trust_remote_code=trust_remote_code, status=status)
+    model, _ = load_base(ref, BaseOptions(trust_remote_code=trust_remote_code), status)
     check_supported(model, ref)
     info = proj.BaseInfo(
         ref=ref,

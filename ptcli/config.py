@@ -10,10 +10,20 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ptcli.enums import Init, Reparam
+from ptcli.enums import Dtype, Init, Reparam
 from ptcli.errors import UsageError
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+@dataclass(frozen=True)
+class BaseOptions:
+    """How the frozen base is loaded and placed: one value from the CLI (or a library call) down to lm.base."""
+
+    dtype: Dtype = Dtype.FLOAT32  # --dtype
+    trust_remote_code: bool = False  # --trust-remote-code: the base's own Python code may run
+    device_map: str | None = None  # --device-map (infer): accelerate's big-model placement, e.g. "auto"
+    shard: bool = False  # --shard-base (tune): FSDP2 over the processes of a launched run
 
 
 def _setting(help: str, default: Any, **cli: Any) -> Any:

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from reference import assemble, greedy, plain_lm_loss
 
+from ptcli.config import BaseOptions
 from ptcli.data.encode import encode
 from ptcli.data.jsonl import Record
+from ptcli.enums import Dtype
 from ptcli.errors import ModelError
 from ptcli.lm.base import fingerprint, load_base
 from ptcli.lm.forward import IGNORE, lm_loss
@@ -211,7 +213,7 @@ def test_fingerprint_stable_across_loads(lively_llama, llama) -> None:
 
 def test_fingerprint_same_in_bfloat16(lively_llama, lively_gpt2, llama, gpt2) -> None:
     for path, (model, _) in ((lively_llama, llama), (lively_gpt2, gpt2)):
-        half, _ = load_base(str(path), dtype="bfloat16")
+        half, _ = load_base(str(path), BaseOptions(dtype=Dtype.BFLOAT16))
         assert half.get_input_embeddings().weight.dtype == torch.bfloat16
         assert fingerprint(half) == fingerprint(model)
 

@@ -20,7 +20,7 @@ import typer
 from ptcli import __version__
 from ptcli.cli import options as opt
 from ptcli.cli.options import handled, task_options
-from ptcli.config import check_infer_flags, check_prompt_length, check_tag, check_tune_flags
+from ptcli.config import BaseOptions, check_infer_flags, check_prompt_length, check_tag, check_tune_flags
 from ptcli.enums import Dtype
 from ptcli.errors import PtcliError, UsageError
 
@@ -138,9 +138,7 @@ def tune(
             reporter=reporter,
             resume="auto" if auto_resume else resume,
             overwrite=overwrite,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            shard_base=shard_base,
+            base=BaseOptions(dtype, trust_remote_code, shard=shard_base),
             **settings,
         )
     if not is_main_process():
@@ -224,9 +222,7 @@ def infer(
         calibrated=calibrate,
         tokens_to_generate=tokens_to_generate,
         batch_size=batch_size,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        device_map=device_map,
+        base=BaseOptions(dtype, trust_remote_code, device_map),
         status=lambda m: say(m, quiet or not is_main_process()),
     )
     if not is_main_process():

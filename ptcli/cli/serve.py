@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ptcli.cli.options import DtypeOpt, ProjectOpt, QuietOpt, TrustOpt, handled
+from ptcli.config import BaseOptions
 from ptcli.enums import Dtype
 from ptcli.errors import UsageError
 
@@ -68,6 +69,13 @@ def serve(
             f"`ptcli serve` needs the serve extra ({e.name} is not installed)", hint="pip install 'ptcli[serve]'"
         ) from None
     cfg = ServeConfig(
-        host, port, max_batch_size, max_wait_ms, max_queue, max_body_bytes, api_key, dtype, trust_remote_code
+        host=host,
+        port=port,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        api_key=api_key,
+        base=BaseOptions(dtype, trust_remote_code),
     )
     run(proj.load(project), cfg, status=lambda m: say(m, quiet))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ptcli import dist
+from ptcli.config import BaseOptions
 from ptcli.data.encode import answer_ids
 from ptcli.data.jsonl import Record, check_inference_row, read_jsonl
 from ptcli.data.template import Layout
@@ -182,9 +183,7 @@ def infer(
     calibrated: bool = False,
     tokens_to_generate: int = 32,
     batch_size: int = 16,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    device_map: str | None = None,
+    base: BaseOptions = BaseOptions(),
     status: Callable[[str], None] = lambda _: None,
 ) -> InferResult:
     """Answers for every row of `source` (a jsonl path, '-', or dicts); each tag in `mode`, or by default in the
@@ -197,8 +196,8 @@ def infer(
     if calibrated and Mode.RANK not in modes.values():
         raise UsageError("--calibrate corrects ranked answers, and no tag here is ranked", hint="add --mode rank")
     rank, world, device = dist.join_group()
-    model, tok = load_project_base(project, dtype, trust_remote_code, status, device_map=device_map)
-    if device_map is None:
+    model, tok = load_project_base(project.base, base, status)
+    if base.device_map is None:
         model.to(device)
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
     predictions: dict[int, str] = {}  # row index -> answer, for the rows of this process's batches

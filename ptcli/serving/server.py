@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ptcli.config import BaseOptions
 from ptcli.errors import PtcliError, ServeError, UsageError
 from ptcli.project.manifest import Project
 from ptcli.serving import openai_api
@@ -48,8 +49,7 @@ class ServeConfig:
     max_queue: int = 1024
     max_body_bytes: int = 1_000_000
     api_key: str | None = None
-    dtype: str = "float32"
-    trust_remote_code: bool = False
+    base: BaseOptions = BaseOptions()
     graceful_timeout_s: int = 60
 
     def __post_init__(self) -> None:
@@ -271,7 +271,7 @@ def serve(project: Project, cfg: ServeConfig, status: Callable[[str], None] = la
     from ptcli.lm.base import load_project_base
 
     sock = listen(cfg.host, cfg.port)
-    model, tok = load_project_base(project, cfg.dtype, cfg.trust_remote_code, status)
+    model, tok = load_project_base(project.base, cfg.base, status)
     bank = LiveBank(project, status)
     bank.refresh()
     batcher = Batcher(Engine(model, tok), cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, status)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ptcli.config import TaskConfig, check_run_together
+from ptcli.config import BaseOptions, TaskConfig, check_run_together
 from ptcli.data.jsonl import Record, read_jsonl
 from ptcli.enums import Init
 from ptcli.errors import InputError, ProjectError
@@ -84,11 +84,9 @@ def tune_many(
     *,
     resume: bool | str = False,
     overwrite: bool = False,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    shard_base: bool = False,
+    base: BaseOptions = BaseOptions(),
 ) -> list[TuneResult]:
-    """Tune every tag of `cfgs` in one run. shard_base: FSDP-shard the frozen base over the processes.
+    """Tune every tag of `cfgs` in one run. base.shard: FSDP-shard the frozen base over the processes.
 
     resume: True continues the interrupted run; "auto" does when there is one, starts afresh when there is
     none, and returns the bank's entries when this run already finished (same settings and data).
@@ -101,13 +99,13 @@ def tune_many(
     resuming = check_start(project, cfgs, ckpt_path, resume, overwrite)
     started = time.perf_counter()
     rows = {"train": read_split(cfgs, "train"), "valid": read_split(cfgs, "valid")}
-    inputs = checkpoint.inputs_of(rows, dtype, project.base.fingerprint)
+    inputs = checkpoint.inputs_of(rows, base.dtype, project.base.fingerprint)
     if resume == "auto" and not resuming:
         done = checkpoint.finished(project, cfgs, inputs, overwrite)
         if done is not None:
             reporter.status(f"{'+'.join(cfgs)!r} is already tuned with these settings and data: nothing to do")
             return [TuneResult(**r) for r in done]
-    model, tok = load_project_base(project, dtype, trust_remote_code, reporter.status)
+    model, tok = load_project_base(project.base, base, reporter.status)
     tasks = make_tasks(tok, cfgs, rows, project.num_prompt_tokens)
     truncated = sum(t.train.truncated + t.valid.truncated for t in tasks)
     if truncated:
@@ -121,7 +119,7 @@ def tune_many(
         ckpt_path=ckpt_path,
         inputs=inputs,
         resuming=resuming,
-        shard_base=shard_base,
+        shard_base=base.shard,
         started=started,
     )
     recipe.train()

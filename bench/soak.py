@@ -42,10 +42,9 @@ import transformers  # noqa: E402,F401  (imported once, before any fork)
 
 import ptcli.tuning.tune  # noqa: E402,F401
 from ptcli.cli.app import main as ptcli_main  # noqa: E402
-from ptcli.project import bank, storage  # noqa: E402
+from ptcli.project import bank, runs, storage  # noqa: E402
 from ptcli.project import manifest as proj  # noqa: E402
 from ptcli.project.check import check  # noqa: E402
-from ptcli.tuning import checkpoint  # noqa: E402
 
 STEPS, EVERY = 40, 4
 ROWS = [
@@ -194,10 +193,10 @@ def inspect(root: Path, stats: dict) -> None:
     except Exception as e:  # noqa: BLE001
         stats["corrupted_manifests"] += 1
         stats["problems"].append(str(e))
-    ckpt = checkpoint.path(proj.load(root), "soak")
+    ckpt = runs.checkpoint_path(proj.load(root), "soak")
     if ckpt.exists():
         try:
-            checkpoint.verify(ckpt)
+            runs.verify_checkpoint(ckpt)
         except Exception as e:  # noqa: BLE001
             stats["corrupted_checkpoints"] += 1
             stats["problems"].append(str(e))
@@ -299,7 +298,7 @@ def episodes(where: Path, reference, span: float, target: int, rng: random.Rando
         first = True
         while True:
             how, detail = plan(rng)
-            has_ckpt = checkpoint.path(proj.load(root), "soak").exists()
+            has_ckpt = runs.checkpoint_path(proj.load(root), "soak").exists()
             pid, reader, lines, started = child(run_tune, tune_args(where, root), detail if how == "write" else None)
             stats["launches"] += 1
             if (

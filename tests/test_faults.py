@@ -14,8 +14,7 @@ import pytest
 from clihelp import cli, failed, ok
 
 from ptcli.project import manifest as proj
-from ptcli.project import storage
-from ptcli.tuning import checkpoint
+from ptcli.project import runs, storage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROWS = [
@@ -163,7 +162,7 @@ def test_a_damaged_manifest_is_named(root: Path, how: str) -> None:
 
 
 def test_a_damaged_checkpoint_and_log_are_reported(root: Path, data: dict[str, Path]) -> None:
-    ckpt = checkpoint.path(proj.load(root), "a")
+    ckpt = runs.checkpoint_path(proj.load(root), "a")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     ckpt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     log = root / "runs" / "b" / "metrics.jsonl"

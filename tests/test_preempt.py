@@ -14,9 +14,8 @@ import pytest
 import torch
 from clihelp import cli, failed, ok
 
-from ptcli.project import bank
+from ptcli.project import bank, runs
 from ptcli.project import manifest as proj
-from ptcli.tuning import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -112,14 +111,14 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(
     assert proc.returncode == 75, err
     assert "stopped by SIGTERM at step" in err and "--auto-resume" in err
     assert bank.tags(proj.load(root)) == []  # nothing in the bank yet
-    record = checkpoint.verify(checkpoint.path(proj.load(root), "sent"))
+    record = runs.verify_checkpoint(runs.checkpoint_path(proj.load(root), "sent"))
     assert record["step"] >= 0 and record["inputs"]["dtype"] == "float32"
 
     assert 0 <= record["step"] < LONG
     # the relaunch: the same command continues, and ends on the uninterrupted prompt
     ok(cli(*_args(data, steps=LONG), "-p", root, "-q"))
     assert torch.allclose(bank.get(proj.load(root), "sent")[0], reference, atol=1e-6, rtol=0)
-    assert not checkpoint.path(proj.load(root), "sent").exists()
+    assert not runs.checkpoint_path(proj.load(root), "sent").exists()
 
 
 def _interrupted(empty: Path, data: Path, tmp_path: Path) -> Path:
@@ -154,13 +153,13 @@ def _interrupted(empty: Path, data: Path, tmp_path: Path) -> Path:
     )
     with pytest.raises(KeyboardInterrupt):
         tune(p, "sent", cfg, Stop())
-    assert checkpoint.path(p, "sent").exists()
+    assert runs.checkpoint_path(p, "sent").exists()
     return root
 
 
 def test_resume_with_other_data_or_dtype_is_refused_by_name(empty: Path, data: Path, tmp_path: Path) -> None:
     root = _interrupted(empty, data, tmp_path)
-    ckpt = checkpoint.path(proj.load(root), "sent")
+    ckpt = runs.checkpoint_path(proj.load(root), "sent")
     before = ckpt.read_bytes()
     other = tmp_path / "other.jsonl"
     other.write_text(data.read_text().replace("i love it", "i love it a lot"))
@@ -173,7 +172,7 @@ def test_resume_with_other_data_or_dtype_is_refused_by_name(empty: Path, data: P
 
 def test_a_damaged_checkpoint_is_named(empty: Path, data: Path, tmp_path: Path) -> None:
     root = _interrupted(empty, data, tmp_path)
-    ckpt = checkpoint.path(proj.load(root), "sent")
+    ckpt = runs.checkpoint_path(proj.load(root), "sent")
     blob = bytearray(ckpt.read_bytes())
     blob[-3] ^= 0x10  # one bit of AdamW's state
     ckpt.write_bytes(bytes(blob))

@@ -40,9 +40,8 @@ from hypothesis import strategies as st
 from ptcli.data.encode import encode
 from ptcli.data.jsonl import MAX_REPORTED, TRAIN_FIELDS, Record, read_jsonl
 from ptcli.errors import InputError, ProjectError
-from ptcli.project import bank, storage
+from ptcli.project import bank, runs, storage
 from ptcli.project import manifest as proj
-from ptcli.tuning import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -539,7 +538,7 @@ def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: 
 
     args = [*_tune_args(job.tag, data_dir), *job.extra, "-p", job.root, "-q"]
     p = proj.load(job.root)
-    if checkpoint.path(p, job.tag).exists():
+    if runs.checkpoint_path(p, job.tag).exists():
         how[job.name] = "resumed"
         ok(cli(*args, "--resume"))
     elif bank.path_of(p, job.tag).exists():
@@ -555,7 +554,7 @@ def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: 
     assert torch.allclose(prompt, want_prompt, atol=1e-6, rtol=0), f"{job.name} ({how[job.name]})"
     assert (meta.steps, meta.best_step) == (STEPS, want_best)
     assert p.tasks[job.tag] == want_task
-    assert not checkpoint.path(p, job.tag).exists()
+    assert not runs.checkpoint_path(p, job.tag).exists()
 
 
 # ---------------------------------------------------------------- two writers

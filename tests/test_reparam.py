@@ -14,9 +14,8 @@ from test_train import ROWS, Reporter
 
 from ptcli.api import init_project
 from ptcli.config import TaskConfig
-from ptcli.project import bank
+from ptcli.project import bank, runs
 from ptcli.project import manifest as proj
-from ptcli.tuning import checkpoint
 from ptcli.tuning.soft_prompt import SoftPrompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,7 +69,7 @@ def test_resume_with_an_encoder_and_a_template_reaches_the_uninterrupted_prompt(
         tune(p, "sent", cfg, Reporter(stop_at=5))
     from safetensors import safe_open
 
-    with safe_open(str(checkpoint.path(p, "sent")), framework="pt") as f:
+    with safe_open(str(runs.checkpoint_path(p, "sent")), framework="pt") as f:
         assert any(k.startswith("exp_avg.encoders.0.") for k in f.keys())  # the encoder's optimizer state rides along
     tune(proj.load(p.root), "sent", cfg, Reporter(), resume=True)
     prompt, _ = bank.get(proj.load(p.root), "sent")

@@ -16,9 +16,8 @@ from reference import tune
 from ptcli.api import init_project
 from ptcli.config import TaskConfig
 from ptcli.errors import ProjectError, UsageError
-from ptcli.project import bank
+from ptcli.project import bank, runs
 from ptcli.project import manifest as proj
-from ptcli.tuning import checkpoint
 from ptcli.tuning.recipe import lr_at
 from ptcli.tuning.tune import tune_many
 from ptcli.tuning.validate import better
@@ -161,7 +160,7 @@ def uninterrupted(fresh, tmp_path_factory: pytest.TempPathFactory):
 def _ckpt_step(p: proj.Project) -> int:
     from safetensors import safe_open
 
-    with safe_open(str(checkpoint.path(p, "sent")), framework="pt") as f:
+    with safe_open(str(runs.checkpoint_path(p, "sent")), framework="pt") as f:
         return json.loads(f.metadata()["ptcli"])["step"]
 
 
@@ -187,7 +186,7 @@ def test_resume_reaches_the_uninterrupted_prompt(fresh, uninterrupted, tmp_path:
     for got, want in zip(result.history, full.history):
         assert got.keys() == want.keys()
         assert all(got[k] == pytest.approx(want[k], abs=1e-6) for k in got)
-    assert not checkpoint.path(p, "sent").exists()  # cleaned up once the bank has the prompt
+    assert not runs.checkpoint_path(p, "sent").exists()  # cleaned up once the bank has the prompt
 
 
 def test_interrupted_retune_leaves_the_bank_unchanged(uninterrupted, fresh, tmp_path: Path) -> None:
@@ -294,7 +293,7 @@ def test_several_tags_with_ensembles_in_one_run(mixed, tmp_path: Path) -> None:
             {k: v for k, v in h.items() if k != "tag"} for h in r.history if "val_loss" in h
         ]
     assert set(proj.load(p.root).tasks) == {"sent", "topic"}
-    assert not checkpoint.path(p, ["sent", "topic"]).exists()
+    assert not runs.checkpoint_path(p, ["sent", "topic"]).exists()
 
 
 def test_several_tags_resume_to_the_uninterrupted_prompts(mixed, tmp_path: Path) -> None:
@@ -304,7 +303,7 @@ def test_several_tags_resume_to_the_uninterrupted_prompts(mixed, tmp_path: Path)
     p = proj.load(Path(shutil.copytree(src, tmp_path / "p")))
     with pytest.raises(KeyboardInterrupt):
         tune_many(p, cfgs, Reporter(stop_at=3))
-    assert bank.tags(p) == [] and checkpoint.path(p, ["sent", "topic"]).exists()
+    assert bank.tags(p) == [] and runs.checkpoint_path(p, ["sent", "topic"]).exists()
     tune_many(proj.load(p.root), cfgs, Reporter(), resume=True)
     for tag in cfgs:
         got, _ = bank.get(proj.load(p.root), tag)

@@ -2,21 +2,21 @@
 
 `bank/TAG.safetensors` holds the tensor `prompt` (P, H), float32, and in its header
 metadata a JSON record (settings, metrics, init, timestamps, base fingerprint, and a
-sha256 of the tensor bytes). Headers are read without torch, so listing is cheap; files
-are never unpickled; writes are atomic.
+sha256 of the tensor bytes): a sealed file (sealed.py). Headers are read without torch, so
+listing is cheap; files are never unpickled; writes are atomic.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ptcli.errors import CompatibilityError, unknown_tags
+from ptcli.project import sealed
 from ptcli.project.manifest import Project
 from ptcli.project.record import PromptRecord
 from ptcli.project.storage import atomic_write
@@ -39,31 +39,38 @@ def path_of(project: Project, tag: str) -> Path:
     return project.bank_dir / f"{tag}{SUFFIX}"
 
 
-def tags(project: Project) -> list[str]:
-    if not project.bank_dir.is_dir():
-        return []
-    # regular files only: a directory or a FIFO planted in bank/ is not a prompt (and must not hang a read)
-    return sorted(
-        p.name[: -len(SUFFIX)]
-        for p in project.bank_dir.glob(f"*{SUFFIX}")
-        if not p.name.startswith(".") and p.is_file()
-    )
+def listing(project: Project) -> dict[str, os.stat_result]:
+    """Every prompt file of the bank by tag, with its stat: `TAG.safetensors`, regular files only.
 
-
-def _split(path: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
-    """Parse a safetensors file into (header, data section), refusing anything malformed."""
-    if len(blob) < 8:
-        raise CompatibilityError(f"prompt file {path} is truncated ({len(blob)} bytes)")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > len(blob) - 8:
-        raise CompatibilityError(f"prompt file {path} is truncated or not a safetensors file")
+    A directory or a FIFO planted in bank/ is not a prompt (and must not hang a read); a hidden
+    file is a temp file of an atomic write. The running server lists the bank through this too.
+    """
+    found: dict[str, os.stat_result] = {}
     try:
-        header = json.loads(blob[8 : 8 + n])
-        meta = json.loads(header["__metadata__"]["ptcli"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CompatibilityError(f"prompt file {path} is not a ptcli prompt ({e})") from e
-    header["__metadata__"]["ptcli"] = meta
-    return header, blob[8 + n :]
+        entries = list(os.scandir(project.bank_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for e in entries:
+        if e.name.endswith(SUFFIX) and not e.name.startswith("."):
+            try:
+                if e.is_file():
+                    found[e.name[: -len(SUFFIX)]] = e.stat()
+            except FileNotFoundError:  # renamed or removed since the listing
+                continue
+    return found
+
+
+def tags(project: Project) -> list[str]:
+    return sorted(listing(project))
+
+
+def _split(path: Path, blob: bytes) -> tuple[dict[str, Any], PromptRecord, bytes]:
+    """(header, record, data section) of a prompt file, refusing anything malformed."""
+    try:
+        header, record, data = sealed.split(blob, "prompt")
+    except sealed.Unreadable as e:
+        raise CompatibilityError(f"prompt file {path} is {e}") from e
+    return header, PromptRecord.from_json(record), data
 
 
 def read_meta(project: Project, tag: str) -> Entry:
@@ -73,8 +80,7 @@ def read_meta(project: Project, tag: str) -> Entry:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         blob = head + f.read(min(n, 10_000_000))
-    header, _ = _split(path, blob)
-    return Entry(tag, PromptRecord.from_json(header["__metadata__"]["ptcli"]), path)
+    return Entry(tag, _split(path, blob)[1], path)
 
 
 def check_compatible(project: Project, record: PromptRecord, source: str) -> None:
@@ -99,9 +105,8 @@ def get(project: Project, tag: str) -> tuple[torch.Tensor, PromptRecord]:
 
     path = require(project, tag)
     blob = path.read_bytes()
-    header, data = _split(path, blob)
-    record = PromptRecord.from_json(header["__metadata__"]["ptcli"])
-    if hashlib.sha256(data).hexdigest() != record.sha256:
+    _, record, data = _split(path, blob)
+    if not sealed.checksum_ok(record.to_json(), data):
         raise CompatibilityError(f"prompt file {path} is corrupted: its checksum does not match", hint="retune the tag")
     check_compatible(project, record, f"prompt {tag!r}")
     return st_load(blob)["prompt"].float(), record
@@ -112,9 +117,6 @@ def put(project: Project, tag: str, prompt: torch.Tensor, record: PromptRecord) 
 
     The record's tag, shape and base are set here from the prompt and the project, so they cannot disagree.
     """
-    from safetensors.torch import save as st_save
-
-    tensors = {"prompt": prompt.detach().float().cpu().contiguous()}
     record = dataclasses.replace(
         record,
         schema_version=ENTRY_SCHEMA,
@@ -124,12 +126,10 @@ def put(project: Project, tag: str, prompt: torch.Tensor, record: PromptRecord) 
         ensemble=int(prompt.shape[0]) if prompt.dim() == 3 else 1,
         base_ref=project.base.ref,
         base_fingerprint=project.base.fingerprint,
-        sha256="",
+        sha256=None,
     )
-    _, data = _split(Path(tag), st_save(tensors, metadata={"ptcli": json.dumps(record.to_json())}))
-    record.sha256 = hashlib.sha256(data).hexdigest()
     path = path_of(project, tag)
-    atomic_write(path, st_save(tensors, metadata={"ptcli": json.dumps(record.to_json())}))
+    atomic_write(path, sealed.seal({"prompt": prompt.detach().float().cpu().contiguous()}, record.to_json()))
     return path
 
 
@@ -152,16 +152,12 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, PromptRecor
     A prompt file holds exactly one float32 tensor `prompt` (P, H), or (K, P, H) for an ensemble, that fills the data
     section, and the record's sha256 of those bytes. Anything else is refused.
     """
-    header, data = _split(Path(source), blob)
-    record = header["__metadata__"]["ptcli"]
-    if not isinstance(record, dict):
-        raise CompatibilityError(f"{source} is not a ptcli prompt (its record is not an object)")
+    header, record, data = _split(Path(source), blob)
     spec = header.get("prompt")
-    P, H = record.get("num_prompt_tokens"), record.get("hidden_size")
+    P, H, K = record.num_prompt_tokens, record.hidden_size, record.ensemble
     tensors = sorted(k for k in header if k != "__metadata__")
     if tensors != ["prompt"] or not isinstance(spec, dict) or not isinstance(P, int) or not isinstance(H, int):
         raise CompatibilityError(f"{source} is not a ptcli prompt (tensors: {', '.join(tensors) or 'none'})")
-    K = record.get("ensemble", 1)
     shape = [P, H] if K == 1 else [K, P, H]
     if (
         not isinstance(K, int)
@@ -174,11 +170,11 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, PromptRecor
             f"{source} is damaged: its tensor is {spec.get('dtype')} {spec.get('shape')} over {len(data)} bytes; "
             f"its record says float32 {tuple(shape)}"
         )
-    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+    if not sealed.checksum_ok(record.to_json(), data):
         raise CompatibilityError(
             f"{source} is corrupted: its checksum does not match", hint="export it again from its project"
         )
-    return header, data, PromptRecord.from_json(record)
+    return header, data, record
 
 
 def read_verified(project: Project, tag: str) -> tuple[bytes, PromptRecord]:
@@ -192,8 +188,5 @@ def read_verified(project: Project, tag: str) -> tuple[bytes, PromptRecord]:
 def relabel(source: str, blob: bytes, tag: str) -> bytes:
     """The same prompt file with `tag` in its record. The tensor bytes, and so the checksum, are unchanged."""
     header, data, _ = verify(source, blob)
-    raw = header["__metadata__"]["ptcli"]  # as stored, keys and all
-    header = {**header, "__metadata__": {**header["__metadata__"], "ptcli": json.dumps({**raw, "tag": tag})}}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # safetensors pads its header to 8 bytes so the data stays aligned
-    return struct.pack("<Q", len(head)) + head + data
+    _, raw, _ = sealed.split(blob, "prompt")  # the record as stored, keys and all
+    return sealed.reseal(header, {**raw, "tag": tag}, data)

@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ptcli.errors import CompatibilityError, PtcliError
-from ptcli.project import bank
+from ptcli.project import bank, runs
 from ptcli.project import manifest as proj
 from ptcli.project.storage import temp_files
-from ptcli.tuning import checkpoint
 
 
 @dataclass
@@ -86,7 +85,7 @@ def _runs(root: Path, report: Report) -> None:
     report.checked.update(checkpoints=len(ckpts), logs=len(logs) + history.is_file())
     for path in ckpts:
         try:
-            record = checkpoint.verify(path)
+            record = runs.verify_checkpoint(path)
             report.notes.append(
                 Finding(
                     str(path),

@@ -3,15 +3,14 @@
 Other ptcli commands tune, import, rename and remove tags while the server runs. They write
 bank files by atomic rename, so a file is whole or absent; a new version is a new inode or
 mtime. Listing the bank directory costs a few microseconds per file, so the server lists it
-on every request and loads only what changed, through `bank.get` (checksum and base
-fingerprint checks). A file that fails them is not served and the reason is kept, so a
-request for it gets the reason. Request fields never name a file: a tag is looked up in
-what the listing found.
+on every request (`bank.listing`, the rule `list-tags` uses) and loads only what changed,
+through `bank.get` (checksum and base fingerprint checks). A file that fails them is not
+served and the reason is kept, so a request for it gets the reason. Request fields never
+name a file: a tag is looked up in what the listing found.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from ptcli.errors import CompatibilityError, ProjectError, ServeError, unknown_tags
@@ -55,20 +54,7 @@ class LiveBank:
         )
 
     def _listing(self) -> dict[str, Version]:
-        found: dict[str, Version] = {}
-        try:
-            entries = list(os.scandir(self.project.bank_dir))
-        except FileNotFoundError:
-            return found
-        for e in entries:
-            if e.name.endswith(bank.SUFFIX) and not e.name.startswith("."):
-                try:
-                    if e.is_file():  # regular files only, as `bank.tags`: never open a FIFO
-                        st = e.stat()
-                        found[e.name[: -len(bank.SUFFIX)]] = (st.st_ino, st.st_mtime_ns, st.st_size)
-                except FileNotFoundError:  # renamed or removed since the listing
-                    continue
-        return found
+        return {tag: (st.st_ino, st.st_mtime_ns, st.st_size) for tag, st in bank.listing(self.project).items()}
 
     def _load(self, tag: str, version: Version) -> None:
         try:

@@ -1,19 +1,18 @@
 """Resumable tuning state: the prompt, the best prompt so far, AdamW's moments and the step.
 
-Stored as `runs/TAG/checkpoint.safetensors` (tensors) with a JSON record in its header,
-a sha256 of the tensor bytes, and the run's inputs (each tag's settings, a hash of each
-tag's rows, dtype, base fingerprint), so that a resume with other data or settings is
-refused by name; written atomically at every validation and on SIGTERM. The data order is a function of (seed, step) and
-the frozen base has no dropout in eval mode, so these are all a resumed run needs to end
-with the same prompt as an uninterrupted one.
+Stored as `runs/TAG/checkpoint.safetensors`, a sealed file (project/sealed.py: the tensors, and in
+the header a JSON record with a sha256 of the tensor bytes; project/runs.py verifies it), with
+the run's inputs (each tag's settings, a hash of each tag's rows, dtype, base fingerprint), so
+that a resume with other data or settings is refused by name; written atomically at every
+validation and on SIGTERM. The data order is a function of (seed, step) and the frozen base
+has no dropout in eval mode, so these are all a resumed run needs to end with the same prompt
+as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ptcli.config import TaskConfig
 from ptcli.data.jsonl import Record
 from ptcli.errors import ProjectError
+from ptcli.project import runs, sealed
 from ptcli.project.manifest import Project
 from ptcli.project.storage import atomic_write
 
@@ -42,11 +42,6 @@ class State:
     seconds: float = 0.0
     inputs: dict[str, Any] = field(default_factory=dict)  # see inputs_of
     best_prompt: torch.Tensor | None = field(default=None, repr=False)  # (S, P, H), every slot of the run
-
-
-def path(project: Project, tags: list[str] | str) -> Path:
-    """runs/TAG/, or runs/A+B/ for tags tuned together ('+' is never part of a tag)."""
-    return project.run_dir(tags if isinstance(tags, str) else "+".join(tags)) / "checkpoint.safetensors"
 
 
 def inputs_of(rows: dict[str, dict[str, list[Record]]], dtype: str, base_fingerprint: str) -> dict[str, Any]:
@@ -105,8 +100,6 @@ def finished(
 
 def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, state: State) -> None:
     """Every trainable tensor of the prompt module (the prompts, and an encoder's weights) with its AdamW moments."""
-    from safetensors.torch import save as st_save
-
     assert state.best_prompt is not None  # a run holds its best prompts from the step-0 validation on
     tensors = {"best_prompt": state.best_prompt.cpu().contiguous()}
     steps = {}
@@ -120,46 +113,7 @@ def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, stat
             steps[name] = float(adam["step"])
     record = {k: v for k, v in asdict(state).items() if k != "best_prompt"}
     record["adam_steps"] = steps
-    _, data = _split(
-        target, st_save(tensors, metadata={"ptcli": json.dumps(record)})
-    )  # the tensor bytes, as they will lie
-    record["sha256"] = hashlib.sha256(data).hexdigest()
-    atomic_write(target, st_save(tensors, metadata={"ptcli": json.dumps(record)}))
-
-
-def _split(source: Path, blob: bytes) -> tuple[dict[str, Any], bytes]:
-    """(header, tensor bytes) of a safetensors file; a damaged one raises ProjectError naming it."""
-    n = struct.unpack("<Q", blob[:8])[0] if len(blob) >= 8 else -1
-    try:
-        if not 0 <= n <= len(blob) - 8:
-            raise ValueError(f"truncated: {len(blob)} bytes")
-        header = json.loads(blob[8 : 8 + n])
-        header["__metadata__"]["ptcli"] = record = json.loads(header["__metadata__"]["ptcli"])
-        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-            raise ValueError("its record is not a ptcli checkpoint's")
-        header["__ends__"] = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise ProjectError(
-            f"checkpoint {source} is unreadable ({e})", hint="delete it and tune again, or retune with --overwrite"
-        ) from e
-    return header, blob[8 + n :]
-
-
-def verify(source: Path) -> dict[str, Any]:
-    """The record of a whole, intact checkpoint (structure and sha256 checked, no torch).
-
-    A damaged one raises ProjectError naming it.
-    """
-    header, data = _split(source, source.read_bytes())
-    record = header["__metadata__"]["ptcli"]
-    ends = header["__ends__"]
-    legacy = "sha256" not in record  # written before checkpoints carried a checksum: structure checks only
-    if max(ends, default=0) != len(data) or not legacy and hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise ProjectError(
-            f"checkpoint {source} is corrupted: its checksum does not match",
-            hint="delete it and tune again, or retune with --overwrite",
-        )
-    return record
+    atomic_write(target, sealed.seal(tensors, record))
 
 
 def load(
@@ -176,7 +130,7 @@ def load(
     import torch
     from safetensors.torch import load as st_load
 
-    record = verify(source)
+    record = runs.verify_checkpoint(source)
     record.pop("sha256", None)
     tensors = st_load(source.read_bytes())
     given = {tag: cfg.to_dict() for tag, cfg in cfgs.items()}
@@ -212,24 +166,3 @@ def load(
                     "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
                 }
     return State(**record, best_prompt=tensors["best_prompt"].to(params["weight"].device))
-
-
-def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:
-    """One tag's metrics, one JSON object per line: the run's training steps and this tag's validations."""
-    target = project.run_dir(tag) / "metrics.jsonl"
-    mine = [{k: v for k, v in h.items() if k != "tag"} for h in history if h.get("tag", tag) == tag]
-    atomic_write(target, "".join(json.dumps(h) + "\n" for h in mine).encode())
-    return target
-
-
-def append_run(project: Project, record: dict[str, Any]) -> Path:
-    """One line per finished run in `runs/history.jsonl`, appended (a single O_APPEND write)."""
-    target = project.root / "runs" / "history.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return target

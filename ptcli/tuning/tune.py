@@ -20,7 +20,7 @@ from ptcli.data.jsonl import Record, read_jsonl
 from ptcli.enums import Init
 from ptcli.errors import InputError, ProjectError
 from ptcli.lm.base import load_project_base
-from ptcli.project import bank
+from ptcli.project import bank, runs
 from ptcli.project.manifest import Project, now
 from ptcli.project.record import PromptRecord, kept_mode
 from ptcli.tuning import checkpoint
@@ -95,7 +95,7 @@ def tune_many(
 
     check_run_together(cfgs)
     acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
-    ckpt_path = checkpoint.path(project, list(cfgs))
+    ckpt_path = runs.checkpoint_path(project, list(cfgs))
     resuming = check_start(project, cfgs, ckpt_path, resume, overwrite)
     started = time.perf_counter()
     rows = {"train": read_split(cfgs, "train"), "valid": read_split(cfgs, "valid")}
@@ -150,9 +150,9 @@ def write_results(project: Project, recipe: Recipe) -> list[TuneResult]:
             assert state.best_prompt is not None  # a finished run holds its best prompts
             best = state.best_prompt[t.slots]  # (K, P, H)
             bank.put(project, t.tag, best[0] if len(t.slots) == 1 else best, record)
-            checkpoint.write_log(project, t.tag, state.history)
+            runs.write_log(project, t.tag, state.history)
             line = {k: v for k, v in record.to_json().items() if k != "init_text"}
-            checkpoint.append_run(project, {"tag": t.tag, **line})
+            runs.append_run(project, {"tag": t.tag, **line})
             project.record_task(t.tag, t.cfg)
     if main:
         recipe.ckpt_path.unlink(missing_ok=True)

@@ -1,0 +1,66 @@
+"""A project's run directories, read and written without torch.
+
+    runs/TAG/checkpoint.safetensors   an interrupted run's state (a sealed file; see tuning/checkpoint.py)
+    runs/TAG/metrics.jsonl            a finished run's steps and this tag's validations, one JSON object a line
+    runs/history.jsonl                one line per finished run, appended
+
+Tags tuned together share `runs/A+B/` ('+' is never part of a tag). `ptcli check` and a resumed
+`tune` verify a checkpoint here (structure and sha256) before anything loads its tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ptcli.errors import ProjectError
+from ptcli.project import sealed
+from ptcli.project.manifest import Project
+from ptcli.project.storage import atomic_write
+
+
+def checkpoint_path(project: Project, tags: list[str] | str) -> Path:
+    """runs/TAG/, or runs/A+B/ for tags tuned together ('+' is never part of a tag)."""
+    return project.run_dir(tags if isinstance(tags, str) else "+".join(tags)) / "checkpoint.safetensors"
+
+
+def verify_checkpoint(source: Path) -> dict[str, Any]:
+    """The record of a whole, intact checkpoint (structure and sha256 checked, no torch).
+
+    A damaged one raises ProjectError naming it.
+    """
+    hint = "delete it and tune again, or retune with --overwrite"
+    try:
+        header, record, data = sealed.split(source.read_bytes(), "checkpoint")
+        if not isinstance(record.get("config"), dict):
+            raise sealed.Unreadable("its record is not a ptcli checkpoint's")
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (sealed.Unreadable, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ProjectError(f"checkpoint {source} is unreadable ({e})", hint=hint) from e
+    legacy = "sha256" not in record  # written before checkpoints carried a checksum: structure checks only
+    if max(ends, default=0) != len(data) or not legacy and not sealed.checksum_ok(record, data):
+        raise ProjectError(f"checkpoint {source} is corrupted: its checksum does not match", hint=hint)
+    return record
+
+
+def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:
+    """One tag's metrics, one JSON object per line: the run's training steps and this tag's validations."""
+    target = project.run_dir(tag) / "metrics.jsonl"
+    mine = [{k: v for k, v in h.items() if k != "tag"} for h in history if h.get("tag", tag) == tag]
+    atomic_write(target, "".join(json.dumps(h) + "\n" for h in mine).encode())
+    return target
+
+
+def append_run(project: Project, record: dict[str, Any]) -> Path:
+    """One line per finished run in `runs/history.jsonl`, appended (a single O_APPEND write)."""
+    target = project.root / "runs" / "history.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return target

@@ -76,7 +76,7 @@ def score_splits(task: str, cfg: dict, labels: list[str], score) -> dict:
 
     score(texts) gives the (N, C) answer log-likelihoods of raw texts.
     """
-    from ptcli.inference.infer import CONTENT_FREE, calibrate
+    from ptcli.lm.answers import CONTENT_FREE, calibrate
 
     free = score(list(CONTENT_FREE)) if cfg["calibrate"] else None  # (N_cf, C)
     out = {}

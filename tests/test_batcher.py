@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ptcli.errors import ServeError, UsageError
-from ptcli.inference.engine import Answer
+from ptcli.inference.engine import Prediction
 from ptcli.project import bank
 from ptcli.project.manifest import BaseInfo, Project
 from ptcli.project.record import PromptRecord
@@ -113,7 +113,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
     def held(items: list) -> list:
         entered.set()
         release.wait(30)
-        return [Answer("held", 1) for _ in items]
+        return [Prediction("held", 1) for _ in items]
 
     batcher = Batcher(held, max_batch=1, max_wait_s=0, max_queue=1)
     sock = listen("127.0.0.1", 0)

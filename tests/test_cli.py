@@ -696,7 +696,7 @@ def test_a_record_without_a_mode_ranks_when_it_has_an_answer_set(tuned, tmp_path
 
 def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Path, lively_llama: Path) -> None:
     from ptcli.data.encode import answer_ids
-    from ptcli.inference.infer import CONTENT_FREE, calibrate
+    from ptcli.lm.answers import CONTENT_FREE, calibrate
     from ptcli.lm.forward import choice_scores
 
     sent = [r for r in mixed if r["prompt_tag"] == "sent"]

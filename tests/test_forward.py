@@ -13,7 +13,7 @@ from reference import greedy, plain_lm_loss
 from ptcli.data.encode import ANSWER_PREFIX, answer_ids, closed_answers
 from ptcli.data.jsonl import Record
 from ptcli.errors import ModelError
-from ptcli.inference.infer import predict
+from ptcli.lm.answers import ranked, run_rows, vote
 from ptcli.lm.forward import IGNORE, answer, choice_scores, lm_loss
 from ptcli.tuning.soft_prompt import init_prompt
 
@@ -27,6 +27,16 @@ CHOICES = ["positive", "negative", "entailment"]  # "entailment" is several toke
 def _stack(model, k: int, seed: int = 0) -> torch.Tensor:
     H = model.get_input_embeddings().weight.shape[1]
     return torch.randn(k, P, H, generator=torch.Generator().manual_seed(seed)) * 0.5  # (K, P, H)
+
+
+def predict(model, tok, prompts: torch.Tensor, texts, mode: str, choices=None, max_new: int = 0) -> list[str]:
+    """One tag's answers by the rules of lm/answers.py: members vote (generate) or average their scores (rank)."""
+    out = run_rows(model, tok, [prompts], texts, [0] * len(texts), max_new=max_new, choices=choices)
+    if mode == "rank":
+        assert out.scores is not None
+        return [choices[ranked(s)] for s in out.scores]
+    assert out.texts is not None
+    return [t[vote(t)] for t in out.texts]
 
 
 def _rows(tok) -> tuple[list[list[int]], list[list[int]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptcli.inference.infer import calibrate, calibration_bias
+from ptcli.lm.answers import calibrate, calibration_bias
 from ptcli.project.record import PromptRecord
 
 

@@ -17,41 +17,46 @@ from ptcli.errors import UsageError
 app = typer.Typer()  # cli.py copies this command onto its app
 
 
+Host = Annotated[
+    str,
+    typer.Option("--host", help="Address to listen on; anything but loopback is reachable by others (use --api-key)."),
+]
+Port = Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port, printed at start).")]
+MaxBatch = Annotated[
+    int,
+    typer.Option(
+        "--max-batch-size", help="Most rows, of any requests and tags, answered in one pass (1: no batching)."
+    ),
+]
+MaxWait = Annotated[
+    float, typer.Option("--max-wait-ms", help="How long the oldest queued row waits for a batch to fill.")
+]
+MaxQueue = Annotated[
+    int, typer.Option("--max-queue", help="Most rows waiting; beyond it requests get 503 with Retry-After.")
+]
+MaxBody = Annotated[int, typer.Option("--max-body-bytes", help="Largest request body; beyond it requests get 413.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="PTCLI_API_KEY",
+        show_default=False,
+        help="Require `Authorization: Bearer KEY` on every endpoint but /health.",
+    ),
+]
+
+
 @app.command()
 @handled
 def serve(
     project: ProjectOpt = None,
-    host: Annotated[
-        str,
-        typer.Option(
-            "--host", help="Address to listen on; anything but loopback is reachable by others (use --api-key)."
-        ),
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port, printed at start).")] = 8000,
-    max_batch_size: Annotated[
-        int,
-        typer.Option(
-            "--max-batch-size", help="Most rows, of any requests and tags, answered in one pass (1: no batching)."
-        ),
-    ] = 16,
-    max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", help="How long the oldest queued row waits for a batch to fill.")
-    ] = 5.0,
-    max_queue: Annotated[
-        int, typer.Option("--max-queue", help="Most rows waiting; beyond it requests get 503 with Retry-After.")
-    ] = 1024,
-    max_body_bytes: Annotated[
-        int, typer.Option("--max-body-bytes", help="Largest request body; beyond it requests get 413.")
-    ] = 1_000_000,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            envvar="PTCLI_API_KEY",
-            show_default=False,
-            help="Require `Authorization: Bearer KEY` on every endpoint but /health.",
-        ),
-    ] = None,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    max_batch_size: MaxBatch = 16,
+    max_wait_ms: MaxWait = 5.0,
+    max_queue: MaxQueue = 1024,
+    max_body_bytes: MaxBody = 1_000_000,
+    api_key: ApiKey = None,
     dtype: DtypeOpt = Dtype.FLOAT32,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,

@@ -1,34 +1,30 @@
-"""Mixed-tag batches for the server: rows of any tags and requests, answered together.
+"""Mixed-tag batches: rows of any tags (and requests) answered together, by the rules of lm/answers.py.
 
-`ptcli infer` reads a file one tag at a time; a server's queue holds rows of many tags at
-once. Here every prompt of a batch (each ensemble member too) is stacked into one (M, P, H)
-tensor and each row points at its members, so one pass of the frozen base serves them all
-(`forward.prefixed` runs each prompt once and shares its cache with its rows). A batch runs
-one pass per mode, generation length and prompt placement (prefix templates or others).
-
-A row gets the answer `ptcli infer` gives it: the same cut of its text, the same greedy
-tokens, the same ranking (a candidate's score does not depend on the other candidates of
-the pass, so scoring the union of the batch's answer sets and taking the argmax over the
-row's own set agrees).
+`ptcli infer`, `Project.infer` and the server all answer through `Engine`. Every prompt of a
+batch (each ensemble member too) is stacked into one (M, P, H) tensor and each row points at
+its members, so one pass of the frozen base serves them all (`forward.prefixed` runs each
+prompt once and shares its cache with its rows). A batch runs one pass per `pass_key`: mode,
+generation length and prompt placement (prefix templates or others). Ranked rows of a pass
+score the union of their answer sets; a candidate's score does not depend on the other
+candidates of the pass, so the argmax over a row's own set is the one its tag alone gives.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from ptcli.data.encode import answer_ids
 from ptcli.data.template import Layout
-from ptcli.errors import PtcliError, UsageError
-from ptcli.lm.forward import answer
+from ptcli.enums import Mode
+from ptcli.errors import PtcliError
+from ptcli.lm.answers import content_free_bias, ranked, room, run_rows, text_budget, vote
 from ptcli.project.record import PromptRecord
 
 
 @dataclass(frozen=True, eq=False)
 class Prompt:
-    """One bank entry as loaded for serving: (K, P, H) members, its record."""
+    """One bank entry as loaded for answering: (K, P, H) members, its record."""
 
     tag: str
     members: torch.Tensor  # (K, P, H)
@@ -41,17 +37,21 @@ class Item:
 
     prompt: Prompt
     text: str
-    mode: str = "generate"
+    mode: Mode = Mode.GENERATE
     max_new: int = 32
     choices: tuple[str, ...] = ()
+    calibrated: bool = False  # rank: contextual calibration of the scores
 
 
 @dataclass(frozen=True)
-class Answer:
+class Prediction:
     text: str
     prompt_tokens: int  # text tokens the model read (after any cut from the left)
     tokens: int = 0  # tokens generated (generate)
     stopped: bool = True  # generation ended at end-of-sequence, not at max_new
+
+
+PassKey = tuple[str, int, bool]  # mode, generation length (0 when ranked), prefix placement
 
 
 class Engine:
@@ -60,24 +60,15 @@ class Engine:
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
         self._layouts: dict[tuple[str, int], Layout] = {}  # (template, prompt length) -> its layout for this tokenizer
+        self._biases: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}  # (id(prompt), choices) -> (K, C)
 
-    def __call__(self, items: list[Item]) -> list[Answer | PtcliError]:
+    def __call__(self, items: list[Item]) -> list[Prediction | PtcliError]:
         """Answers in item order; an item that cannot run (no room for its text) gets its error instead."""
-        seqs = self.texts(items)
-        results: list[Answer | PtcliError | None] = [s if isinstance(s, PtcliError) else None for s in seqs]
+        seqs = self.rows(items)
+        errors = {i: s for i, s in enumerate(seqs) if isinstance(s, PtcliError)}
         fits = {i: s for i, s in enumerate(seqs) if not isinstance(s, PtcliError)}  # rows whose text has room
-        passes: dict[tuple[str, int, bool], list[int]] = {}  # one pass per mode, generation length and prompt placement
-        for i, it in enumerate(items):
-            if results[i] is None:
-                passes.setdefault(
-                    (it.mode, it.max_new if it.mode == "generate" else 0, self.layout(it.prompt).prefix), []
-                ).append(i)
-        for (mode, _, _), idx in passes.items():
-            run = self._generate if mode == "generate" else self._rank
-            with torch.inference_mode():
-                for i, out in zip(idx, run([items[i] for i in idx], [fits[i] for i in idx])):
-                    results[i] = out
-        return results  # type: ignore[return-value]
+        answered = dict(zip(fits, self.run([items[i] for i in fits], list(fits.values()))))
+        return [answered[i] if i in answered else errors[i] for i in range(len(items))]
 
     def layout(self, prompt: Prompt) -> Layout:
         """Where the tag's template puts the prompt around the text."""
@@ -86,70 +77,72 @@ class Engine:
             self._layouts[key] = Layout(self.tok, *key)
         return self._layouts[key]
 
-    def texts(self, items: list[Item]) -> list[list[int] | PtcliError]:
-        """Each row as the model reads it before its answer, its text cut from the left as `ptcli infer` cuts it."""
-        ids = self.tok([it.text for it in items], add_special_tokens=False).input_ids
+    def pass_key(self, item: Item) -> PassKey:
+        """Rows with one key run in one pass of the base."""
+        return item.mode, item.max_new if item.mode == Mode.GENERATE else 0, self.layout(item.prompt).prefix
+
+    def rows(self, items: list[Item], texts: list[list[int]] | None = None) -> list[list[int] | PtcliError]:
+        """Each row as the model reads it before its answer, its text (token ids, if given) cut to the budget."""
+        ids = texts if texts is not None else self.tok([it.text for it in items], add_special_tokens=False).input_ids
         out: list[list[int] | PtcliError] = []
         for it, t in zip(items, ids):
-            room = it.max_new if it.mode == "generate" else max(map(len, answer_ids(self.tok, list(it.choices))))
             layout = self.layout(it.prompt)
-            budget = it.prompt.record.config["max_seq_length"] - layout.overhead() - room
-            if budget < 1:
-                out.append(
-                    UsageError(
-                        f"the answers ({room} tokens) leave no room for text in {it.prompt.tag!r}'s max sequence length"
-                    )
-                )
-            else:
-                out.append(layout.context(t[-budget:]))
+            try:
+                after = room(self.tok, it.mode, it.max_new, it.choices)
+                budget = text_budget(it.prompt.tag, it.prompt.record.config["max_seq_length"], layout, after)
+            except PtcliError as e:
+                out.append(e)
+                continue
+            out.append(layout.context(t[-budget:]))  # texts cut from the left to fit
         return out
 
-    def _expand(self, items: list[Item], seqs: list[list[int]]):
-        """Stack the batch's prompts (M, P, H); repeat each row once per member of its tag, member-minor."""
-        first: dict[int, int] = {}  # id(prompt) -> index of its first member in the stack
-        stacked: list[torch.Tensor] = []
+    @torch.inference_mode()
+    def run(self, items: list[Item], seqs: list[list[int]]) -> list[Prediction]:
+        """Answers for rows laid out by `rows`, in order: one pass per pass key."""
+        passes: dict[PassKey, list[int]] = {}
+        for i, it in enumerate(items):
+            passes.setdefault(self.pass_key(it), []).append(i)
+        results: dict[int, Prediction] = {}
+        for (mode, max_new, _), idx in passes.items():
+            batch, rows = [items[i] for i in idx], [seqs[i] for i in idx]
+            answers = self._generate(batch, rows, max_new) if mode == Mode.GENERATE else self._rank(batch, rows)
+            results.update(zip(idx, answers))
+        return [results[i] for i in range(len(items))]
+
+    def _prompts(self, items: list[Item]) -> tuple[list[torch.Tensor], list[int]]:
+        """The batch's distinct prompts, in order of first use, and which of them each row uses."""
+        order: dict[int, int] = {}
         for it in items:
-            if id(it.prompt) not in first:
-                first[id(it.prompt)] = sum(len(m) for m in stacked)
-                stacked.append(it.prompt.members)
-        rows: list[list[int]] = []
-        which: list[int] = []
-        spans: list[range] = []
-        for it, s in zip(items, seqs):
-            K = it.prompt.members.shape[0]
-            spans.append(range(len(rows), len(rows) + K))
-            rows += [s] * K
-            which += [first[id(it.prompt)] + k for k in range(K)]
-        return torch.cat(stacked), rows, which, spans  # (M, P, H), (R) rows, (R,) which, per item its R rows
+            order.setdefault(id(it.prompt), len(order))
+        prompts = list({id(it.prompt): it.prompt.members for it in items}.values())
+        return prompts, [order[id(it.prompt)] for it in items]
 
-    def _generate(self, items: list[Item], seqs: list[list[int]]) -> list[Answer]:
-        prompts, rows, which, spans = self._expand(items, seqs)
-        tok = self.tok
-        max_new = items[
-            0
-        ].max_new  # the same for the whole pass: a row never decodes past the room its text was cut for
-        outs, _ = answer(self.model, prompts, rows, tok.pad_token_id, tok.eos_token_id, which=which, max_new=max_new)
-        assert outs is not None  # max_new > 0 asks for tokens
+    def _generate(self, items: list[Item], seqs: list[list[int]], max_new: int) -> list[Prediction]:
+        prompts, owner = self._prompts(items)
+        out = run_rows(self.model, self.tok, prompts, seqs, owner, max_new=max_new)
+        assert out.tokens is not None and out.texts is not None  # max_new > 0 asks for tokens
         answers = []
-        for s, span in zip(seqs, spans):
-            members = [outs[r] for r in span]
-            texts = [tok.decode(m, skip_special_tokens=True).strip() for m in members]
-            voted = Counter(texts).most_common(1)[0][0]  # ties go to the first member, as in `ptcli infer`
-            kept = members[texts.index(voted)]
-            answers.append(Answer(voted, len(s), len(kept), len(kept) < max_new))
+        for s, tokens, texts in zip(seqs, out.tokens, out.texts):
+            k = vote(texts)
+            answers.append(Prediction(texts[k], len(s), len(tokens[k]), len(tokens[k]) < max_new))
         return answers
 
-    def _rank(self, items: list[Item], seqs: list[list[int]]) -> list[Answer]:
-        prompts, rows, which, spans = self._expand(items, seqs)
+    def _rank(self, items: list[Item], seqs: list[list[int]]) -> list[Prediction]:
+        prompts, owner = self._prompts(items)
         union = list(dict.fromkeys(c for it in items for c in it.choices))
-        tok = self.tok
-        _, scores = answer(
-            self.model, prompts, rows, tok.pad_token_id, tok.pad_token_id, which=which, choices=answer_ids(tok, union)
-        )  # (R, C)
-        assert scores is not None  # choices ask for scores
+        out = run_rows(self.model, self.tok, prompts, seqs, owner, choices=union)
+        assert out.scores is not None  # choices ask for scores
         answers = []
-        for it, s, span in zip(items, seqs, spans):
+        for it, s, scores in zip(items, seqs, out.scores):
             cols = [union.index(c) for c in it.choices]
-            mean = scores[list(span)][:, cols].mean(0)  # (C_item,): members' scores averaged
-            answers.append(Answer(it.choices[int(mean.argmax())], len(s)))
+            bias = self._bias(it) if it.calibrated else None
+            answers.append(Prediction(it.choices[ranked(scores[:, cols], bias)], len(s)))  # (K, C_item)
         return answers
+
+    def _bias(self, item: Item) -> torch.Tensor:
+        """Contextual calibration of a prompt over an answer set, (K, C), computed once per engine."""
+        key = (id(item.prompt), item.choices)
+        if key not in self._biases:
+            layout = self.layout(item.prompt)
+            self._biases[key] = content_free_bias(self.model, self.tok, item.prompt.members, list(item.choices), layout)
+        return self._biases[key]

@@ -16,7 +16,7 @@ from typing import Any
 from ptcli.data.jsonl import Record, check_inference_row
 from ptcli.enums import Mode
 from ptcli.errors import ServeError, unknown_tags
-from ptcli.inference.engine import Answer, Item
+from ptcli.inference.engine import Item, Prediction
 from ptcli.inference.infer import accuracy
 from ptcli.serving.live_bank import LiveBank
 
@@ -67,7 +67,7 @@ def completion_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item]
     if not isinstance(stream, bool):
         raise ServeError(f"`stream` must be true or false, got {stream!r}")
     max_tokens = _int(body, "max_tokens", 16)
-    return [Item(prompt, t, "generate", max_tokens) for t in texts], stop, stream
+    return [Item(prompt, t, Mode.GENERATE, max_tokens) for t in texts], stop, stream
 
 
 def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -75,7 +75,7 @@ def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:at], True) if at >= 0 else (text, False)
 
 
-def completion_choices(answers: list[Answer], stop: list[str]) -> list[dict[str, Any]]:
+def completion_choices(answers: list[Prediction], stop: list[str]) -> list[dict[str, Any]]:
     choices = []
     for i, a in enumerate(answers):
         text, cut = _cut(a.text, stop)
@@ -85,7 +85,7 @@ def completion_choices(answers: list[Answer], stop: list[str]) -> list[dict[str,
     return choices
 
 
-def completion_body(tag: str, answers: list[Answer], stop: list[str]) -> dict[str, Any]:
+def completion_body(tag: str, answers: list[Prediction], stop: list[str]) -> dict[str, Any]:
     prompt_tokens, completion_tokens = sum(a.prompt_tokens for a in answers), sum(a.tokens for a in answers)
     return {
         **completion_head(tag),
@@ -142,7 +142,7 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
     return items, [Record(i + 1, r["prompt_tag"], r["text"], r.get("answer"), r) for i, r in enumerate(rows)]
 
 
-def rows_body(records: list[Record], answers: list[Answer]) -> dict[str, Any]:
+def rows_body(records: list[Record], answers: list[Prediction]) -> dict[str, Any]:
     predictions = [a.text for a in answers]
     return {
         "rows": [{**r.row, "prediction": p} for r, p in zip(records, predictions)],

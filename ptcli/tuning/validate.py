@@ -13,7 +13,7 @@ import torch
 
 from ptcli.config import TaskConfig
 from ptcli.data.encode import Encoded
-from ptcli.inference.infer import answers
+from ptcli.lm.answers import ranked, run_rows, vote
 from ptcli.lm.forward import lm_loss
 from ptcli.project.record import headline
 
@@ -39,34 +39,38 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     it covers the answer only and every answer is a candidate. prompts: (K, P, H).
     """
     enc, K, choices = task.valid, prompts.shape[0], task.choices or []
-    shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
-    shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
-    batches = [shard[s : s + batch_size] for s in range(0, len(shard), batch_size)]
-    if acc.num_processes > 1:  # every process makes the same calls (a sharded base's forward is collective)
-        most = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max"))
-        batches += [[]] * (most - len(batches))  # an empty batch runs one row and counts nothing
+    batches = _batches(enc, batch_size, acc)
     max_new = max(
         len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts)
     )  # longest answer + eos, already tokenized
     loss_from_scores = bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
-    loss_sum, count, correct, ranked = 0.0, 0, 0, 0
+    loss_sum, count, correct, right = 0.0, 0, 0, 0
     agree = (lambda flag: agreed(acc, flag, "min")) if acc.num_processes > 1 else None
     with torch.no_grad():
         for idx in batches:
             if not idx:
-                answers(model, tok, prompts, [enc.prompts[0]], max_new=max_new, choices=choices, agree=agree)
+                run_rows(model, tok, [prompts], [enc.prompts[0]], [0], max_new=max_new, choices=choices, agree=agree)
                 if not loss_from_scores:
                     lm_loss(model, prompts, enc.ids[:1], enc.labels[:1], tok.pad_token_id)
                 continue
             truth = [enc.answers[i].strip() for i in idx]
-            voted, best, scores = answers(
-                model, tok, prompts, [enc.prompts[i] for i in idx], max_new=max_new, choices=choices, agree=agree
+            out = run_rows(
+                model,
+                tok,
+                [prompts],
+                [enc.prompts[i] for i in idx],
+                [0] * len(idx),
+                max_new=max_new,
+                choices=choices,
+                agree=agree,
             )
-            correct += sum(p == a for p, a in zip(voted, truth))
-            if choices:
-                ranked += sum(p == a for p, a in zip(best, truth))
-            if loss_from_scores:
+            assert out.texts is not None  # max_new >= 1: every row has an answer and eos
+            correct += sum(texts[vote(texts)] == a for texts, a in zip(out.texts, truth))
+            if out.scores is not None:
+                right += sum(choices[ranked(s)] == a for s, a in zip(out.scores, truth))
+            if loss_from_scores and out.scores is not None:
                 picked = torch.tensor([choices.index(enc.answers[i]) for i in idx])  # (B,)
+                scores = torch.stack(out.scores)  # (B, K, C)
                 loss_sum -= float(scores[torch.arange(len(idx)), :, picked].sum())  # (B, K) true-answer log-likelihoods
                 count += K * sum(len(enc.ids[i]) - len(enc.prompts[i]) for i in idx)
             else:
@@ -80,12 +84,23 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
                     which=list(range(K)) * len(idx),
                 )
                 loss_sum, count = loss_sum + float(s), count + n
-    totals = acc.reduce(torch.tensor([loss_sum, count, correct, ranked], dtype=torch.float64, device=acc.device), "sum")
-    loss_sum, count, correct, ranked = totals.tolist()
+    totals = acc.reduce(torch.tensor([loss_sum, count, correct, right], dtype=torch.float64, device=acc.device), "sum")
+    loss_sum, count, correct, right = totals.tolist()
     metrics = {"val_loss": loss_sum / max(count, 1), "val_acc": correct / len(enc.ids)}
     if choices:
-        metrics["val_acc_rank"] = ranked / len(enc.ids)
+        metrics["val_acc_rank"] = right / len(enc.ids)
     return metrics
+
+
+def _batches(enc: Encoded, batch_size: int, acc) -> list[list[int]]:
+    """This process's share of the rows in batches of similar lengths; as many batches on every process."""
+    shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
+    shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding
+    batches = [shard[s : s + batch_size] for s in range(0, len(shard), batch_size)]
+    if acc.num_processes > 1:  # every process makes the same calls (a sharded base's forward is collective)
+        most = int(acc.reduce(torch.tensor(len(batches), device=acc.device), "max"))
+        batches += [[]] * (most - len(batches))  # an empty batch runs one row and counts nothing
+    return batches
 
 
 def better(new: dict[str, float], best: dict[str, float] | None) -> bool:

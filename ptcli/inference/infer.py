@@ -6,8 +6,9 @@ contextual calibration. A tag's default mode is the one its validation kept the 
 An ensemble's members run in the same batch and vote (generate) or average their scores (rank).
 
 The rows of all tags are planned together, as the server batches them: rows that share a
-pass of the engine (mode, generation length, prompt placement) are sorted by length and cut
-into batches, whatever their tag, so a mixed file is one pass over the data. Under
+pass of the engine (mode, generation length, prompt placement; for ranked rows, the answer
+set) are sorted by length and cut into batches, whatever their tag, so a mixed file is one
+pass over the data. Under
 torchrun/accelerate (or `ptcli infer --devices N`) process r runs batches r, r+N, ... of
 that same plan and every process gathers all predictions: the batches, and so the answers,
 are the ones a single process computes.
@@ -111,10 +112,15 @@ def _prompt(project: Project, tag: str) -> Prompt:
 
 
 def plan(engine: Engine, items: list[Item], seqs: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Batches of row indices: rows of one pass of the engine, of any tags, sorted by length (less padding)."""
+    """Batches of row indices: rows of one pass of the engine, of any tags, sorted by length (less padding).
+
+    Ranked rows also share their answer set: the engine scores the union of a batch's sets for every row,
+    so tags with other sets in one batch would cost each row their candidates too (a server's batch
+    cannot wait to be sorted; a file can).
+    """
     passes: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
-        passes.setdefault(engine.pass_key(it), []).append(i)
+        passes.setdefault((*engine.pass_key(it), it.choices if it.mode == Mode.RANK else ()), []).append(i)
     batches = []
     for idx in passes.values():
         idx = sorted(idx, key=lambda i: len(seqs[i]))

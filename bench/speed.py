@@ -137,7 +137,7 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
     import torch
 
     from ptcli.lm.base import load_base
-    from ptcli.lm.forward import answer
+    from ptcli.lm.forward import decode_or_score
     from ptcli.tuning.soft_prompt import init_prompt
 
     model, tok = load_base("default")
@@ -151,7 +151,7 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
         for tag in tags:  # ptcli: group the mixed file by tag, length-sorted batches, one pass per batch
             idx = sorted((i for i, r in enumerate(rows) if r["prompt_tag"] == tag), key=lambda i: len(texts[i]))
             for s in range(0, len(idx), batch):
-                answer(
+                decode_or_score(
                     model,
                     prompts[tag],
                     [texts[i] for i in idx[s : s + batch]],

@@ -42,10 +42,12 @@ class Silent:
 
 
 class Project:
-    """A project directory: its base model reference, its recorded tasks and its prompt bank."""
+    """A project as a library user holds it: its base model reference, its recorded tasks and its prompt bank.
 
-    def __init__(self, project: proj.Project):
-        self.project = project
+    `dir` is the manifest's ProjectDir, which the modules below take."""
+
+    def __init__(self, directory: proj.ProjectDir):
+        self.dir = directory
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> Project:
@@ -54,29 +56,29 @@ class Project:
 
     @property
     def root(self) -> Path:
-        return self.project.root
+        return self.dir.root
 
     def tags(self) -> list[str]:
         """The tags in the bank, sorted."""
-        return bank.tags(self.project)
+        return bank.tags(self.dir)
 
     def record(self, tag: str) -> PromptRecord:
         """A prompt's settings, metrics and base, read from its bank header (no torch)."""
-        bank.require(self.project, tag)
-        return bank.read_meta(self.project, tag).record
+        bank.require(self.dir, tag)
+        return bank.read_meta(self.dir, tag).record
 
     def prompt(self, tag: str) -> torch.Tensor:
         """A prompt (P, H), or an ensemble's (K, P, H), after its checksum and base checks."""
-        return bank.get(self.project, tag)[0]
+        return bank.get(self.dir, tag)[0]
 
     def task_configs(self, tags: list[str], settings: dict[str, Any]) -> dict[str, TaskConfig]:
         """Each tag's settings: what `add-task` recorded, overridden by `settings` (TaskConfig fields).
 
         A setting that is None is not given. A bad value or template is refused here, naming the flag.
         """
-        cfgs = {t: merge_task(self.project.tasks.get(t), settings) for t in tags}
+        cfgs = {t: merge_task(self.dir.tasks.get(t), settings) for t in tags}
         for cfg in cfgs.values():
-            parse_template(cfg.template, self.project.num_prompt_tokens)
+            parse_template(cfg.template, self.dir.num_prompt_tokens)
         return cfgs
 
     def tune(
@@ -101,7 +103,7 @@ class Project:
         holder = f"ptcli tune --tag {' --tag '.join(tags)}"
         with project_lock(self.root, holder) if is_main_process() else nullcontext():  # one process writes
             return tune_many(
-                self.project,
+                self.dir,
                 cfgs,
                 reporter or Silent(),
                 resume=resume,
@@ -117,12 +119,12 @@ class Project:
         """
         from ptcli.inference.infer import infer
 
-        return infer(self.project, source, **options)
+        return infer(self.dir, source, **options)
 
 
 def init_project(
     root: Path, base: str | None, num_prompt_tokens: int, trust_remote_code: bool = False, status=lambda _: None
-) -> proj.Project:
+) -> proj.ProjectDir:
     """Create a project: load the base once to record its fingerprint and hidden size."""
     from ptcli.lm.base import canonical_ref, fingerprint, load_base
     from ptcli.lm.probe import check_supported

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ptcli.lm.batch import IGNORE, left_pad, stack
-from ptcli.lm.forward import answer
+from ptcli.lm.forward import decode_or_score
 
 
 def assemble(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None):
@@ -55,7 +55,7 @@ def greedy(
     model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, eos_id: int, max_new: int, which=None
 ) -> list[list[int]]:
     """Greedy decoding behind the soft prompts, with a KV cache; each row stops at eos (not included)."""
-    return answer(model, prompts, seqs, pad_id, eos_id, which=which, max_new=max_new)[0]
+    return decode_or_score(model, prompts, seqs, pad_id, eos_id, which=which, max_new=max_new)[0]
 
 
 def tune(project, tag: str, cfg, reporter, **options):

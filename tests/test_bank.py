@@ -26,7 +26,9 @@ H = 8
 P = 4
 
 
-def _project(root: Path, fingerprint: str = "a" * 64, hidden: int = H, n: int = P, ref: str = "base-a") -> proj.Project:
+def _project(
+    root: Path, fingerprint: str = "a" * 64, hidden: int = H, n: int = P, ref: str = "base-a"
+) -> proj.ProjectDir:
     return proj.create(root, proj.BaseInfo(ref=ref, fingerprint=fingerprint, hidden_size=hidden, model_type="llama"), n)
 
 
@@ -44,7 +46,7 @@ META = {
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> proj.Project:
+def project(tmp_path: Path) -> proj.ProjectDir:
     return _project(tmp_path / "proj")
 
 
@@ -52,7 +54,7 @@ def _header_len(path: Path) -> int:
     return struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
-def test_put_get_round_trip(project: proj.Project) -> None:
+def test_put_get_round_trip(project: proj.ProjectDir) -> None:
     prompt = _prompt()
     path = bank.put(project, "sent", prompt, PromptRecord.from_json(META))
     assert path == project.bank_dir / "sent.safetensors"
@@ -64,21 +66,21 @@ def test_put_get_round_trip(project: proj.Project) -> None:
     assert len(meta.sha256) == 64
 
 
-def test_put_stores_float32(project: proj.Project) -> None:
+def test_put_stores_float32(project: proj.ProjectDir) -> None:
     prompt = _prompt().to(torch.bfloat16)
     bank.put(project, "half", prompt, PromptRecord())
     got, _ = bank.get(project, "half")
     assert got.dtype == torch.float32 and torch.equal(got, prompt.float())
 
 
-def test_put_overwrites(project: proj.Project) -> None:
+def test_put_overwrites(project: proj.ProjectDir) -> None:
     bank.put(project, "sent", _prompt(0), PromptRecord(steps=1))
     bank.put(project, "sent", _prompt(1), PromptRecord(steps=2))
     got, meta = bank.get(project, "sent")
     assert torch.equal(got, _prompt(1)) and meta.steps == 2
 
 
-def test_read_meta_needs_only_the_header(project: proj.Project) -> None:
+def test_read_meta_needs_only_the_header(project: proj.ProjectDir) -> None:
     path = bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     full = bank.read_meta(project, "sent")
     assert full.tag == "sent" and full.path == path
@@ -91,7 +93,7 @@ def test_read_meta_needs_only_the_header(project: proj.Project) -> None:
         bank.get(project, "sent")
 
 
-def test_listing_does_not_import_torch(project: proj.Project) -> None:
+def test_listing_does_not_import_torch(project: proj.ProjectDir) -> None:
     bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     code = (
         "import sys, pathlib; from ptcli.project import bank, manifest; p = manifest.load(pathlib.Path(sys.argv[1]));"
@@ -102,7 +104,7 @@ def test_listing_does_not_import_torch(project: proj.Project) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_corrupted_tensor_byte_refused(project: proj.Project) -> None:
+def test_corrupted_tensor_byte_refused(project: proj.ProjectDir) -> None:
     path = bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     blob = bytearray(path.read_bytes())
     blob[8 + _header_len(path) + 5] ^= 0x01  # one bit of the tensor data
@@ -113,7 +115,7 @@ def test_corrupted_tensor_byte_refused(project: proj.Project) -> None:
 
 
 @pytest.mark.parametrize("keep", ["5 bytes", "half the header", "half the data"])
-def test_truncated_file_refused(project: proj.Project, keep: str) -> None:
+def test_truncated_file_refused(project: proj.ProjectDir, keep: str) -> None:
     path = bank.put(project, "sent", _prompt(), PromptRecord.from_json(META))
     blob, n = path.read_bytes(), _header_len(path)
     cut = {"5 bytes": 5, "half the header": 8 + n // 2, "half the data": 8 + n + (len(blob) - 8 - n) // 2}[keep]
@@ -136,7 +138,7 @@ class _Plant:
 
 
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
-def test_planted_pickle_is_refused_and_never_run(project: proj.Project, tmp_path: Path, writer: str) -> None:
+def test_planted_pickle_is_refused_and_never_run(project: proj.ProjectDir, tmp_path: Path, writer: str) -> None:
     # the payload is live: unpickling it does create its marker
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_Plant(probe))).close()
@@ -156,7 +158,7 @@ def test_planted_pickle_is_refused_and_never_run(project: proj.Project, tmp_path
     assert not marker.exists()
 
 
-def test_foreign_safetensors_file_refused(project: proj.Project) -> None:
+def test_foreign_safetensors_file_refused(project: proj.ProjectDir) -> None:
     from safetensors.torch import save_file
 
     save_file({"prompt": _prompt()}, str(project.bank_dir / "plain.safetensors"))  # a valid file, but not ptcli's
@@ -185,14 +187,14 @@ def test_prompt_with_other_hidden_size_refused(tmp_path: Path) -> None:
     assert f"hidden size {H})" in info.value.message and f"hidden size {2 * H})" in info.value.message
 
 
-def test_prompt_with_other_length_refused(project: proj.Project) -> None:
+def test_prompt_with_other_length_refused(project: proj.ProjectDir) -> None:
     bank.put(project, "short", _prompt(n=P - 1), PromptRecord.from_json(META))
     with pytest.raises(CompatibilityError) as info:
         bank.get(project, "short")
     assert info.value.message == f"prompt 'short' has {P - 1} prompt tokens; this project uses {P}"
 
 
-def test_unknown_tag_lists_known_tags(project: proj.Project) -> None:
+def test_unknown_tag_lists_known_tags(project: proj.ProjectDir) -> None:
     with pytest.raises(ProjectError, match="unknown tag 'x'; known tags: none yet"):
         bank.get(project, "x")
     bank.put(project, "beta", _prompt(), PromptRecord())
@@ -203,7 +205,7 @@ def test_unknown_tag_lists_known_tags(project: proj.Project) -> None:
     assert "ptcli tune" in info.value.hint
 
 
-def test_atomic_writes_leave_no_temp_files(project: proj.Project) -> None:
+def test_atomic_writes_leave_no_temp_files(project: proj.ProjectDir) -> None:
     for seed in range(3):
         bank.put(project, "alpha", _prompt(seed), PromptRecord())
         bank.put(project, "beta", _prompt(seed), PromptRecord())
@@ -211,7 +213,7 @@ def test_atomic_writes_leave_no_temp_files(project: proj.Project) -> None:
     assert bank.tags(project) == ["alpha", "beta"]
 
 
-def test_failed_write_keeps_the_old_file(project: proj.Project, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_keeps_the_old_file(project: proj.ProjectDir, monkeypatch: pytest.MonkeyPatch) -> None:
     path = bank.put(project, "alpha", _prompt(0), PromptRecord())
     before = path.read_bytes()
 

@@ -17,7 +17,7 @@ import torch
 from ptcli.errors import ServeError, UsageError
 from ptcli.inference.engine import Prediction
 from ptcli.project import bank
-from ptcli.project.manifest import BaseInfo, Project
+from ptcli.project.manifest import BaseInfo, ProjectDir
 from ptcli.project.record import PromptRecord
 from ptcli.serving.batcher import Batcher, Job
 
@@ -106,7 +106,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
     from ptcli.serving.live_bank import LiveBank
     from ptcli.serving.server import Service, build_app, listen
 
-    project = Project(tmp_path, BaseInfo("stub", "f" * 64, 8, "llama"), num_prompt_tokens=2)
+    project = ProjectDir(tmp_path, BaseInfo("stub", "f" * 64, 8, "llama"), num_prompt_tokens=2)
     bank.put(project, "t", torch.zeros(2, 8), PromptRecord(config={"max_seq_length": 16}))
     entered, release = threading.Event(), threading.Event()
 

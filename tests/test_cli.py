@@ -695,7 +695,7 @@ def test_a_record_without_a_mode_ranks_when_it_has_an_answer_set(tuned, tmp_path
 
 
 def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Path, lively_llama: Path) -> None:
-    from ptcli.data.encode import answer_ids
+    from ptcli.data.encode import answer_tokens
     from ptcli.lm.answers import CONTENT_FREE, calibrate
     from ptcli.lm.forward import choice_scores
 
@@ -703,7 +703,7 @@ def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Pat
     out = _infer(tuned.root, _jsonl(tmp_path / "sent.jsonl", sent), "--calibrate")
     model, tok = load_base(str(lively_llama))
     prompt, meta = bank.get(proj.load(tuned.root), "sent")
-    options = answer_ids(tok, meta.choices)
+    options = answer_tokens(tok, meta.choices)
     with torch.no_grad():
         scores = choice_scores(
             model, prompt, tok([r["text"] for r in sent], add_special_tokens=False).input_ids, options, tok.pad_token_id

@@ -16,7 +16,7 @@ import torch
 from clihelp import cli, ok
 from reference import greedy, plain_lm_loss
 
-from ptcli.data.encode import answer_ids
+from ptcli.data.encode import answer_tokens
 from ptcli.lm.forward import IGNORE, choice_scores, lm_loss
 from ptcli.project import bank
 from ptcli.project import manifest as proj
@@ -41,7 +41,7 @@ def _batch(model, tok, k: int = 3):
     H = model.get_input_embeddings().weight.shape[1]
     prompts = torch.randn(k, P, H, generator=torch.Generator().manual_seed(0)) * 0.5  # (K, P, H)
     texts = tok(TEXTS, add_special_tokens=False).input_ids
-    answers = answer_ids(tok, ["positive", "negative", "sports", "entailment"])
+    answers = answer_tokens(tok, ["positive", "negative", "sports", "entailment"])
     return (
         prompts,
         [t + a for t, a in zip(texts, answers)],
@@ -70,7 +70,7 @@ def test_answers_on_the_device_equal_the_cpu(pair) -> None:
     assert greedy(model, prompts[0].to(DEVICE), texts, tok.pad_token_id, tok.eos_token_id, 5) == greedy(
         cpu, prompts[0], texts, tok.pad_token_id, tok.eos_token_id, 5
     )
-    choices = answer_ids(tok, ["positive", "negative", "entailment"])
+    choices = answer_tokens(tok, ["positive", "negative", "entailment"])
     on_device = choice_scores(model, prompts[0].to(DEVICE), texts, choices, tok.pad_token_id).cpu()
     assert torch.allclose(on_device, choice_scores(cpu, prompts[0], texts, choices, tok.pad_token_id), atol=1e-4)
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from reference import greedy, plain_lm_loss
 
-from ptcli.data.encode import ANSWER_PREFIX, answer_ids, closed_answers
+from ptcli.data.encode import ANSWER_PREFIX, answer_tokens, closed_answers
 from ptcli.data.jsonl import Record
 from ptcli.errors import ModelError
 from ptcli.lm.answers import ranked, run_rows, vote
-from ptcli.lm.forward import IGNORE, answer, choice_scores, lm_loss
+from ptcli.lm.forward import IGNORE, choice_scores, decode_or_score, lm_loss
 from ptcli.tuning.soft_prompt import init_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,7 +41,7 @@ def predict(model, tok, prompts: torch.Tensor, texts, mode: str, choices=None, m
 
 def _rows(tok) -> tuple[list[list[int]], list[list[int]]]:
     texts = tok(TEXTS, add_special_tokens=False).input_ids
-    answers = answer_ids(tok, ["positive", "negative", "sports", "entailment"])
+    answers = answer_tokens(tok, ["positive", "negative", "sports", "entailment"])
     return [t + a for t, a in zip(texts, answers)], [[IGNORE] * len(t) + a for t, a in zip(texts, answers)]
 
 
@@ -81,7 +81,7 @@ def test_choice_scores_are_answer_log_likelihoods(base) -> None:
     model, tok = base
     prompts = _stack(model, 2, seed=2)
     texts = tok(TEXTS, add_special_tokens=False).input_ids
-    options = answer_ids(tok, CHOICES)
+    options = answer_tokens(tok, CHOICES)
     which = [0, 1, 1, 0]
     scores = choice_scores(model, prompts, texts, options, tok.pad_token_id, which)  # (B, C)
     assert scores.shape == (len(TEXTS), len(CHOICES))
@@ -97,7 +97,7 @@ def test_ranked_ensemble_averages_member_scores(llama) -> None:
     prompts = _stack(model, 3, seed=3)
     texts = tok(TEXTS, add_special_tokens=False).input_ids
     per_member = torch.stack(
-        [choice_scores(model, prompts[k], texts, answer_ids(tok, CHOICES), tok.pad_token_id) for k in range(3)]
+        [choice_scores(model, prompts[k], texts, answer_tokens(tok, CHOICES), tok.pad_token_id) for k in range(3)]
     )
     expected = [CHOICES[j] for j in per_member.mean(0).argmax(-1).tolist()]
     assert predict(model, tok, prompts, texts, "rank", CHOICES) == expected
@@ -153,9 +153,9 @@ def test_one_pass_decodes_and_scores_like_two(base) -> None:
     model, tok = base
     prompts = _stack(model, 2, seed=5)
     texts = tok(TEXTS, add_special_tokens=False).input_ids
-    options = answer_ids(tok, CHOICES)
+    options = answer_tokens(tok, CHOICES)
     which = [0, 1, 0, 1]
-    outs, scores = answer(
+    outs, scores = decode_or_score(
         model, prompts, texts, tok.pad_token_id, tok.eos_token_id, which=which, max_new=3, choices=options
     )
     assert outs == greedy(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, 3, which=which)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from reference import greedy
 from test_model import ROWS
 
-from ptcli.data.encode import answer_ids, encode
+from ptcli.data.encode import answer_tokens, encode
 from ptcli.data.jsonl import Record
 from ptcli.data.template import Layout, parse
 from ptcli.errors import UsageError
@@ -126,7 +126,7 @@ def test_greedy_and_ranked_answers_equal_unpadded_rows(base, template: str) -> N
                 out.append(nxt)
             expected.append(out)
         got = greedy(model, prompt, seqs, tok.pad_token_id, tok.eos_token_id, 5)
-        choices = answer_ids(tok, ["positive", "negative", "entailment"])
+        choices = answer_tokens(tok, ["positive", "negative", "entailment"])
         scores = choice_scores(model, prompt, seqs, choices, tok.pad_token_id)  # (B, C)
         for i, seq in enumerate(seqs):
             for j, c in enumerate(choices):

@@ -157,7 +157,7 @@ def uninterrupted(fresh, tmp_path_factory: pytest.TempPathFactory):
     return root, result, prompt
 
 
-def _ckpt_step(p: proj.Project) -> int:
+def _ckpt_step(p: proj.ProjectDir) -> int:
     from safetensors import safe_open
 
     with safe_open(str(runs.checkpoint_path(p, "sent")), framework="pt") as f:
@@ -182,8 +182,8 @@ def test_resume_reaches_the_uninterrupted_prompt(fresh, uninterrupted, tmp_path:
     prompt, meta = bank.get(proj.load(p.root), "sent")
     assert torch.allclose(prompt, full_prompt, atol=1e-6, rtol=0)
     assert (result.steps, result.best_step) == (full.steps, full.best_step) == (6, 6)
-    assert [h["step"] for h in result.history] == [h["step"] for h in full.history]
-    for got, want in zip(result.history, full.history):
+    assert [h.step for h in result.history] == [h.step for h in full.history]
+    for got, want in zip((h.to_json() for h in result.history), (h.to_json() for h in full.history)):
         assert got.keys() == want.keys()
         assert all(got[k] == pytest.approx(want[k], abs=1e-6) for k in got)
     assert not runs.checkpoint_path(p, "sent").exists()  # cleaned up once the bank has the prompt
@@ -290,7 +290,7 @@ def test_several_tags_with_ensembles_in_one_run(mixed, tmp_path: Path) -> None:
         log = [json.loads(line) for line in (p.run_dir(r.tag) / "metrics.jsonl").read_text().splitlines()]
         assert [h["step"] for h in log if "val_loss" in h] == [2, 4, 6] and all("tag" not in h for h in log)
         assert [h for h in log if "val_loss" in h] == [
-            {k: v for k, v in h.items() if k != "tag"} for h in r.history if "val_loss" in h
+            {k: v for k, v in h.to_json().items() if k != "tag"} for h in r.history if isinstance(h, runs.EvalRow)
         ]
     assert set(proj.load(p.root).tasks) == {"sent", "topic"}
     assert not runs.checkpoint_path(p, ["sent", "topic"]).exists()

@@ -44,7 +44,7 @@ def encode(
     layout = Layout(tok, template, num_prompt_tokens)
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
     out = Encoded([], [], [], [r.answer or "" for r in records], 0)
-    for rec, t, a in zip(records, texts, answer_ids(tok, out.answers)):
+    for rec, t, a in zip(records, texts, answer_tokens(tok, out.answers)):
         budget = max_seq_length - layout.overhead() - len(a)
         if budget < 1:
             where = f"{source}:{rec.line}" if source else f"line {rec.line}"
@@ -62,7 +62,7 @@ def encode(
     return out
 
 
-def answer_ids(tok, answers: list[str]) -> list[list[int]]:
+def answer_tokens(tok, answers: list[str]) -> list[list[int]]:
     """Answers as training targets: the answer prefix, the answer's tokens, end of sequence."""
     return [
         ids + [tok.eos_token_id]

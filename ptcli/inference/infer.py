@@ -29,7 +29,7 @@ from ptcli.errors import InputError, PtcliError, UsageError, unknown_tags
 from ptcli.inference.engine import Engine, Item, Prompt
 from ptcli.lm.base import load_project_base
 from ptcli.project import bank
-from ptcli.project.manifest import Project
+from ptcli.project.manifest import ProjectDir
 
 
 @dataclass
@@ -54,7 +54,7 @@ def records_of(source: str | Path | Iterable[dict[str, Any]]) -> list[Record]:
 
 
 def infer(
-    project: Project,
+    project: ProjectDir,
     source: str | Path | Iterable[dict[str, Any]],
     *,
     mode: str | None = None,
@@ -106,7 +106,7 @@ def infer(
     return InferResult(rows, accuracy(records, ordered), {t: str(m) for t, m in modes.items()})
 
 
-def _prompt(project: Project, tag: str) -> Prompt:
+def _prompt(project: ProjectDir, tag: str) -> Prompt:
     members, record = bank.get(project, tag)
     return Prompt(tag, members if members.dim() == 3 else members.unsqueeze(0), record)  # (K, P, H)
 
@@ -128,7 +128,7 @@ def plan(engine: Engine, items: list[Item], seqs: list[list[int]], batch_size: i
     return batches
 
 
-def tag_modes(project: Project, tags: list[str], mode: str | None, choices: list[str] | None) -> dict[str, Mode]:
+def tag_modes(project: ProjectDir, tags: list[str], mode: str | None, choices: list[str] | None) -> dict[str, Mode]:
     """Each tag's mode: `mode` if given, else the one its prompt was chosen by; rank needs an answer set."""
     known = bank.tags(project)
     unknown = [t for t in tags if t not in known]

@@ -22,18 +22,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ptcli.data.encode import answer_ids
+from ptcli.data.encode import answer_tokens
 from ptcli.data.template import Layout
 from ptcli.enums import Mode
 from ptcli.errors import UsageError
-from ptcli.lm.forward import answer
+from ptcli.lm.forward import decode_or_score
 
 CONTENT_FREE = ("N/A",)  # Zhao et al. (2021)'s content-free input, in place of the text
 
 
 def room(tok, mode: str, max_new: int, choices: list[str] | tuple[str, ...]) -> int:
     """Positions a row needs after its text: the generation length, or the longest candidate (+ eos)."""
-    return max_new if mode == Mode.GENERATE else max(map(len, answer_ids(tok, list(choices))))
+    return max_new if mode == Mode.GENERATE else max(map(len, answer_tokens(tok, list(choices))))
 
 
 def text_budget(tag: str, max_seq_length: int, layout: Layout, after: int) -> int:
@@ -81,7 +81,7 @@ def run_rows(
         spans.append(range(len(rows), len(rows) + K))
         rows += [s] * K  # member-minor
         which += [first[j] + k for k in range(K)]
-    outs, scores = answer(
+    outs, scores = decode_or_score(
         model,
         torch.cat(stacks),  # (M, P, H)
         rows,
@@ -89,7 +89,7 @@ def run_rows(
         tok.eos_token_id,
         which=which,
         max_new=max_new,
-        choices=answer_ids(tok, choices) if choices else None,
+        choices=answer_tokens(tok, choices) if choices else None,
         agree=agree,
     )
     tokens = [[outs[r] for r in span] for span in spans] if outs is not None else None

@@ -136,7 +136,7 @@ def lm_loss(model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[li
 
 
 @torch.no_grad()  # not inference_mode: its tensors would poison a sharded base's gathered weights for training
-def answer(
+def decode_or_score(
     model,
     prompts: torch.Tensor,
     seqs: list[list[int]],
@@ -231,6 +231,6 @@ def choice_scores(
     model, prompts: torch.Tensor, seqs: list[list[int]], choices: list[list[int]], pad_id: int, which=None
 ) -> torch.Tensor:
     """Summed log-likelihood of each candidate answer after each row: (B, C)."""
-    scores = answer(model, prompts, seqs, pad_id, pad_id, which=which, choices=choices)[1]
-    assert scores is not None  # choices given, so answer() scored them
+    scores = decode_or_score(model, prompts, seqs, pad_id, pad_id, which=which, choices=choices)[1]
+    assert scores is not None  # choices given, so decode_or_score() scored them
     return scores

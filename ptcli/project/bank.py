@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ptcli.errors import CompatibilityError, unknown_tags
 from ptcli.project import sealed
-from ptcli.project.manifest import Project
+from ptcli.project.manifest import ProjectDir
 from ptcli.project.record import PromptRecord
 from ptcli.project.storage import atomic_write
 
@@ -35,11 +35,11 @@ class Entry:
     path: Path
 
 
-def path_of(project: Project, tag: str) -> Path:
+def path_of(project: ProjectDir, tag: str) -> Path:
     return project.bank_dir / f"{tag}{SUFFIX}"
 
 
-def listing(project: Project) -> dict[str, os.stat_result]:
+def listing(project: ProjectDir) -> dict[str, os.stat_result]:
     """Every prompt file of the bank by tag, with its stat: `TAG.safetensors`, regular files only.
 
     A directory or a FIFO planted in bank/ is not a prompt (and must not hang a read); a hidden
@@ -60,7 +60,7 @@ def listing(project: Project) -> dict[str, os.stat_result]:
     return found
 
 
-def tags(project: Project) -> list[str]:
+def tags(project: ProjectDir) -> list[str]:
     return sorted(listing(project))
 
 
@@ -73,7 +73,7 @@ def _split(path: Path, blob: bytes) -> tuple[dict[str, Any], PromptRecord, bytes
     return header, PromptRecord.from_json(record), data
 
 
-def read_meta(project: Project, tag: str) -> Entry:
+def read_meta(project: ProjectDir, tag: str) -> Entry:
     """Read only the header: cheap, no torch."""
     path = path_of(project, tag)
     with open(path, "rb") as f:
@@ -83,7 +83,7 @@ def read_meta(project: Project, tag: str) -> Entry:
     return Entry(tag, _split(path, blob)[1], path)
 
 
-def check_compatible(project: Project, record: PromptRecord, source: str) -> None:
+def check_compatible(project: ProjectDir, record: PromptRecord, source: str) -> None:
     """Refuse a prompt made for another base model or prompt length, naming both."""
     base = project.base
     if record.base_fingerprint != base.fingerprint or record.hidden_size != base.hidden_size:
@@ -99,7 +99,7 @@ def check_compatible(project: Project, record: PromptRecord, source: str) -> Non
         )
 
 
-def get(project: Project, tag: str) -> tuple[torch.Tensor, PromptRecord]:
+def get(project: ProjectDir, tag: str) -> tuple[torch.Tensor, PromptRecord]:
     """Load a prompt (P, H), or an ensemble's (K, P, H), after verifying its checksum and its base model."""
     from safetensors.torch import load as st_load
 
@@ -112,7 +112,7 @@ def get(project: Project, tag: str) -> tuple[torch.Tensor, PromptRecord]:
     return st_load(blob)["prompt"].float(), record
 
 
-def put(project: Project, tag: str, prompt: torch.Tensor, record: PromptRecord) -> Path:
+def put(project: ProjectDir, tag: str, prompt: torch.Tensor, record: PromptRecord) -> Path:
     """Atomically write a prompt (P, H) or an ensemble (K, P, H) with its record; the checksum covers the tensor bytes.
 
     The record's tag, shape and base are set here from the prompt and the project, so they cannot disagree.
@@ -138,7 +138,7 @@ def put(project: Project, tag: str, prompt: torch.Tensor, record: PromptRecord) 
 # re-labelled here with hashlib and json, so those commands stay as light as `list-tags`.
 
 
-def require(project: Project, tag: str) -> Path:
+def require(project: ProjectDir, tag: str) -> Path:
     """The path of a tag's prompt file, or the same error `get` raises for an unknown tag."""
     path = path_of(project, tag)
     if not path.is_file():
@@ -177,7 +177,7 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, PromptRecor
     return header, data, record
 
 
-def read_verified(project: Project, tag: str) -> tuple[bytes, PromptRecord]:
+def read_verified(project: ProjectDir, tag: str) -> tuple[bytes, PromptRecord]:
     """A tag's prompt file as bytes, after the structure and checksum checks of `verify`."""
     path = require(project, tag)
     blob = path.read_bytes()

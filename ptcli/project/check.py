@@ -49,7 +49,7 @@ def check(start: Path | None = None) -> Report:
     return report
 
 
-def _manifest(root: Path, report: Report) -> proj.Project | None:
+def _manifest(root: Path, report: Report) -> proj.ProjectDir | None:
     report.checked["manifest"] = 1
     try:
         return proj.load(root)
@@ -58,7 +58,7 @@ def _manifest(root: Path, report: Report) -> proj.Project | None:
         return None
 
 
-def _bank(root: Path, p: proj.Project | None, report: Report) -> None:
+def _bank(root: Path, p: proj.ProjectDir | None, report: Report) -> None:
     files = sorted((root / "bank").glob(f"*{bank.SUFFIX}"))
     report.checked["prompts"] = len(files)
     for path in files:

@@ -21,7 +21,7 @@ from ptcli.config import check_tag
 from ptcli.errors import InputError, ProjectError, UsageError, unknown_tags
 from ptcli.project import bank
 from ptcli.project import manifest as proj
-from ptcli.project.manifest import Project
+from ptcli.project.manifest import ProjectDir
 from ptcli.project.storage import atomic_write, project_lock
 
 
@@ -57,12 +57,12 @@ class Imported:
     warnings: list[str] = field(default_factory=list)
 
 
-def _unknown(p: Project, tag: str) -> ProjectError:
+def _unknown(p: ProjectDir, tag: str) -> ProjectError:
     """A tag is known here by its prompt or by its recorded settings: either can be removed or renamed."""
     return unknown_tags([tag], sorted(set(bank.tags(p)) | set(p.tasks)))
 
 
-def remove_tag(project: Project, tag: str, keep_task: bool = False) -> Removed:
+def remove_tag(project: ProjectDir, tag: str, keep_task: bool = False) -> Removed:
     """Delete a tag's prompt and run history, and (unless keep_task) its recorded settings."""
     check_tag(tag)  # a tag is a file name: never let one reach outside bank/ and runs/
     with project_lock(project.root, f"ptcli remove-tag {tag}"):
@@ -84,7 +84,7 @@ def remove_tag(project: Project, tag: str, keep_task: bool = False) -> Removed:
         return Removed(tag, removed, dropped)
 
 
-def rename_tag(project: Project, old: str, new: str) -> Renamed:
+def rename_tag(project: ProjectDir, old: str, new: str) -> Renamed:
     """Give a tag's prompt, run history and recorded settings a new name.
 
     The prompt is rewritten (atomically) with the new tag in its header before the old file
@@ -121,13 +121,13 @@ def rename_tag(project: Project, old: str, new: str) -> Renamed:
         return Renamed(old, new, str(dst) if dst.exists() else "", moved)
 
 
-def export_bytes(project: Project, tag: str) -> bytes:
+def export_bytes(project: ProjectDir, tag: str) -> bytes:
     """A tag's bank file, verified, exactly as stored (it describes itself: settings, metrics, base, checksum)."""
     blob, _ = bank.read_verified(project, check_tag(tag))
     return blob
 
 
-def export_file(project: Project, tag: str, out: Path, force: bool = False) -> Exported:
+def export_file(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exported:
     """Copy a tag's bank file to `out` (a file, or a directory that gets TAG.safetensors)."""
     blob = export_bytes(project, tag)
     target = out / f"{tag}{bank.SUFFIX}" if out.is_dir() else out
@@ -150,7 +150,7 @@ def read_source(source: str) -> tuple[str, bytes]:
     return source, path.read_bytes()
 
 
-def import_bytes(project: Project, name: str, blob: bytes, tag: str | None = None) -> Imported:
+def import_bytes(project: ProjectDir, name: str, blob: bytes, tag: str | None = None) -> Imported:
     """Add a prompt exported by ptcli to the bank, under its own tag or `tag`.
 
     Refused when the file is damaged, made for another base or prompt length (the message
@@ -168,7 +168,7 @@ def import_bytes(project: Project, name: str, blob: bytes, tag: str | None = Non
 
 
 @contextmanager
-def new_tag_slot(project: Project, tag: object, source: str) -> Iterator[Project]:
+def new_tag_slot(project: ProjectDir, tag: object, source: str) -> Iterator[ProjectDir]:
     """Hold the project lock for an import under `tag`; yield the project as it is now.
 
     Refused when there is no usable tag or the tag is already in the bank.

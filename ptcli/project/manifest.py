@@ -33,7 +33,11 @@ class BaseInfo:
 
 
 @dataclass
-class Project:
+class ProjectDir:
+    """A project directory as its manifest describes it; every module below api.py takes one of these.
+
+    (The library's `api.Project` wraps it for scripts.)"""
+
     root: Path
     base: BaseInfo
     num_prompt_tokens: int
@@ -71,9 +75,9 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def create(root: Path, base: BaseInfo, num_prompt_tokens: int) -> Project:
+def create(root: Path, base: BaseInfo, num_prompt_tokens: int) -> ProjectDir:
     root.mkdir(parents=True, exist_ok=True)
-    project = Project(root=root, base=base, num_prompt_tokens=num_prompt_tokens, created=now())
+    project = ProjectDir(root=root, base=base, num_prompt_tokens=num_prompt_tokens, created=now())
     project.bank_dir.mkdir(exist_ok=True)
     project.save()
     return project
@@ -94,7 +98,7 @@ def find_root(start: Path | None = None) -> Path:
     )
 
 
-def load(start: Path | None = None) -> Project:
+def load(start: Path | None = None) -> ProjectDir:
     root = find_root(start)
     path = root / MANIFEST
     try:
@@ -103,7 +107,7 @@ def load(start: Path | None = None) -> Project:
             raise ProjectError(
                 f"{path} has schema version {data.get('schema_version')!r}; this ptcli reads version {SCHEMA_VERSION}"
             )
-        return Project(
+        return ProjectDir(
             root=root,
             base=BaseInfo(**data["base"]),
             num_prompt_tokens=int(data["num_prompt_tokens"]),

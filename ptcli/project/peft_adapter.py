@@ -28,7 +28,7 @@ from ptcli.data.template import NAMED, PREFIX
 from ptcli.errors import CompatibilityError, InputError, UsageError
 from ptcli.project import bank
 from ptcli.project.manage import Exported, Imported, new_tag_slot
-from ptcli.project.manifest import Project, now
+from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.record import PromptRecord
 from ptcli.project.storage import atomic_write
 
@@ -39,7 +39,7 @@ KEY = "prompt_embeddings"
 DEFAULT_MAX_SEQ_LENGTH = next(f.default for f in fields(TaskConfig) if f.name == "max_seq_length")
 
 
-def _base_source(project: Project) -> str:
+def _base_source(project: ProjectDir) -> str:
     """What `from_pretrained` should load for this project's base: a local folder or a hub id."""
     from ptcli.lm.base import resolve  # the default base and .gguf files live as converted folders in the cache
 
@@ -50,7 +50,7 @@ def _first(config: dict[str, Any], *keys: str) -> Any:
     return next((config[k] for k in keys if k in config), None)
 
 
-def adapter_config(project: Project, base_source: str) -> dict[str, Any]:
+def adapter_config(project: ProjectDir, base_source: str) -> dict[str, Any]:
     """PEFT's PromptTuningConfig fields, as `PeftModel.save_pretrained` writes them (sorted keys).
 
     `prompt_tuning_init` is RANDOM whatever ptcli's init was: the adapter carries trained
@@ -84,7 +84,7 @@ def adapter_config(project: Project, base_source: str) -> dict[str, Any]:
     }
 
 
-def export(project: Project, tag: str, out: Path, force: bool = False) -> Exported:
+def export(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exported:
     """Write `out/adapter_config.json` and `out/adapter_model.safetensors` for a tag's prompt."""
     from safetensors.torch import save as st_save
 
@@ -134,7 +134,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def check_config(folder: Path, config: dict[str, Any], project: Project) -> None:
+def check_config(folder: Path, config: dict[str, Any], project: ProjectDir) -> None:
     """Refuse adapters ptcli cannot use: other PEFT types, encoder-decoder layouts, other P or H."""
     peft_type, task_type = config.get("peft_type"), config.get("task_type")
     problems = []
@@ -185,7 +185,7 @@ def _read_weights(folder: Path):
         raise InputError(f"{path} is not a readable safetensors file ({e})") from e
 
 
-def import_adapter(project: Project, folder: Path, tag: str | None = None) -> Imported:
+def import_adapter(project: ProjectDir, folder: Path, tag: str | None = None) -> Imported:
     """Add a PEFT prompt-tuning adapter's prompt to the bank (float32), under `tag`.
 
     An adapter exported by ptcli keeps its record (and its tag, unless `tag` is given) after

@@ -18,7 +18,7 @@ from typing import Any
 from ptcli.config import check_tag
 from ptcli.errors import CompatibilityError, ProjectError
 from ptcli.project import bank
-from ptcli.project.manifest import Project
+from ptcli.project.manifest import ProjectDir
 from ptcli.project.record import PromptRecord
 from ptcli.project.storage import atomic_write
 
@@ -51,7 +51,7 @@ def _valid(row: dict[str, Any]) -> dict[str, float]:
     return {k: row[k] for k in ("val_loss", "val_acc", "val_acc_rank") if _num(row.get(k))}
 
 
-def read_curves(project: Project, tag: str, initial: dict[str, Any] | None = None) -> Curves:
+def read_curves(project: ProjectDir, tag: str, initial: dict[str, Any] | None = None) -> Curves:
     path = project.run_dir(tag) / "metrics.jsonl"
     curves = Curves(source=str(path))
     if initial and _num(initial.get("val_loss")) and _num(initial.get("val_acc")):
@@ -78,7 +78,7 @@ def read_curves(project: Project, tag: str, initial: dict[str, Any] | None = Non
     return curves
 
 
-def show(project: Project, tag: str) -> Shown:
+def show(project: ProjectDir, tag: str) -> Shown:
     """A prompt's record and curves; the checksum is checked (no torch), not enforced."""
     path = bank.require(project, check_tag(tag))
     record = bank.read_meta(project, tag).record

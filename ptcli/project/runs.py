@@ -1,7 +1,7 @@
 """A project's run directories, read and written without torch.
 
     runs/TAG/checkpoint.safetensors   an interrupted run's state (a sealed file; see tuning/checkpoint.py)
-    runs/TAG/metrics.jsonl            a finished run's steps and this tag's validations, one JSON object a line
+    runs/TAG/metrics.jsonl            a finished run's steps and this tag's validations (StepRow, EvalRow)
     runs/history.jsonl                one line per finished run, appended
 
 Tags tuned together share `runs/A+B/` ('+' is never part of a tag). `ptcli check` and a resumed
@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ptcli.errors import ProjectError
 from ptcli.project import sealed
-from ptcli.project.manifest import Project
+from ptcli.project.manifest import ProjectDir
 from ptcli.project.storage import atomic_write
 
 
-def checkpoint_path(project: Project, tags: list[str] | str) -> Path:
+def checkpoint_path(project: ProjectDir, tags: list[str] | str) -> Path:
     """runs/TAG/, or runs/A+B/ for tags tuned together ('+' is never part of a tag)."""
     return project.run_dir(tags if isinstance(tags, str) else "+".join(tags)) / "checkpoint.safetensors"
 
@@ -45,15 +46,54 @@ def verify_checkpoint(source: Path) -> dict[str, Any]:
     return record
 
 
-def write_log(project: Project, tag: str, history: list[dict[str, Any]]) -> Path:
+@dataclass(frozen=True)
+class StepRow:
+    """One optimizer step of a run (every tag of it together)."""
+
+    step: int
+    loss: float
+    lr: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "loss": self.loss, "lr": self.lr}
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One tag's validation at a step: val_loss, val_acc and, with an answer set, val_acc_rank."""
+
+    step: int
+    tag: str
+    metrics: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "tag": self.tag, **self.metrics}
+
+
+HistoryRow = StepRow | EvalRow
+
+
+def row_from_json(row: dict[str, Any]) -> HistoryRow:
+    """A history row as a checkpoint stores it: a validation names its tag, a step does not."""
+    if "tag" in row:
+        return EvalRow(row["step"], row["tag"], {k: v for k, v in row.items() if k not in ("step", "tag")})
+    return StepRow(row["step"], row["loss"], row["lr"])
+
+
+def belongs_to(row: HistoryRow, tag: str) -> bool:
+    """A tag's history: every step of its run, its own validations."""
+    return not isinstance(row, EvalRow) or row.tag == tag
+
+
+def write_log(project: ProjectDir, tag: str, history: list[HistoryRow]) -> Path:
     """One tag's metrics, one JSON object per line: the run's training steps and this tag's validations."""
     target = project.run_dir(tag) / "metrics.jsonl"
-    mine = [{k: v for k, v in h.items() if k != "tag"} for h in history if h.get("tag", tag) == tag]
+    mine = [{k: v for k, v in h.to_json().items() if k != "tag"} for h in history if belongs_to(h, tag)]
     atomic_write(target, "".join(json.dumps(h) + "\n" for h in mine).encode())
     return target
 
 
-def append_run(project: Project, record: dict[str, Any]) -> Path:
+def append_run(project: ProjectDir, record: dict[str, Any]) -> Path:
     """One line per finished run in `runs/history.jsonl`, appended (a single O_APPEND write)."""
     target = project.root / "runs" / "history.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from ptcli.errors import CompatibilityError, ProjectError, ServeError, unknown_tags
 from ptcli.inference.engine import Prompt
 from ptcli.project import bank
-from ptcli.project.manifest import Project
+from ptcli.project.manifest import ProjectDir
 
 Version = tuple[int, int, int]  # inode, mtime in ns, size
 
 
 class LiveBank:
-    def __init__(self, project: Project, status: Callable[[str], None] = lambda _: None):
+    def __init__(self, project: ProjectDir, status: Callable[[str], None] = lambda _: None):
         self.project, self.status = project, status
         self._served: dict[str, tuple[Version, Prompt]] = {}
         self._refused: dict[str, tuple[Version, str]] = {}

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from ptcli.config import BaseOptions
 from ptcli.errors import PtcliError, ServeError, UsageError
-from ptcli.project.manifest import Project
+from ptcli.project.manifest import ProjectDir
 from ptcli.serving import openai_api
 from ptcli.serving.batcher import Batcher
 from ptcli.serving.live_bank import LiveBank
@@ -263,7 +263,7 @@ def _signals_end_quietly() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def serve(project: Project, cfg: ServeConfig, status: Callable[[str], None] = lambda _: None) -> None:
+def serve(project: ProjectDir, cfg: ServeConfig, status: Callable[[str], None] = lambda _: None) -> None:
     """Load the base, serve the bank until SIGTERM/SIGINT, answer what is in flight, return."""
     import uvicorn
 

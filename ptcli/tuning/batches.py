@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from ptcli.config import TaskConfig
-from ptcli.tuning.validate import Task
+from ptcli.tuning.task import Task
 
 
 class BatchOrder:

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ptcli.config import TaskConfig
-from ptcli.data.jsonl import Record
 from ptcli.errors import ProjectError
 from ptcli.project import runs, sealed
-from ptcli.project.manifest import Project
 from ptcli.project.storage import atomic_write
 
 if TYPE_CHECKING:
     import torch
+
+    from ptcli.tuning.task import Splits
 
 
 @dataclass
@@ -38,64 +38,28 @@ class State:
     best_step: dict[str, int] = field(default_factory=dict)
     best: dict[str, dict[str, float]] = field(default_factory=dict)
     initial: dict[str, dict[str, float]] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[runs.HistoryRow] = field(default_factory=list)
     seconds: float = 0.0
     inputs: dict[str, Any] = field(default_factory=dict)  # see inputs_of
     best_prompt: torch.Tensor | None = field(default=None, repr=False)  # (S, P, H), every slot of the run
 
+    def to_json(self) -> dict[str, Any]:
+        """The record a checkpoint stores (the best prompt goes in as a tensor)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("best_prompt", "history")}
+        return {**out, "history": [h.to_json() for h in self.history]}
 
-def inputs_of(rows: dict[str, dict[str, list[Record]]], dtype: str, base_fingerprint: str) -> dict[str, Any]:
+
+def inputs_of(rows: Splits, dtype: str, base_fingerprint: str) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one besides the settings: a sha256 of each tag's
-    rows per split (`rows[split][tag]`; the rows, not the file bytes, so stdin works too), dtype and base."""
+    rows per split (the rows, not the file bytes, so stdin works too), dtype and base."""
     data = {}
-    for split, by_tag in rows.items():
+    for split, by_tag in (("train", rows.train), ("valid", rows.valid)):
         for tag, records in by_tag.items():
             h = hashlib.sha256()
             for r in records:
                 h.update(json.dumps([r.tag, r.text, r.answer]).encode() + b"\n")
             data[f"{split} data of {tag!r}"] = h.hexdigest()
     return {**data, "dtype": dtype, "base fingerprint": base_fingerprint}
-
-
-def finished(
-    project: Project, cfgs: dict[str, TaskConfig], inputs: dict[str, Any], overwrite: bool
-) -> list[dict[str, Any]] | None:
-    """For --auto-resume without a checkpoint: TuneResult fields of every tag when the bank already holds this very
-    run (same settings and inputs), None when the run is to start afresh; a tag tuned otherwise needs `overwrite`.
-
-    A job killed after its last bank write, relaunched with the same command, then ends at once instead of failing.
-    """
-    from ptcli.project import bank
-
-    done = []
-    for tag, cfg in cfgs.items():
-        path = bank.path_of(project, tag)
-        record = bank.read_meta(project, tag).record if path.is_file() else None
-        if (
-            record is None
-            or record.config != cfg.to_dict()
-            or record.inputs != inputs
-            or record.tuned_with != [t for t in cfgs if t != tag]
-        ):
-            if not overwrite and any(bank.path_of(project, t).is_file() for t in cfgs):
-                raise ProjectError(
-                    f"{'+'.join(cfgs)!r} is already tuned, with other settings or data",
-                    hint="pass --overwrite to retune",
-                )
-            return None
-        done.append(
-            {
-                "tag": tag,
-                "steps": record.steps,
-                "best_step": record.best_step,
-                "metrics": record.metrics,
-                "initial_metrics": record.initial_metrics,
-                "seconds": record.train_seconds or 0.0,
-                "truncated": 0,
-                "path": str(path),
-            }
-        )
-    return done
 
 
 def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, state: State) -> None:
@@ -111,7 +75,7 @@ def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, stat
                 tensors[f"{key}.{name}"] = adam[key].detach().cpu().contiguous()
         if "step" in adam:
             steps[name] = float(adam["step"])
-    record = {k: v for k, v in asdict(state).items() if k != "best_prompt"}
+    record = state.to_json()
     record["adam_steps"] = steps
     atomic_write(target, sealed.seal(tensors, record))
 
@@ -165,4 +129,5 @@ def load(
                     "exp_avg": tensors[f"exp_avg.{name}"].to(param.device),
                     "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
                 }
+    record["history"] = [runs.row_from_json(h) for h in record.get("history", [])]
     return State(**record, best_prompt=tensors["best_prompt"].to(params["weight"].device))

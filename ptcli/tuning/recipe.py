@@ -17,21 +17,25 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ptcli import preempt
 from ptcli.config import TaskConfig
-from ptcli.data.encode import closed_answers, encode
-from ptcli.data.jsonl import Record
 from ptcli.enums import Reparam
 from ptcli.lm.forward import lm_loss
-from ptcli.project.manifest import Project, now
+from ptcli.project.manifest import ProjectDir, now
+from ptcli.project.runs import EvalRow, StepRow
 from ptcli.tuning import checkpoint
 from ptcli.tuning.batches import MixedBatches
 from ptcli.tuning.soft_prompt import SoftPrompt, make_prompt
-from ptcli.tuning.validate import Task, agreed, better, evaluate
+from ptcli.tuning.task import Task
+from ptcli.tuning.validate import agreed, better, evaluate
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class Reporter(Protocol):
@@ -63,9 +67,9 @@ class Recipe:
 
     tasks: list[Task]
     reporter: Reporter
-    acc: Any  # accelerate.Accelerator
-    model: Any  # the frozen base
-    tok: Any
+    acc: Accelerator
+    model: PreTrainedModel  # the frozen base
+    tok: PreTrainedTokenizerBase
     prompt: SoftPrompt  # prompt() is (S, P, H): one slot per (tag, member)
     opt: torch.optim.Optimizer
     batches: MixedBatches
@@ -100,7 +104,7 @@ class Recipe:
         for t in self.tasks:
             metrics = evaluate(self.model, self.tok, current[t.slots], t, self.run.batch_size, self.acc)
             self.reporter.evaluated(self.state.step, metrics, t.tag)
-            self.state.history.append({"step": self.state.step, "tag": t.tag, **metrics})
+            self.state.history.append(EvalRow(self.state.step, t.tag, metrics))
             if better(metrics, self.state.best[t.tag]):
                 assert self.state.best_prompt is not None  # set by validate_initial, or restored by resume
                 self.state.best[t.tag], self.state.best_step[t.tag] = metrics, self.state.step
@@ -134,7 +138,7 @@ class Recipe:
         positions = sum(len(row) + P * (min(row) >= 0) for row in ids)  # template rows hold their slots
         self.reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         self.state.step = step + 1
-        self.state.history.append({"step": self.state.step, "loss": loss, "lr": lr})
+        self.state.history.append(StepRow(self.state.step, loss, lr))
 
     def train(self) -> None:
         """Steps until --max-steps or --max-minutes, validating every --val-check-interval and at the end."""
@@ -151,28 +155,9 @@ class Recipe:
             self.step(step, elapsed)
             if state.step % run.val_check_interval == 0 or state.step == run.max_steps:
                 self.validate()
-        validated = any(h.get("step") == state.step and "tag" in h for h in state.history)
+        validated = any(isinstance(h, EvalRow) and h.step == state.step for h in state.history)
         if state.step > 0 and not validated:
             self.validate()  # stopped by the time budget between validations
-
-
-def make_tasks(tok: Any, cfgs: dict[str, TaskConfig], rows: dict[str, dict[str, list[Record]]], P: int) -> list[Task]:
-    """Each tag's encoded rows, answer set, init text and slots (tag n, member k: slot n*K + k)."""
-    tasks = []
-    for n, (tag, cfg) in enumerate(cfgs.items()):
-        train, valid, K = rows["train"][tag], rows["valid"][tag], cfg.ensemble
-        tasks.append(
-            Task(
-                tag,
-                cfg,
-                encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train, template=cfg.template),
-                encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid, template=cfg.template),
-                closed_answers(train),
-                cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100]),
-                list(range(n * K, (n + 1) * K)),
-            )
-        )
-    return tasks
 
 
 def make_optimizer(prompt: SoftPrompt, run: TaskConfig) -> torch.optim.Optimizer:
@@ -184,7 +169,7 @@ def make_optimizer(prompt: SoftPrompt, run: TaskConfig) -> torch.optim.Optimizer
 
 
 def setup(
-    project: Project,
+    project: ProjectDir,
     tasks: list[Task],
     base: tuple[Any, Any],
     acc: Any,

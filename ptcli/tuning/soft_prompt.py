@@ -25,7 +25,7 @@ from ptcli.enums import Init, Reparam
 from ptcli.errors import ModelError
 
 if TYPE_CHECKING:
-    from ptcli.tuning.validate import Task
+    from ptcli.tuning.task import Task
 
 
 def _mlp(h: int, inner: int, zero_last: bool) -> nn.Sequential:

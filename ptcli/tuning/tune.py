@@ -16,16 +16,15 @@ from typing import Any
 import torch
 
 from ptcli.config import BaseOptions, TaskConfig, check_run_together
-from ptcli.data.jsonl import Record, read_jsonl
 from ptcli.enums import Init
-from ptcli.errors import InputError, ProjectError
+from ptcli.errors import ProjectError
 from ptcli.lm.base import load_project_base
 from ptcli.project import bank, runs
-from ptcli.project.manifest import Project, now
+from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.record import PromptRecord, kept_mode
 from ptcli.tuning import checkpoint
-from ptcli.tuning.recipe import Recipe, Reporter, make_tasks, setup
-from ptcli.tuning.validate import Task
+from ptcli.tuning.recipe import Recipe, Reporter, setup
+from ptcli.tuning.task import Splits, Task, make_tasks
 
 __all__ = ["Reporter", "TuneResult", "tune_many"]
 
@@ -40,26 +39,11 @@ class TuneResult:
     seconds: float
     truncated: int
     path: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_split(cfgs: dict[str, TaskConfig], split: str) -> dict[str, list[Record]]:
-    """Each tag's rows of one split; a file shared by several tags is read once (it may be stdin)."""
-    by_path: dict[str, list[str]] = {}
-    for tag, cfg in cfgs.items():
-        by_path.setdefault(getattr(cfg, split), []).append(tag)
-    out = {}
-    for path, tags in by_path.items():
-        rows = read_jsonl(path, training=True, tag=tags[0] if len(tags) == 1 else tuple(tags))
-        for tag in tags:
-            out[tag] = [r for r in rows if r.tag == tag]
-            if not out[tag]:
-                raise InputError(f"{path} has no rows for tag {tag!r}", [])
-    return out
+    history: list[runs.HistoryRow] = field(default_factory=list)  # the run's steps and this tag's validations
 
 
 def check_start(
-    project: Project, cfgs: dict[str, TaskConfig], ckpt_path: Path, resume: bool | str, overwrite: bool
+    project: ProjectDir, cfgs: dict[str, TaskConfig], ckpt_path: Path, resume: bool | str, overwrite: bool
 ) -> bool:
     """Whether the run resumes. Refuses --resume with nothing to resume, and retuning a tag without --overwrite."""
     auto = resume == "auto"
@@ -78,7 +62,7 @@ def check_start(
 
 
 def tune_many(
-    project: Project,
+    project: ProjectDir,
     cfgs: dict[str, TaskConfig],
     reporter: Reporter,
     *,
@@ -98,13 +82,13 @@ def tune_many(
     ckpt_path = runs.checkpoint_path(project, list(cfgs))
     resuming = check_start(project, cfgs, ckpt_path, resume, overwrite)
     started = time.perf_counter()
-    rows = {"train": read_split(cfgs, "train"), "valid": read_split(cfgs, "valid")}
+    rows = Splits.read(cfgs)
     inputs = checkpoint.inputs_of(rows, base.dtype, project.base.fingerprint)
     if resume == "auto" and not resuming:
-        done = checkpoint.finished(project, cfgs, inputs, overwrite)
+        done = finished(project, cfgs, inputs, overwrite)
         if done is not None:
             reporter.status(f"{'+'.join(cfgs)!r} is already tuned with these settings and data: nothing to do")
-            return [TuneResult(**r) for r in done]
+            return done
     model, tok = load_project_base(project.base, base, reporter.status)
     tasks = make_tasks(tok, cfgs, rows, project.num_prompt_tokens)
     truncated = sum(t.train.truncated + t.valid.truncated for t in tasks)
@@ -126,7 +110,7 @@ def tune_many(
     return write_results(project, recipe)
 
 
-def write_results(project: Project, recipe: Recipe) -> list[TuneResult]:
+def write_results(project: ProjectDir, recipe: Recipe) -> list[TuneResult]:
     """Each tag's best prompts into the bank with their record, its run log and history line; the checkpoint goes."""
     seconds = recipe.elapsed()
     state, main = recipe.state, recipe.acc.is_main_process
@@ -142,7 +126,7 @@ def write_results(project: Project, recipe: Recipe) -> list[TuneResult]:
                 seconds=seconds,
                 truncated=t.train.truncated + t.valid.truncated,
                 path=str(bank.path_of(project, t.tag)),
-                history=[h for h in state.history if h.get("tag", t.tag) == t.tag],
+                history=[h for h in state.history if runs.belongs_to(h, t.tag)],
             )
         )
         if main:
@@ -181,3 +165,42 @@ def record_of(recipe: Recipe, t: Task, seconds: float) -> PromptRecord:
         created=state.started,
         updated=now(),
     )
+
+
+def finished(
+    project: ProjectDir, cfgs: dict[str, TaskConfig], inputs: dict[str, Any], overwrite: bool
+) -> list[TuneResult] | None:
+    """For --auto-resume without a checkpoint: every tag's result when the bank already holds this very run (same
+    settings and inputs), None when the run is to start afresh; a tag tuned otherwise needs `overwrite`.
+
+    A job killed after its last bank write, relaunched with the same command, then ends at once instead of failing.
+    """
+    done = []
+    for tag, cfg in cfgs.items():
+        path = bank.path_of(project, tag)
+        record = bank.read_meta(project, tag).record if path.is_file() else None
+        if (
+            record is None
+            or record.config != cfg.to_dict()
+            or record.inputs != inputs
+            or record.tuned_with != [t for t in cfgs if t != tag]
+        ):
+            if not overwrite and any(bank.path_of(project, t).is_file() for t in cfgs):
+                raise ProjectError(
+                    f"{'+'.join(cfgs)!r} is already tuned, with other settings or data",
+                    hint="pass --overwrite to retune",
+                )
+            return None
+        done.append(
+            TuneResult(
+                tag,
+                steps=record.steps or 0,
+                best_step=record.best_step or 0,
+                metrics=record.metrics,
+                initial_metrics=record.initial_metrics,
+                seconds=record.train_seconds or 0.0,
+                truncated=0,
+                path=str(path),
+            )
+        )
+    return done

@@ -7,28 +7,13 @@ reduced, so N processes agree with one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ptcli.config import TaskConfig
 from ptcli.data.encode import Encoded
 from ptcli.lm.answers import ranked, run_rows, vote
 from ptcli.lm.forward import lm_loss
 from ptcli.project.record import headline
-
-
-@dataclass
-class Task:
-    """One tag of the run: its data, answer set and slots in the prompt stack."""
-
-    tag: str
-    cfg: TaskConfig
-    train: Encoded
-    valid: Encoded
-    choices: list[str] | None
-    init_text: str
-    slots: list[int]
+from ptcli.tuning.task import Task
 
 
 def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc) -> dict[str, float]:

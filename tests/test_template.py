@@ -143,3 +143,19 @@ def test_a_typed_backslash_n_is_a_newline(llama) -> None:
     real = Layout(tok, "{text}\nAnswer:{prompt}{answer}", P)
     assert typed.row([11], [21], True) == real.row([11], [21], True)
     assert tok("\nAnswer:", add_special_tokens=False).input_ids[0] in typed.row([11], [21], True)[0]
+
+
+def test_overhead_counts_a_literal_used_twice(llama) -> None:
+    """Every position a row takes besides text and answer counts, a repeated literal each time it stands."""
+    _, tok = llama
+    template = "{prompt:2} A: {text} A: {prompt}{answer}"
+    layout = Layout(tok, template, P)
+    text, answer = tok("good movie", add_special_tokens=False).input_ids, answer_tokens(tok, ["positive"])[0]
+    ids, _, _ = layout.row(text, answer, answer_only=True)
+    assert len(ids) == layout.overhead() + len(text) + len(answer)
+    budget = P + 2 * len(tok(" A: ", add_special_tokens=False).input_ids) + len(text) + len(answer)
+    rows = [Record(1, "t", "good movie", "positive", {})]
+    enc = encode(tok, rows, P, budget, answer_only=True, template=template)
+    assert enc.truncated == 0 and max(len(r) for r in enc.ids) <= budget  # the row fits exactly: nothing is cut
+    enc = encode(tok, rows, P, budget - 1, answer_only=True, template=template)
+    assert enc.truncated == 1 and max(len(r) for r in enc.ids) <= budget - 1  # one position less: the text gives one

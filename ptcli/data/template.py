@@ -102,7 +102,7 @@ class Layout:
 
     def overhead(self) -> int:
         """Positions a row takes besides its text and answer: prompt vectors and literal tokens."""
-        return self.P + sum(len(ids) for ids in self._lit.values())
+        return self.P + sum(len(self._lit[p.value]) for p in self.pieces if p.kind == "lit")  # each time it stands
 
     def row(self, text: list[int], answer: list[int], answer_only: bool) -> tuple[list[int], list[int], list[int]]:
         """(ids, labels, context): the whole row, its loss labels (-100: none), and the part before the answer.

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_example() -> str:
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Python API", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "\n## Python API\n" in text, "README.md has no '## Python API' section"
+    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```python\n(.*?)```", section, re.S)
     assert block, "the Python API section has no python block"
     return block.group(1)

@@ -1,4 +1,4 @@
-"""Two torchrun "nodes" on one machine (the README's multi-node recipe, run as written).
+"""Two torchrun "nodes" on one machine (the multi-node recipe of docs/launch.md, run as written).
 
 And inference over processes.
 """
@@ -22,19 +22,18 @@ import pytest
 import torch
 from clihelp import cli, ok
 
-from ptcli.project import bank
+from ptcli.project import bank, runs
 from ptcli.project import manifest as proj
-from ptcli.tuning import checkpoint
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
-README = Path(__file__).resolve().parents[1] / "README.md"
+LAUNCH_DOC = Path(__file__).resolve().parents[1] / "docs" / "launch.md"
 SETTINGS = ["--max-steps", "60", "--val-check-interval", "3", "--batch-size", "8", "--seed", "3", "--lr", "0.1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture
 def project(tiny_llama, tiny_data, tmp_path) -> Path:
-    """A project whose task 'sent' is recorded with its settings, so the README's short command tunes it."""
+    """A project whose task 'sent' is recorded with its settings, so the recipe's short command tunes it."""
     root = tmp_path / "proj"
     ok(cli("init", root, "--base", tiny_llama, "--num-prompt-tokens", 4, "-q"))
     ok(cli("add-task", "sent", "-p", root, "--train", tiny_data.train, "--valid", tiny_data.valid, *SETTINGS, "-q"))
@@ -42,9 +41,10 @@ def project(tiny_llama, tiny_data, tmp_path) -> Path:
 
 
 def recipe() -> list[str]:
-    """The README's multi-node command, as words ($R, $HOST, $JOB and the port still to fill in)."""
-    block = re.search(r"```bash\n# on node R[^\n]*\n(torchrun --nnodes 2 .*?)\n```", README.read_text(), re.S)
-    assert block, "the multi-node recipe is missing from the README"
+    """The multi-node command of docs/launch.md, as words ($R, $HOST, $JOB and the port still to fill in)."""
+    text = LAUNCH_DOC.read_text(encoding="utf-8")
+    block = re.search(r"```bash\n# on node R[^\n]*\n(torchrun --nnodes 2 .*?)\n```", text, re.S)
+    assert block, f"the multi-node recipe (a bash block starting '# on node R') is missing from {LAUNCH_DOC}"
     return shlex.split(block.group(1).replace("\\\n", " "))
 
 
@@ -121,7 +121,7 @@ def test_a_killed_node_fails_both_and_the_same_command_resumes(project: Path, tm
     reference = _single(project, tmp_path)
     job = uuid.uuid4().hex
     procs = _nodes(project, _free_port(), job)
-    ckpt = checkpoint.path(proj.load(project), "sent")
+    ckpt = runs.checkpoint_path(proj.load(project), "sent")
     deadline = time.monotonic() + 180
     while not ckpt.exists() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
@@ -133,7 +133,7 @@ def test_a_killed_node_fails_both_and_the_same_command_resumes(project: Path, tm
     assert all(code != 0 for code, _ in results), results
     assert "[killed at the test's deadline]" not in str(results)
     assert bank.tags(proj.load(project)) == [] and ckpt.exists()  # nothing in the bank; the checkpoint survives
-    step = checkpoint.verify(ckpt)["step"]
+    step = runs.verify_checkpoint(ckpt)["step"]
 
     results = _finish(_nodes(project, _free_port(), uuid.uuid4().hex))  # a relaunch: the same command on both nodes
     assert [code for code, _ in results] == [0, 0], results

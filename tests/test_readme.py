@@ -1,4 +1,7 @@
-"""The README's five-minute tour runs as written, on a tiny model instead of the default one."""
+"""The README's five-minute tour runs as written, on a tiny model instead of the default one.
+
+And the README stays a front page: small, linking every page of docs/ and only pages that exist.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +16,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+README_MAX_BYTES = 12_000
 
 
 def tour_commands() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## A five-minute tour", 1)[1]
+    assert "\n## A five-minute tour\n" in text, "README.md has no '## A five-minute tour' section"
+    section = text.split("\n## A five-minute tour\n", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
     assert block, "the tour has no bash block"
     return block.group(1)
+
+
+def test_readme_is_a_small_front_page_linking_every_docs_page() -> None:
+    readme = (ROOT / "README.md").read_bytes()
+    assert len(readme) < README_MAX_BYTES, f"README.md is {len(readme)} bytes; move reference text to docs/*.md"
+    linked = set(re.findall(r"\]\((docs/[^)#\s]+\.md)(?:#[^)]*)?\)", readme.decode("utf-8")))
+    pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")}
+    assert not linked - pages, f"README.md links docs pages that do not exist: {sorted(linked - pages)}"
+    assert not pages - linked, f"docs pages that README.md does not link: {sorted(pages - linked)}"
 
 
 def _write(path: Path, tag: str, split: str, n: int) -> None:

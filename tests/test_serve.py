@@ -313,9 +313,11 @@ def test_light_commands_do_not_import_the_server_stack() -> None:
     assert proc.stdout.strip() == "[0, 0] []", proc.stderr
 
 
-def test_the_readme_client_snippet_runs(server: Server) -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    snippet = re.search(r"```python\n(.*?)```", readme.split("## Serving: `ptcli serve`", 1)[1], re.S).group(1)
+def test_the_docs_client_snippet_runs(server: Server) -> None:
+    page = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+    block = re.search(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    assert block, f"{page} has no python block (the OpenAI client snippet)"
+    snippet = block.group(1)
     assert "http://127.0.0.1:8000/v1" in snippet and 'model="reviews"' in snippet
     snippet = snippet.replace("http://127.0.0.1:8000", server.url).replace('model="reviews"', 'model="sent"')
     proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)

@@ -1,14 +1,11 @@
-"""Read and validate JSON Lines data; tokenize; order batches.
+"""Read and validate JSON Lines data (encode.py tokenizes it).
 
-Rules (documented in the README):
+Rules (documented in docs/data.md):
 - UTF-8, one JSON object per line; a byte-order mark and blank lines are skipped.
 - Training and validation rows have exactly `prompt_tag`, `text`, `answer`, all non-empty
   strings, and the tag being tuned. Inference rows need `prompt_tag` and `text`; `answer`
   is optional and any other field is passed through to the output.
 - Every problem in a file is collected and reported together as `file:line: message`.
-- The model sees text tokens, then the answer tokenized separately with a leading space
-  (ANSWER_PREFIX), then end-of-sequence. Tokenizing them apart makes the answer mask exact.
-- Too long: the text is cut from the left so that prompt + text + answer + eos fit.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Prints one JSON line: the method's row (accuracies on every scored split, train seconds, trainable
 parameters, steps). Every method ranks the task's closed answer set: the prediction is the answer
 whose tokens (" " + answer, no eos) have the highest log-likelihood after the input, optionally
-after contextual calibration (ptcli.infer.calibrate, as `ptcli infer --calibrate`).
+after contextual calibration (ptcli.lm.answers.calibrate, as `ptcli infer --calibrate`).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def worker_prompted(task: str, cfg: dict) -> dict:
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, elapsed: float, budget: float) -> float:
-    """ptcli's schedule (ptcli/train.py lr_at, no hold): linear warmup, then cosine to min_lr at
+    """ptcli's schedule (ptcli/tuning/recipe.py lr_at, no hold): linear warmup, then cosine to min_lr at
     max_steps or at the time budget (seconds), whichever comes first."""
     if step < warmup:
         return lr * (step + 1) / warmup

@@ -136,8 +136,11 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
 def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
     import torch
 
+    from ptcli.enums import Mode
+    from ptcli.inference.engine import Engine, Item, Prompt
+    from ptcli.inference.infer import plan
     from ptcli.lm.base import load_base
-    from ptcli.lm.forward import decode_or_score
+    from ptcli.project.record import PromptRecord
     from ptcli.tuning.soft_prompt import init_prompt
 
     model, tok = load_base("default")
@@ -147,18 +150,13 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
     prompts = {t: init_prompt(model, tok, prompt_len, "text", txt, 0) for t, txt in tags.items()}
     texts = tok([r["text"] for r in rows], add_special_tokens=False).input_ids
     t0 = time.perf_counter()
-    if tool == "ptcli":
-        for tag in tags:  # ptcli: group the mixed file by tag, length-sorted batches, one pass per batch
-            idx = sorted((i for i, r in enumerate(rows) if r["prompt_tag"] == tag), key=lambda i: len(texts[i]))
-            for s in range(0, len(idx), batch):
-                decode_or_score(
-                    model,
-                    prompts[tag],
-                    [texts[i] for i in idx[s : s + batch]],
-                    tok.pad_token_id,
-                    tok.eos_token_id,
-                    max_new=new_tokens,
-                )
+    if tool == "ptcli":  # `ptcli infer`'s path: both tags in length-sorted mixed batches, through the engine
+        engine, record = Engine(model, tok), PromptRecord(config={"max_seq_length": 512})
+        loaded = {t: Prompt(t, p.unsqueeze(0), record) for t, p in prompts.items()}
+        items = [Item(loaded[r["prompt_tag"]], r["text"], Mode.GENERATE, new_tokens) for r in rows]
+        seqs = engine.rows(items, texts)
+        for idx in plan(engine, items, seqs, batch):
+            engine.run([items[i] for i in idx], [seqs[i] for i in idx])
     else:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 

@@ -89,3 +89,29 @@ def test_probe_finds_a_label_the_features_carry(tmp_path, tiny_llama):
     assert (rte["train_rows"], rte["val_rows"], rte["val_majority"]) == (48, 24, 0.5)
     assert max(f["val_acc"] for f in rte["fits"]) == 1.0
     assert "| RTE | 48 | 0.500 |" in r.stdout
+
+
+@pytest.mark.skipif(not (DATA / "SST2" / "train.jsonl").is_file(), reason="needs ../shared/data beside the repo")
+def test_mixed_infer_bench_runs(tmp_path, default_cache):
+    out = tmp_path / "infer_mixed.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "infer_mixed.py"),
+            "--rows-per-tag",
+            "4",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PTCLI_CACHE": str(default_cache), "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["rows"] == 12 and results["tags"] == 3
+    assert results["rank_seconds"] > 0 and results["generate_seconds"] > 0
+    assert "rows/s" in r.stdout  # the table is printed

@@ -73,3 +73,58 @@ def test_the_readme_tour_runs(tiny_llama, tmp_path):
     assert set(accuracy) == {"reviews", "topic"}
     assert (proj / "reviews.png").stat().st_size > 1000
     assert sorted(p.name for p in (proj / "bank").iterdir()) == ["reviews.safetensors", "topic.safetensors"]
+
+
+def _documented_invocations() -> list[tuple[str, list[str]]]:
+    """(page, words) of every `ptcli ...` call in a bash block of README.md and docs/*.md, flags and all."""
+    import shlex
+
+    calls = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            pending = ""
+            for line in block.replace("\\\n", " ").splitlines():
+                pending += line + " "
+                try:  # a quoted argument may span lines: read on until the quotes close
+                    tokens = list(shlex.shlex(pending, posix=True, punctuation_chars=True))  # | ; && are tokens
+                except ValueError:
+                    continue
+                pending, words = "", []
+                for w in [*tokens, "|"]:
+                    if w and set(w) <= set("|&;<>()"):
+                        words = [x for x in words if not re.fullmatch(r"[A-Z_]+=\S*", x)]  # VAR=value prefixes
+                        at = [i for i, x in enumerate(words) if x == "ptcli" and (i == 0 or words[i - 1] == "-m")]
+                        if words[:1] == ["ssh"] and "ptcli" in words:  # `ssh host ptcli ...`
+                            at = [words.index("ptcli")]
+                        calls += [(page.name, words[i + 1 :]) for i in at[:1]]
+                        words = []
+                    else:
+                        words.append(w)
+    return calls
+
+
+def test_every_documented_call_names_a_command_and_its_flags() -> None:
+    """Each `ptcli CMD --flag` in the docs is a command of the app and flags it has (checked in process)."""
+    import typer
+
+    from ptcli.cli.app import app
+    from ptcli.data.template import parse
+    from ptcli.errors import UsageError
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    calls = _documented_invocations()
+    assert len(calls) >= 25, "the docs' ptcli calls were not found"
+    wrong = []
+    for page, words in calls:
+        if not words or words[0] not in commands:
+            wrong.append(f"{page}: ptcli {' '.join(words)}: no such command")
+            continue
+        known = {o for p in commands[words[0]].params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        flags = [w.split("=", 1)[0] for w in words[1:] if w.startswith("-") and w != "-"]  # '-' is stdin/stdout
+        wrong += [f"{page}: ptcli {words[0]}: no flag {f}" for f in flags if f not in known]
+        for i in (i for i, w in enumerate(words[:-1]) if w == "--template"):
+            try:
+                parse(words[i + 1], 20)  # a documented template parses (for a project of 20 prompt vectors)
+            except UsageError as e:
+                wrong.append(f"{page}: {e.message}")
+    assert not wrong, "\n".join(wrong)

@@ -30,6 +30,11 @@ class Prompt:
     members: torch.Tensor  # (K, P, H)
     record: PromptRecord
 
+    @classmethod
+    def of(cls, tag: str, prompt: torch.Tensor, record: PromptRecord) -> Prompt:
+        """From what `bank.get` returns: a prompt (P, H), or an ensemble's (K, P, H)."""
+        return cls(tag, prompt if prompt.dim() == 3 else prompt.unsqueeze(0), record)  # (K, P, H)
+
 
 @dataclass(frozen=True)
 class Item:

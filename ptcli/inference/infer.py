@@ -78,7 +78,7 @@ def infer(
     if base.device_map is None:
         model.to(device)
     engine = Engine(model, tok)
-    prompts = {t: _prompt(project, t) for t in modes}
+    prompts = {t: Prompt.of(t, *bank.get(project, t)) for t in modes}
     items = [
         Item(
             prompts[r.tag],
@@ -104,11 +104,6 @@ def infer(
     ordered = [predictions[i] for i in range(len(records))]
     rows = [{**r.row, "prediction": p} for r, p in zip(records, ordered)]
     return InferResult(rows, accuracy(records, ordered), {t: str(m) for t, m in modes.items()})
-
-
-def _prompt(project: ProjectDir, tag: str) -> Prompt:
-    members, record = bank.get(project, tag)
-    return Prompt(tag, members if members.dim() == 3 else members.unsqueeze(0), record)  # (K, P, H)
 
 
 def plan(engine: Engine, items: list[Item], seqs: list[list[int]], batch_size: int) -> list[list[int]]:

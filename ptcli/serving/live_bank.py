@@ -66,6 +66,5 @@ class LiveBank:
             self._refused[tag] = (version, str(e))
             self.status(f"not serving tag {tag!r}: {e}")
             return
-        members = members if members.dim() == 3 else members.unsqueeze(0)  # (K, P, H)
         self.status(f"serving tag {tag!r}" + (" (updated)" if tag in self._served else ""))
-        self._served[tag] = (version, Prompt(tag, members, record))
+        self._served[tag] = (version, Prompt.of(tag, members, record))

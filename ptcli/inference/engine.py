@@ -66,6 +66,7 @@ class Engine:
         self.model, self.tok = model, tok
         self._layouts: dict[tuple[str, int], Layout] = {}  # (template, prompt length) -> its layout for this tokenizer
         self._biases: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}  # (id(prompt), choices) -> (K, C)
+        self._rooms: dict[tuple[str, int, tuple[str, ...]], int] = {}  # (mode, max_new, choices) -> positions
 
     def __call__(self, items: list[Item]) -> list[Prediction | PtcliError]:
         """Answers in item order; an item that cannot run (no room for its text) gets its error instead."""
@@ -93,7 +94,10 @@ class Engine:
         for it, t in zip(items, ids):
             layout = self.layout(it.prompt)
             try:
-                after = room(self.tok, it.mode, it.max_new, it.choices)
+                key = (it.mode, it.max_new, it.choices)
+                if key not in self._rooms:  # tokenize an answer set once, not once a row
+                    self._rooms[key] = room(self.tok, *key)
+                after = self._rooms[key]
                 budget = text_budget(it.prompt.tag, it.prompt.record.config["max_seq_length"], layout, after)
             except PtcliError as e:
                 out.append(e)

@@ -45,7 +45,7 @@ def encode(
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
     out = Encoded([], [], [], [r.answer or "" for r in records], 0)
     for rec, t, a in zip(records, texts, answer_tokens(tok, out.answers)):
-        budget = max_seq_length - layout.overhead() - len(a)
+        budget = layout.budget(max_seq_length, len(a))
         if budget < 1:
             where = f"{source}:{rec.line}" if source else f"line {rec.line}"
             around = "the prompt and template" if layout.overhead() > num_prompt_tokens else "the prompt"

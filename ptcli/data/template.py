@@ -104,6 +104,11 @@ class Layout:
         """Positions a row takes besides its text and answer: prompt vectors and literal tokens."""
         return self.P + sum(len(self._lit[p.value]) for p in self.pieces if p.kind == "lit")  # each time it stands
 
+    def budget(self, max_seq_length: int, after: int) -> int:
+        """Text tokens that fit in `max_seq_length` beside the prompt, the literals and `after` positions (the
+        answer in training; the generation room or the longest candidate when answering). Below 1: none fit."""
+        return max_seq_length - self.overhead() - after
+
     def row(self, text: list[int], answer: list[int], answer_only: bool) -> tuple[list[int], list[int], list[int]]:
         """(ids, labels, context): the whole row, its loss labels (-100: none), and the part before the answer.
 

@@ -37,8 +37,8 @@ def room(tok, mode: str, max_new: int, choices: list[str] | tuple[str, ...]) -> 
 
 
 def text_budget(tag: str, max_seq_length: int, layout: Layout, after: int) -> int:
-    """Text tokens that fit beside the prompt, the template's literals and the `after` positions."""
-    budget = max_seq_length - layout.overhead() - after
+    """`Layout.budget`, refused with the tag's name when no text fits."""
+    budget = layout.budget(max_seq_length, after)
     if budget < 1:
         raise UsageError(
             f"the answers ({after} tokens) leave no room for text in {tag!r}'s max sequence length",

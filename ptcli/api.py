@@ -94,7 +94,7 @@ class Project:
         """Tune one tag, or several together over mixed batches; one TuneResult per tag, in order.
 
         settings: TaskConfig fields (train, valid, lr, max_steps, ...) over the recorded task's. resume: True or
-        "auto" (see train.tune_many). Holds the project lock, as every command that writes the project does.
+        "auto" (see tuning.tune.tune_many). Holds the project lock, as every command that writes the project does.
         """
         from ptcli.tuning.tune import tune_many
 

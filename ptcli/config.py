@@ -28,7 +28,7 @@ class BaseOptions:
 
 def _setting(help: str, default: Any, **cli: Any) -> Any:
     """A TaskConfig field. Its flag is derived from its name (`flag_of`); `cli` holds what the option builder in
-    cli_args needs beyond name, type and default: `choices` (an Enum), `off` (a bool's negative flag),
+    cli/options.py needs beyond name, type and default: `choices` (an Enum), `off` (a bool's negative flag),
     `shown` (how --help states a default that is not a plain value), `required` (no default: the task must record it).
     """
     return field(default=default, metadata={"help": help, **cli})

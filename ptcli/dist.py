@@ -1,5 +1,5 @@
 """Multi-process launch. `ptcli tune --devices N` re-runs itself with N processes; inside,
-train.py's Accelerator picks up the process group (NCCL on GPUs, gloo on CPU).
+tuning/tune.py's Accelerator picks up the process group (NCCL on GPUs, gloo on CPU).
 
 On GPUs this is `accelerate launch --multi_gpu`. On CPU, accelerate's launcher runs a single
 process unless MPI is set up, so ptcli uses torchrun (torch.distributed.run), the launcher

@@ -1,7 +1,7 @@
 """The command line: parse flags, call one core function, render. Errors become exit codes here.
 
-The core commands live here; the bank's (show, remove-tag, rename-tag, export, import) in
-cli_bank.py, and the option types and the error handler they share in cli_args.py. The tuning
+The core commands live here; the bank's (list-tags, show, remove-tag, rename-tag, export, import) in
+cli/bank.py, and the option types and the error handler they share in cli/options.py. The tuning
 flags of add-task and tune come from TaskConfig's fields (`task_options`), so they are written once.
 
 Heavy libraries (torch, transformers) are imported inside the commands that need them, so

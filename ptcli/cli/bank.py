@@ -1,6 +1,6 @@
 """Commands that manage the bank: list-tags, show, remove-tag, rename-tag, export and import.
 
-They are registered on the app by cli.py, after the core commands (the order of `--help`).
+They are registered on the app by cli/app.py, after the core commands (the order of `--help`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ptcli.config import check_tag
 from ptcli.enums import Format
 from ptcli.errors import UsageError
 
-app = typer.Typer()  # cli.py copies these commands onto its app
+app = typer.Typer()  # cli/app.py copies these commands onto its app
 
 
 @app.command("list-tags")

@@ -7,7 +7,7 @@ import typer
 from ptcli.cli.options import JsonOpt, ProjectOpt, QuietOpt, handled
 from ptcli.errors import ProjectError
 
-app = typer.Typer()  # cli.py copies this command onto its app
+app = typer.Typer()  # cli/app.py copies this command onto its app
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""`ptcli serve`, registered on the app by cli.py.
+"""`ptcli serve`, registered on the app by cli/app.py.
 
 The server stack (the `serve` extra) is imported only when it runs.
 """
@@ -14,7 +14,7 @@ from ptcli.config import BaseOptions
 from ptcli.enums import Dtype
 from ptcli.errors import UsageError
 
-app = typer.Typer()  # cli.py copies this command onto its app
+app = typer.Typer()  # cli/app.py copies this command onto its app
 
 
 Host = Annotated[

@@ -120,11 +120,9 @@ class Engine:
 
     def _prompts(self, items: list[Item]) -> tuple[list[torch.Tensor], list[int]]:
         """The batch's distinct prompts, in order of first use, and which of them each row uses."""
-        order: dict[int, int] = {}
-        for it in items:
-            order.setdefault(id(it.prompt), len(order))
-        prompts = list({id(it.prompt): it.prompt.members for it in items}.values())
-        return prompts, [order[id(it.prompt)] for it in items]
+        distinct = {id(it.prompt): it.prompt for it in items}  # dicts keep the order of first insertion
+        index = {key: j for j, key in enumerate(distinct)}
+        return [p.members for p in distinct.values()], [index[id(it.prompt)] for it in items]
 
     def _generate(self, items: list[Item], seqs: list[list[int]], max_new: int) -> list[Prediction]:
         prompts, owner = self._prompts(items)

@@ -8,10 +8,9 @@ An ensemble's members run in the same batch and vote (generate) or average their
 The rows of all tags are planned together, as the server batches them: rows that share a
 pass of the engine (mode, generation length, prompt placement; for ranked rows, the answer
 set) are sorted by length and cut into batches, whatever their tag, so a mixed file is one
-pass over the data. Under
-torchrun/accelerate (or `ptcli infer --devices N`) process r runs batches r, r+N, ... of
-that same plan and every process gathers all predictions: the batches, and so the answers,
-are the ones a single process computes.
+pass over the data. Under torchrun/accelerate (or `ptcli infer --devices N`) process r runs
+batches r, r+N, ... of that same plan and every process gathers all predictions: the
+batches, and so the answers, are the ones a single process computes.
 """
 
 from __future__ import annotations
@@ -91,9 +90,10 @@ def infer(
         for r in records
     ]
     seqs = engine.rows(items, tok([r.text for r in records], add_special_tokens=False).input_ids)
-    laid = [s for s in seqs if not isinstance(s, PtcliError)]
-    if len(laid) < len(seqs):  # every row is checked before any is answered
-        raise next(s for s in seqs if isinstance(s, PtcliError))
+    for s in seqs:  # every row is checked before any is answered
+        if isinstance(s, PtcliError):
+            raise s
+    laid = [s for s in seqs if not isinstance(s, PtcliError)]  # all of them, as lists of ids
     predictions: dict[int, str] = {}  # row index -> answer, for the rows of this process's batches
     for b, idx in enumerate(plan(engine, items, laid, batch_size)):
         if b % world == rank:  # process r answers batches r, r+N, ...: the plan one process would run

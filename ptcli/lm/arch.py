@@ -2,7 +2,7 @@
 
 ptcli feeds the frozen base `inputs_embeds` (the soft prompt is a run of vectors, not tokens)
 and reads it as a decoder-only stack of attention layers; bases without that are refused
-(`check_config` whenever a base loads, `check_supported` with its probe at `ptcli init`),
+(`check_config` whenever a base loads, lm/probe.py's `check_supported` at `ptcli init`),
 before any prompt is tuned on them.
 
 Sliding windows (Mistral, Gemma-2/3 local layers, Qwen2/3 with use_sliding_window, Phi-3,

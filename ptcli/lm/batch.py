@@ -43,7 +43,7 @@ def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary projection of hidden states (..., H) -> (..., V), scaled as the model's own head scales it.
 
     Cohere's logit_scale, Granite's logits_scaling, Gemma's soft-capping; init's probe
-    (arch.check_supported) refuses a base whose head does anything else.
+    (lm/probe.py) refuses a base whose head does anything else.
     """
     config = model.config.get_text_config()
     logits = model.get_output_embeddings()(hidden) * (getattr(config, "logit_scale", None) or 1.0)  # (..., V)

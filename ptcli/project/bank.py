@@ -9,6 +9,7 @@ listing is cheap; files are never unpickled; writes are atomic.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ def get(project: ProjectDir, tag: str) -> tuple[torch.Tensor, PromptRecord]:
     path = require(project, tag)
     blob = path.read_bytes()
     _, record, data = _split(path, blob)
-    if not sealed.checksum_ok(record.to_json(), data):
+    if not sealed.checksum_ok(record.sha256, data):
         raise CompatibilityError(f"prompt file {path} is corrupted: its checksum does not match", hint="retune the tag")
     check_compatible(project, record, f"prompt {tag!r}")
     return st_load(blob)["prompt"].float(), record
@@ -170,7 +171,7 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, PromptRecor
             f"{source} is damaged: its tensor is {spec.get('dtype')} {spec.get('shape')} over {len(data)} bytes; "
             f"its record says float32 {tuple(shape)}"
         )
-    if not sealed.checksum_ok(record.to_json(), data):
+    if not sealed.checksum_ok(record.sha256, data):
         raise CompatibilityError(
             f"{source} is corrupted: its checksum does not match", hint="export it again from its project"
         )
@@ -188,5 +189,5 @@ def read_verified(project: ProjectDir, tag: str) -> tuple[bytes, PromptRecord]:
 def relabel(source: str, blob: bytes, tag: str) -> bytes:
     """The same prompt file with `tag` in its record. The tensor bytes, and so the checksum, are unchanged."""
     header, data, _ = verify(source, blob)
-    _, raw, _ = sealed.split(blob, "prompt")  # the record as stored, keys and all
+    raw = json.loads(header["__metadata__"][sealed.KEY])  # the record as stored, keys and all
     return sealed.reseal(header, {**raw, "tag": tag}, data)

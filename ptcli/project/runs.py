@@ -41,7 +41,7 @@ def verify_checkpoint(source: Path) -> dict[str, Any]:
     except (sealed.Unreadable, KeyError, TypeError, IndexError, AttributeError) as e:
         raise ProjectError(f"checkpoint {source} is unreadable ({e})", hint=hint) from e
     legacy = "sha256" not in record  # written before checkpoints carried a checksum: structure checks only
-    if max(ends, default=0) != len(data) or not legacy and not sealed.checksum_ok(record, data):
+    if max(ends, default=0) != len(data) or not legacy and not sealed.checksum_ok(record["sha256"], data):
         raise ProjectError(f"checkpoint {source} is corrupted: its checksum does not match", hint=hint)
     return record
 

@@ -43,8 +43,9 @@ def split(blob: bytes, what: str) -> tuple[dict[str, Any], dict[str, Any], bytes
     return header, record, blob[8 + n :]
 
 
-def checksum_ok(record: dict[str, Any], data: bytes) -> bool:
-    return hashlib.sha256(data).hexdigest() == record.get("sha256")
+def checksum_ok(expected: str | None, data: bytes) -> bool:
+    """Whether the data section hashes to the record's sha256."""
+    return hashlib.sha256(data).hexdigest() == expected
 
 
 def seal(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> bytes:

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ptcli.enums import Dtype, Init, Reparam
+from ptcli.enums import Dtype, Init, Loss, Reparam
 from ptcli.errors import UsageError
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -77,13 +77,28 @@ class TaskConfig:
         choices=Reparam,
     )
     reparam_lr: float = _setting("Peak learning rate of the --reparam encoder's weights.", 1e-3)
+    prompt_layer: int = _setting(
+        "Block the prompt enters before: 0 is the input (the seed's prompt); K > 0 a late prompt, whose rows' "
+        "states below block K are computed once per run and take no gradient.",
+        0,
+    )
+    loss: str = _setting(
+        "What a step minimises: answer (LM loss of the gold answer) or choices (cross-entropy over the scores of "
+        "the answer set, what --mode rank picks by; needs a closed answer set).",
+        "answer",
+        choices=Loss,
+    )
     max_minutes: float | None = _setting(
         "Stop training after this much wall time; the decay then runs over the time budget.", None, shown="no limit"
     )
 
     def __post_init__(self) -> None:
         problems = []
-        for name, choices in (("init", Init), ("reparam", Reparam)):  # the CLI checks these; a recorded file may not
+        for name, choices in (
+            ("init", Init),
+            ("reparam", Reparam),
+            ("loss", Loss),
+        ):  # the CLI checks these; a recorded file may not
             if getattr(self, name) not in {c.value for c in choices}:
                 allowed = ", ".join(c.value for c in choices)
                 problems.append(f"{flag_of(name)} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -92,7 +107,7 @@ class TaskConfig:
         for name in ("batch_size", "max_seq_length", "val_check_interval", "ensemble"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag_of(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "constant_steps", "max_steps"):
+        for name in ("warmup_steps", "constant_steps", "max_steps", "prompt_layer"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag_of(name)} must be 0 or more, got {getattr(self, name)}")
         for name in ("max_minutes", "reparam_lr", "lr"):
@@ -132,6 +147,8 @@ RUN_SETTINGS = (
     "template",
     "reparam",
     "reparam_lr",
+    "prompt_layer",
+    "loss",
 )
 
 

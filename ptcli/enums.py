@@ -44,6 +44,13 @@ class Reparam(Choice):
     LSTM = "lstm"
 
 
+class Loss(Choice):
+    """What a step minimises: the answer's LM loss (the seed's), or cross-entropy over the answer set's scores."""
+
+    ANSWER = "answer"
+    CHOICES = "choices"
+
+
 class Format(Choice):
     """What `export` writes and `import` reads: ptcli's bank file, or a PEFT prompt-tuning adapter folder."""
 

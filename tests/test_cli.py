@@ -338,6 +338,8 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
         "template": "prefix",
         "reparam": "none",
         "reparam_lr": 1e-3,
+        "prompt_layer": 0,
+        "loss": "answer",
     }
     assert json.loads(result.stdout) == {"tag": "sent", "config": expected}
     assert json.loads((root / "ptcli.json").read_text())["tasks"] == {"sent": expected}

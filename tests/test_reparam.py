@@ -10,9 +10,8 @@ import pytest
 import torch
 from clihelp import cli, failed, ok
 from reference import tune
-from test_train import ROWS, Reporter
+from test_train import ROWS, Reporter, small_run
 
-from ptcli.api import init_project
 from ptcli.config import TaskConfig
 from ptcli.project import bank, runs
 from ptcli.project import manifest as proj
@@ -35,26 +34,14 @@ def test_residual_starts_at_the_initial_prompt_and_every_encoder_trains() -> Non
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple[Path, TaskConfig]:
-    root = tmp_path_factory.mktemp("reparam") / "p"
-    init_project(root, str(lively_llama), 4)
-    data = root.parent / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": a}) + "\n" for t, a in ROWS))
-    cfg = TaskConfig(
-        train=str(data),
-        valid=str(data),
-        max_steps=6,
-        val_check_interval=2,
-        warmup_steps=1,
-        batch_size=4,
-        lr=0.1,
-        min_lr=0.01,
-        max_seq_length=64,
-        seed=3,
+    return small_run(
+        tmp_path_factory.mktemp("reparam") / "p",
+        lively_llama,
+        ROWS,
         template="{text} so{prompt}{answer}",
         reparam="residual",
         reparam_lr=0.01,
     )
-    return root, cfg
 
 
 def test_resume_with_an_encoder_and_a_template_reaches_the_uninterrupted_prompt(start, tmp_path: Path) -> None:

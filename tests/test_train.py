@@ -123,12 +123,11 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple[Path, TaskConfig]:
-    root = tmp_path_factory.mktemp("train") / "p"
-    init_project(root, str(lively_llama), 4)
+def small_run(root: Path, base: Path, rows: list[tuple[str, str]], **settings) -> tuple[Path, TaskConfig]:
+    """A 4-token project on `base` at `root`, and a 6-step run of tag 'sent' validated on its training rows."""
+    init_project(root, str(base), 4)
     data = root.parent / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": a}) + "\n" for t, a in ROWS))
+    data.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": a}) + "\n" for t, a in rows))
     # validation on the training rows: the loss falls, so the best prompt is a late one
     cfg = TaskConfig(
         train=str(data),
@@ -141,8 +140,14 @@ def fresh(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple
         min_lr=0.01,
         max_seq_length=64,
         seed=3,
+        **settings,
     )
     return root, cfg
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple[Path, TaskConfig]:
+    return small_run(tmp_path_factory.mktemp("train") / "p", lively_llama, ROWS)
 
 
 @pytest.fixture(scope="module")

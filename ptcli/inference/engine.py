@@ -19,6 +19,7 @@ from ptcli.data.template import Layout
 from ptcli.enums import Mode
 from ptcli.errors import PtcliError
 from ptcli.lm.answers import content_free_bias, ranked, room, run_rows, text_budget, vote
+from ptcli.lm.depth import entering
 from ptcli.project.record import PromptRecord
 
 
@@ -56,7 +57,7 @@ class Prediction:
     stopped: bool = True  # generation ended at end-of-sequence, not at max_new
 
 
-PassKey = tuple[str, int, bool]  # mode, generation length (0 when ranked), prefix placement
+PassKey = tuple[str, int, bool, int]  # mode, generation length (0 when ranked), prefix placement, prompt layer
 
 
 class Engine:
@@ -85,7 +86,13 @@ class Engine:
 
     def pass_key(self, item: Item) -> PassKey:
         """Rows with one key run in one pass of the base."""
-        return item.mode, item.max_new if item.mode == Mode.GENERATE else 0, self.layout(item.prompt).prefix
+        mode, prompt = item.mode, item.prompt
+        return (
+            mode,
+            item.max_new if mode == Mode.GENERATE else 0,
+            self.layout(prompt).prefix,
+            prompt.record.prompt_layer,
+        )
 
     def rows(self, items: list[Item], texts: list[list[int]] | None = None) -> list[list[int] | PtcliError]:
         """Each row as the model reads it before its answer, its text (token ids, if given) cut to the budget."""
@@ -112,9 +119,10 @@ class Engine:
         for i, it in enumerate(items):
             passes.setdefault(self.pass_key(it), []).append(i)
         results: dict[int, Prediction] = {}
-        for (mode, max_new, _), idx in passes.items():
+        for (mode, max_new, _, layer), idx in passes.items():
             batch, rows = [items[i] for i in idx], [seqs[i] for i in idx]
-            answers = self._generate(batch, rows, max_new) if mode == Mode.GENERATE else self._rank(batch, rows)
+            with entering(self.model, layer):
+                answers = self._generate(batch, rows, max_new) if mode == Mode.GENERATE else self._rank(batch, rows)
             results.update(zip(idx, answers))
         return [results[i] for i in range(len(items))]
 
@@ -151,5 +159,8 @@ class Engine:
         key = (id(item.prompt), item.choices)
         if key not in self._biases:
             layout = self.layout(item.prompt)
-            self._biases[key] = content_free_bias(self.model, self.tok, item.prompt.members, list(item.choices), layout)
+            with entering(self.model, item.prompt.record.prompt_layer):
+                self._biases[key] = content_free_bias(
+                    self.model, self.tok, item.prompt.members, list(item.choices), layout
+                )
         return self._biases[key]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ptcli.lm.arch import shared_prefix_exact
 from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
+from ptcli.lm.depth import forward_with
 from ptcli.lm.placed import has_slots, placed_logprobs, placed_read
 
 
@@ -58,8 +59,12 @@ def prefixed(
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
     which = which.to(device)
-    head = model.base_model(
-        inputs_embeds=prompts.to(device=device, dtype=dtype),  # (K, P, H)
+    vectors = prompts.to(device=device, dtype=dtype)  # (K, P, H)
+    head = forward_with(
+        model,
+        vectors,
+        torch.ones(K, P, dtype=torch.bool, device=device),
+        vectors,
         position_ids=torch.arange(P, device=device).expand(K, P),
         use_cache=True,
         **with_cache(model, cache),

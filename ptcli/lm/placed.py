@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ptcli.lm.arch import window_of
 from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
+from ptcli.lm.depth import forward_with
 
 
 def has_slots(seqs: list[list[int]]) -> bool:
@@ -59,10 +60,18 @@ def placed_read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int
     rows = prompts.to(device=device, dtype=emb.weight.dtype)[which.to(device)]  # (B, P, H)
     slot = (-ids - 1).clamp(min=0)  # (B, T2): which prompt vector sits here
     prompt_embeds = torch.gather(rows, 1, slot.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (B, T2, H)
-    embeds = torch.where((ids < 0).unsqueeze(-1), prompt_embeds, emb(ids.clamp(min=0)))  # (B, T2, H)
     mask = torch.cat([pre_mask, real], dim=1)  # (B, T1+T2)
     pos = (mask.cumsum(1) - 1).clamp(min=0)[:, pre_mask.shape[1] :]  # (B, T2)
-    out = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **cache_arg)
+    out = forward_with(
+        model,
+        emb(ids.clamp(min=0)),
+        ids < 0,
+        prompt_embeds,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=True,
+        **cache_arg,
+    )
     hidden = out.last_hidden_state  # (B, T2, H)
     return Read(hidden, hidden[:, 0], real, mask, pos[:, -1:], cache_of(out))
 

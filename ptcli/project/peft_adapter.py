@@ -100,6 +100,12 @@ def export(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exp
             f"{tag!r} places its prompt by the template {template!r}; a PEFT prompt-tuning adapter only prepends it",
             hint="export it in the ptcli format",
         )
+    if record.prompt_layer:
+        raise UsageError(
+            f"{tag!r} is a late prompt: it enters before block {record.prompt_layer}, and a PEFT prompt-tuning "
+            "adapter enters at the input embeddings",
+            hint="export it in the ptcli format",
+        )
     if out.exists() and not out.is_dir():
         raise UsageError(
             f"{out} is a file; a PEFT adapter is a folder", hint="pass a folder path (it is created if missing)"

@@ -66,6 +66,11 @@ class PromptRecord:
     def template(self) -> str:
         return self.config.get("template", "prefix")
 
+    @property
+    def prompt_layer(self) -> int:
+        """The block the prompt enters before (0: the input, as in records from before late prompts)."""
+        return int(self.config.get("prompt_layer", 0))
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PromptRecord:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}

@@ -14,6 +14,7 @@ all-reduced, so N processes reach the same prompts as one. Only the main process
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,13 @@ import torch
 from ptcli import preempt
 from ptcli.config import TaskConfig
 from ptcli.enums import Reparam
-from ptcli.lm.forward import lm_loss
+from ptcli.errors import UsageError
+from ptcli.lm.depth import entering, num_blocks
 from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.runs import EvalRow, StepRow
 from ptcli.tuning import checkpoint
 from ptcli.tuning.batches import MixedBatches
+from ptcli.tuning.loss import FrozenStates, batch_loss, step_rows
 from ptcli.tuning.soft_prompt import SoftPrompt, make_prompt
 from ptcli.tuning.task import Task
 from ptcli.tuning.validate import agreed, better, evaluate
@@ -36,6 +39,9 @@ from ptcli.tuning.validate import agreed, better, evaluate
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+STATES_BOUND = int(float(os.environ.get("PTCLI_STATES_GIB", "4")) * 2**30)  # bytes of kept frozen states
 
 
 class Reporter(Protocol):
@@ -77,6 +83,7 @@ class Recipe:
     ckpt_path: Path
     inputs: dict[str, Any]  # checkpoint.inputs_of: the data and base this run was set up with
     started: float  # time.perf_counter() when the run began
+    states: FrozenStates | None = None  # a late prompt's rows below its block, kept across steps
     prior_seconds: float = 0.0  # time the interrupted run spent, when resuming
 
     @property
@@ -92,7 +99,10 @@ class Recipe:
         with torch.no_grad():
             self.state.best_prompt = self.prompt().detach().clone()  # (S, P, H)
         for t in self.tasks:
-            metrics = evaluate(self.model, self.tok, self.state.best_prompt[t.slots], t, self.run.batch_size, self.acc)
+            with entering(self.model, self.run.prompt_layer):
+                metrics = evaluate(
+                    self.model, self.tok, self.state.best_prompt[t.slots], t, self.run.batch_size, self.acc
+                )
             self.state.initial[t.tag] = self.state.best[t.tag] = metrics
             self.state.best_step[t.tag] = 0
             self.reporter.evaluated(0, metrics, t.tag)
@@ -102,7 +112,8 @@ class Recipe:
         with torch.no_grad():
             current = self.prompt().detach()  # (S, P, H)
         for t in self.tasks:
-            metrics = evaluate(self.model, self.tok, current[t.slots], t, self.run.batch_size, self.acc)
+            with entering(self.model, self.run.prompt_layer):
+                metrics = evaluate(self.model, self.tok, current[t.slots], t, self.run.batch_size, self.acc)
             self.reporter.evaluated(self.state.step, metrics, t.tag)
             self.state.history.append(EvalRow(self.state.step, t.tag, metrics))
             if better(metrics, self.state.best[t.tag]):
@@ -123,9 +134,10 @@ class Recipe:
         lr = lr_at(step, run, elapsed)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["peak"] / run.lr
-        ids, labels = [t.train.ids[i] for t, i, _ in picks], [t.train.labels[i] for t, i, _ in picks]
-        which = [t.slots[k] for t, _, k in picks]
-        loss_sum, n = lm_loss(model, self.prompt(), ids, labels, self.tok.pad_token_id, which=which)
+        rows = step_rows(picks, run.loss)
+        loss_sum, n = batch_loss(
+            model, self.prompt(), rows, run.loss, self.tok.pad_token_id, self.states, run.prompt_layer
+        )
         n_global = int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
         (loss_sum / n_global).backward()
         if acc.num_processes > 1:
@@ -135,7 +147,7 @@ class Recipe:
         self.opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
         P = self.prompt.weight.shape[-2]
-        positions = sum(len(row) + P * (min(row) >= 0) for row in ids)  # template rows hold their slots
+        positions = sum(len(row) + P * (min(row) >= 0) for row in rows.seqs)  # template rows hold their slots
         self.reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         self.state.step = step + 1
         self.state.history.append(StepRow(self.state.step, loss, lr))
@@ -183,6 +195,9 @@ def setup(
 ) -> Recipe:
     """Prompts, optimizer and state on the run's device: restored from the checkpoint, or validated at step 0."""
     model, tok = base
+    layer, blocks = tasks[0].cfg.prompt_layer, num_blocks(model)
+    if layer >= blocks:
+        raise UsageError(f"--prompt-layer {layer} is past the base's last block (it has {blocks}: 0 to {blocks - 1})")
     prompt = make_prompt(model, tok, tasks, project.num_prompt_tokens).to(acc.device)
     if shard_base and acc.num_processes > 1:  # after the fingerprint and the inits, which read whole weights
         from ptcli.dist import shard_frozen_base
@@ -197,6 +212,12 @@ def setup(
     state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now(), inputs=inputs)
     batches = MixedBatches.of(tasks, tasks[0].cfg)
     recipe = Recipe(tasks, reporter, acc, model, tok, prompt, opt, batches, state, ckpt_path, inputs, started)
+    if layer and not (shard_base and acc.num_processes > 1):  # a sharded stack runs whole: no block may be skipped
+        recipe.states = FrozenStates(model, layer, STATES_BOUND)
+        reporter.status(
+            f"the prompt enters before block {layer} of {blocks}: each row's states below it are computed once "
+            f"and kept, up to {STATES_BOUND / 2**30:.0f} GiB (PTCLI_STATES_GIB)"
+        )
     if resuming:
         recipe.state = checkpoint.load(ckpt_path, prompt, opt, {t.tag: t.cfg for t in tasks}, inputs)
         reporter.status(f"resuming {'+'.join(t.tag for t in tasks)!r} at step {recipe.state.step}")

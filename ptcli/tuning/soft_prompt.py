@@ -23,6 +23,7 @@ from torch import nn
 from ptcli.data.encode import ANSWER_PREFIX
 from ptcli.enums import Init, Reparam
 from ptcli.errors import ModelError
+from ptcli.lm.depth import lifted
 
 if TYPE_CHECKING:
     from ptcli.tuning.task import Task
@@ -120,4 +121,6 @@ def make_prompt(model: Any, tok: Any, tasks: list[Task], P: int) -> SoftPrompt:
         for t in tasks
         for k in range(run.ensemble)
     ]
+    if run.prompt_layer:  # a late prompt starts as its init stands at its block (the stream's scale there)
+        inits = [lifted(model, run.prompt_layer, v) for v in inits]
     return SoftPrompt(torch.stack(inits), run.reparam, seed=run.seed)

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ptcli.config import TaskConfig
-from ptcli.data.encode import Encoded, closed_answers, encode
+from ptcli.data.encode import Encoded, answer_tokens, closed_answers, encode
 from ptcli.data.jsonl import Record, read_jsonl
-from ptcli.errors import InputError
+from ptcli.enums import Loss
+from ptcli.errors import InputError, UsageError
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Task:
     choices: list[str] | None
     init_text: str
     slots: list[int]
+    candidates: list[list[int]] | None = None  # the answer set as training targets (answer_tokens), when closed
 
 
 def read_split(cfgs: dict[str, TaskConfig], split: str) -> dict[str, list[Record]]:
@@ -56,15 +58,22 @@ def make_tasks(tok: Any, cfgs: dict[str, TaskConfig], rows: Splits, P: int) -> l
     tasks = []
     for n, (tag, cfg) in enumerate(cfgs.items()):
         train, valid, K = rows.train[tag], rows.valid[tag], cfg.ensemble
+        choices = closed_answers(train)
+        if cfg.loss == Loss.CHOICES and choices is None:
+            raise UsageError(
+                f"--loss choices needs a closed answer set, and {tag!r}'s training answers are too varied",
+                hint="use --loss answer (the answer's LM loss)",
+            )
         tasks.append(
             Task(
                 tag,
                 cfg,
                 encode(tok, train, P, cfg.max_seq_length, cfg.answer_only, source=cfg.train, template=cfg.template),
                 encode(tok, valid, P, cfg.max_seq_length, cfg.answer_only, source=cfg.valid, template=cfg.template),
-                closed_answers(train),
+                choices,
                 cfg.init_text or " ".join(sorted({r.answer for r in train if r.answer})[:100]),
                 list(range(n * K, (n + 1) * K)),
+                answer_tokens(tok, choices) if choices else None,
             )
         )
     return tasks

@@ -1,0 +1,111 @@
+"""The loss of one step's rows: the gold answer's LM loss, or cross-entropy over the answer set's scores.
+
+--loss answer     each row's answer tokens (the seed's loss; with --full-text-loss the text's too)
+--loss choices    each row runs once per candidate of its tag's answer set; a candidate's score is
+                  the summed log-likelihood of its tokens (what --mode rank picks by), and the loss
+                  is the cross-entropy of those scores against the gold answer (T-Few's, without its
+                  unlikelihood term). Training then optimises what validation and infer rank by.
+
+A prompt that enters at block 0 runs its rows through the whole base (forward.token_logprobs).
+One that enters at block K > 0 runs them from their states entering block K, computed once
+a row and kept (`FrozenStates`), through the blocks above K only (depth.logprobs_above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ptcli.enums import Loss
+from ptcli.lm.batch import IGNORE
+from ptcli.lm.depth import logprobs_above, states_below
+from ptcli.lm.forward import token_logprobs
+from ptcli.tuning.task import Task
+
+
+class FrozenStates:
+    """States entering block K of the rows a run has met, computed on first use, kept up to `bound` bytes.
+
+    Nothing below block K depends on a late prompt, so a row's states there are the same every
+    epoch. Rows met after the bound is reached are recomputed each time (the run says so).
+    """
+
+    def __init__(self, model, layer: int, bound: int):
+        self.model, self.layer, self.bound = model, layer, bound
+        self.kept: dict[tuple, torch.Tensor] = {}  # row key -> (T, H)
+        self.bytes = 0
+        self.computed = 0  # rows run below K, kept or not
+
+    def get(self, keys: list[tuple], seqs: list[list[int]]) -> list[torch.Tensor]:
+        missing = [j for j, k in enumerate(keys) if k not in self.kept]
+        fresh = dict(zip(missing, states_below(self.model, self.layer, [seqs[j] for j in missing]) if missing else []))
+        self.computed += len(missing)
+        for j, states in fresh.items():
+            size = states.numel() * states.element_size()
+            if self.bytes + size <= self.bound:
+                self.kept[keys[j]], self.bytes = states, self.bytes + size
+        return [fresh[j] if j in fresh else self.kept[k] for j, k in enumerate(keys)]
+
+
+@dataclass
+class StepRows:
+    """The rows one step runs: the rows of the picks, or each pick once per candidate."""
+
+    seqs: list[list[int]]
+    labels: list[list[int]]
+    which: list[int]  # the prompt slot each row trains
+    keys: list[tuple]  # (tag, row[, candidate]): what FrozenStates keeps them by
+    example: list[int]  # the pick each row belongs to
+    gold: list[int]  # --loss choices: the gold candidate of each pick
+
+
+def step_rows(picks: list[tuple[Task, int, int]], loss: str) -> StepRows:
+    """picks: (task, row, member) of this process's share of the step's batch."""
+    out = StepRows([], [], [], [], [], [])
+    for b, (t, i, k) in enumerate(picks):
+        rows: list[tuple[list[int], list[int], tuple]]
+        if loss == Loss.ANSWER:
+            rows = [(t.train.ids[i], t.train.labels[i], (t.tag, i))]
+        else:
+            assert t.candidates is not None and t.choices is not None  # make_tasks refuses --loss choices otherwise
+            context = t.train.prompts[i]
+            rows = [(context + c, [IGNORE] * len(context) + c, (t.tag, i, n)) for n, c in enumerate(t.candidates)]
+            out.gold.append(t.choices.index(t.train.answers[i].strip()))
+        for seq, labels, key in rows:
+            out.seqs.append(seq)
+            out.labels.append(labels)
+            out.keys.append(key)
+            out.which.append(t.slots[k])
+            out.example.append(b)
+    return out
+
+
+def _explicit(seq: list[int], labels: list[int], P: int) -> tuple[list[int], list[int]]:
+    """A prefix-layout row carries its prompt implicitly in front; from block K the row is run whole."""
+    if any(t < 0 for t in seq):
+        return seq, labels
+    return [-(j + 1) for j in range(P)] + seq, [IGNORE] * P + labels
+
+
+def batch_loss(
+    model, prompts: torch.Tensor, rows: StepRows, loss: str, pad_id: int, states: FrozenStates | None, layer: int
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, count): labelled tokens for --loss answer, picks for --loss choices. prompts: (S, P, H)."""
+    if layer:
+        whole = [_explicit(s, lab, prompts.shape[-2]) for s, lab in zip(rows.seqs, rows.labels)]
+        seqs, labels = [s for s, _ in whole], [lab for _, lab in whole]
+        below = states.get(rows.keys, seqs) if states else states_below(model, layer, seqs)
+        logp, row_of = logprobs_above(model, layer, prompts, below, seqs, labels, rows.which)  # (N,), (N,)
+    else:
+        logp, row_of = token_logprobs(model, prompts, rows.seqs, rows.labels, pad_id, rows.which)
+    if loss == Loss.ANSWER:
+        return -logp.sum(), int(logp.numel())
+    per_row = torch.zeros(len(rows.seqs), device=logp.device).index_add(0, row_of, logp)  # (R,) candidates' scores
+    B = len(rows.gold)
+    C = max(rows.example.count(b) for b in range(B))
+    scores = torch.full((B, C), float("-inf"), device=logp.device)  # (B, C): tags' answer sets may differ in size
+    column = [rows.example[:r].count(rows.example[r]) for r in range(len(rows.seqs))]
+    scores = scores.index_put((torch.tensor(rows.example), torch.tensor(column)), per_row)
+    return F.cross_entropy(scores, torch.tensor(rows.gold, device=logp.device), reduction="sum"), B

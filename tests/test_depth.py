@@ -1,0 +1,206 @@
+"""Late prompts (--prompt-layer K) and the answer-set loss, against a one-row, unpadded reference.
+
+The reference is written here, apart from ptcli's code: one row at a time, no padding, zero
+vectors in the prompt's slots at the input, and a hook on block K that puts the prompt's
+vectors in those slots; logits everywhere. The family matrix is test_families.py's (fast loop:
+llama, gpt2 and mistral with a window of 8, narrower than every row here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from clihelp import cli, failed, ok
+from reference import tune
+from test_families import ANSWERS, CHOICES, TEXTS, WHICH, _answer_ids, _prompts, family  # noqa: F401
+from test_train import Reporter, small_run
+
+from ptcli.config import TaskConfig
+from ptcli.data.template import Layout
+from ptcli.enums import Loss
+from ptcli.lm.depth import entering, logprobs_above, states_below
+from ptcli.lm.forward import IGNORE, choice_scores, token_logprobs
+from ptcli.project import bank
+from ptcli.project import manifest as proj
+from ptcli.tuning.loss import FrozenStates, StepRows, batch_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+P, K = 4, 1  # the tiny families have 2 blocks: the prompt enters before the second
+ROWS = [(t, "positive" if i % 2 == 0 else "negative") for i, t in enumerate(TEXTS + ["i love it", "i hate it"])]
+
+
+def _reference_logits(model, prompt: torch.Tensor, ids: list[int], layer: int) -> torch.Tensor:
+    """Logits (T, V) of one row whose prompt vector j (id -(j+1)) enters before block `layer`."""
+    x = torch.tensor([max(t, 0) for t in ids])
+    slots = torch.tensor([t < 0 for t in ids])  # (T,)
+    vectors = torch.stack([prompt[-t - 1] if t < 0 else torch.zeros(prompt.shape[-1]) for t in ids])  # (T, H)
+    embeds = model.get_input_embeddings()(x).masked_fill(slots.unsqueeze(-1), 0.0)  # (T, H)
+    blocks = next(
+        m
+        for m in model.base_model.modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers
+    )
+
+    def put(_module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h = torch.where(slots[None, :, None], vectors[None].to(h), h)
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    handle = blocks[layer].register_forward_pre_hook(put, with_kwargs=True)
+    try:
+        return model(inputs_embeds=embeds[None]).logits[0].float()
+    finally:
+        handle.remove()
+
+
+def _reference_logprob(model, prompt, ids: list[int], labels: list[int], layer: int) -> torch.Tensor:
+    logits = _reference_logits(model, prompt, ids, layer)[:-1].log_softmax(-1)  # (T-1, V): t predicts t+1
+    keep = [t for t, lab in enumerate(labels[1:]) if lab != IGNORE]
+    return logits[keep, [labels[t + 1] for t in keep]].sum()
+
+
+def _rows(tok, template: str):
+    layout = Layout(tok, template, P)
+    texts = tok(TEXTS, add_special_tokens=False).input_ids
+    rows = [layout.row(t, _answer_ids(tok, a), True) for t, a in zip(texts, ANSWERS)]  # (ids, labels, context)
+    if layout.prefix:  # the prefix layout leaves its prompt implicit in front; the reference needs it in place
+        slots = [-(j + 1) for j in range(P)]
+        whole = [(slots + i, [IGNORE] * P + lab, slots + c) for i, lab, c in rows]
+        return rows, whole
+    return rows, rows
+
+
+@pytest.mark.parametrize("template", ["prefix", "suffix"])
+def test_late_prompt_loss_and_gradient_equal_the_reference(family, template: str) -> None:
+    """Both ways a late prompt runs: the whole base inside `entering` (validation, infer) and the blocks above K
+    from their states below it (the training step)."""
+    _, _, model, tok = family
+    rows, whole = _rows(tok, template)
+    ref_prompts = _prompts(model, n=P).requires_grad_()
+    ref = torch.stack([_reference_logprob(model, ref_prompts[w], i, lab, K) for w, (i, lab, _) in zip(WHICH, whole)])
+    ref.sum().backward()
+
+    prompts = _prompts(model, n=P).requires_grad_()
+    with entering(model, K):
+        logp, row_of = token_logprobs(model, prompts, [r[0] for r in rows], [r[1] for r in rows], 0, which=WHICH)
+    ours = torch.zeros(len(rows)).index_add(0, row_of, logp)  # (B,)
+    ours.sum().backward()
+    torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(prompts.grad, ref_prompts.grad, atol=1e-5, rtol=1e-4)
+
+    above = _prompts(model, n=P).requires_grad_()
+    seqs, labels = [w[0] for w in whole], [w[1] for w in whole]
+    logp, row_of = logprobs_above(model, K, above, states_below(model, K, seqs), seqs, labels, WHICH)
+    ours = torch.zeros(len(rows)).index_add(0, row_of, logp)  # (B,)
+    ours.sum().backward()
+    torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(above.grad, ref_prompts.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("template", ["prefix", "suffix"])
+def test_late_prompt_scores_equal_the_reference(family, template: str) -> None:
+    _, _, model, tok = family
+    rows, whole = _rows(tok, template)
+    prompts, options = _prompts(model, n=P), [_answer_ids(tok, c) for c in CHOICES]
+    with torch.no_grad(), entering(model, K):
+        ours = choice_scores(model, prompts, [r[2] for r in rows], options, tok.pad_token_id, WHICH)  # (B, C)
+    with torch.no_grad():
+        ref = torch.tensor(
+            [
+                [_reference_logprob(model, prompts[w], c + o, [IGNORE] * len(c) + o, K).item() for o in options]
+                for w, (_, _, c) in zip(WHICH, whole)
+            ]
+        )  # (B, C)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_the_reference(family) -> None:
+    _, _, model, tok = family
+    _, whole = _rows(tok, "suffix")
+    options = [_answer_ids(tok, c) for c in CHOICES]
+    rows = StepRows([], [], [], [], [], [])
+    for b, (w, (_, _, context)) in enumerate(zip(WHICH, whole)):
+        for n, o in enumerate(options):
+            rows.seqs.append(context + o)
+            rows.labels.append([IGNORE] * len(context) + o)
+            rows.which.append(w)
+            rows.keys.append((b, n))
+            rows.example.append(b)
+        rows.gold.append(b % len(options))
+    prompts = _prompts(model, n=P)
+    fresh = batch_loss(model, prompts, rows, Loss.CHOICES, 0, None, K)
+    states = FrozenStates(model, K, bound=1 << 30)
+    first = batch_loss(model, prompts, rows, Loss.CHOICES, 0, states, K)
+    again = batch_loss(model, prompts, rows, Loss.CHOICES, 0, states, K)  # every row from the kept states
+    assert states.computed == len(rows.seqs) and len(states.kept) == len(rows.seqs)
+    assert fresh[1] == first[1] == again[1] == len(whole)
+    assert torch.equal(fresh[0], first[0]) and torch.equal(first[0], again[0])
+    with torch.no_grad():
+        scores = torch.tensor(
+            [
+                [_reference_logprob(model, prompts[w], s, lab, K).item() for s, lab in zip(rows.seqs, rows.labels)][
+                    b * len(options) : (b + 1) * len(options)
+                ]
+                for b, w in enumerate(WHICH)
+            ]
+        )  # (B, C)
+    want = F.cross_entropy(scores, torch.tensor(rows.gold), reduction="sum")
+    torch.testing.assert_close(fresh[0], want, atol=1e-5, rtol=0)
+
+    tight = FrozenStates(model, K, bound=1)  # nothing fits: every row is recomputed, the loss is the same
+    assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, tight, K)[0], fresh[0]) and not tight.kept
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple[Path, TaskConfig]:
+    return small_run(tmp_path_factory.mktemp("late") / "p", lively_llama, ROWS, prompt_layer=1, loss="choices")
+
+
+def test_a_late_prompt_resumes_to_the_uninterrupted_one_and_infer_reads_its_layer(start, tmp_path: Path) -> None:
+    src, cfg = start
+    full = proj.load(Path(shutil.copytree(src, tmp_path / "full")))
+    tune(full, "sent", cfg, Reporter())
+    full_prompt, meta = bank.get(full, "sent")
+    assert meta.best_step > 0 and meta.prompt_layer == 1 and meta.config["loss"] == "choices"
+
+    cut = proj.load(Path(shutil.copytree(src, tmp_path / "cut")))
+    with pytest.raises(KeyboardInterrupt):
+        tune(cut, "sent", cfg, Reporter(stop_at=5))
+    tune(proj.load(cut.root), "sent", cfg, Reporter(), resume=True)
+    prompt, _ = bank.get(proj.load(cut.root), "sent")
+    assert torch.allclose(prompt, full_prompt, atol=1e-6, rtol=0)
+
+    rows = [json.loads(line) for line in Path(cfg.valid).read_text().splitlines()]
+    result = cli("infer", "-p", full.root, cfg.valid)
+    ok(result)
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    right = sum(g["answer"] == r["answer"] for g, r in zip(got, rows)) / len(rows)
+    assert right == pytest.approx(meta.metrics["val_acc_rank"])  # infer answers as the kept step's validation
+    shown = json.loads(cli("show", "-p", full.root, "sent", "--json").stdout)["record"]
+    assert shown["config"]["prompt_layer"] == 1
+    r = failed(cli("export", "-p", full.root, "sent", tmp_path / "adapter", "--format", "peft"), 2)
+    assert "'sent' is a late prompt: it enters before block 1" in r
+    exported = tmp_path / "sent.safetensors"
+    ok(cli("export", "-p", full.root, "sent", exported))  # the ptcli format keeps the record, layer and all
+    ok(cli("import", "-p", cut.root, exported, "--tag", "again"))
+    assert bank.get(proj.load(cut.root), "again")[1].prompt_layer == 1
+
+
+def test_bad_depth_and_loss_settings_are_refused_by_flag(start, tmp_path: Path) -> None:
+    src, cfg = start
+    root = Path(shutil.copytree(src, tmp_path / "p"))
+    tune_args = ("tune", "-p", root, "--tag", "sent", "--train", cfg.train, "--valid", cfg.valid)
+    r = failed(cli(*tune_args, "--prompt-layer", 2), 2)
+    assert "--prompt-layer 2 is past the base's last block (it has 2: 0 to 1)" in r
+    r = failed(cli(*tune_args, "--prompt-layer", -1), 2)
+    assert "--prompt-layer must be 0 or more" in r
+    free = root.parent / "free.jsonl"
+    free.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": t}) + "\n" for t, _ in ROWS))
+    r = failed(cli("tune", "-p", root, "--tag", "sent", "--train", free, "--valid", free, "--loss", "choices"), 2)
+    assert "--loss choices needs a closed answer set" in r

@@ -82,6 +82,11 @@ class TaskConfig:
         "states below block K are computed once per run and take no gradient.",
         0,
     )
+    deep: bool = _setting(
+        "A deep prompt: every block from --prompt-layer up gets its own prompt vectors (P-tuning v2's deep "
+        "prompts, entered as hidden states).",
+        False,
+    )
     loss: str = _setting(
         "What a step minimises: answer (LM loss of the gold answer) or choices (cross-entropy over the scores of "
         "the answer set, what --mode rank picks by; needs a closed answer set).",
@@ -148,6 +153,7 @@ RUN_SETTINGS = (
     "reparam",
     "reparam_lr",
     "prompt_layer",
+    "deep",
     "loss",
 )
 

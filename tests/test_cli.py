@@ -190,6 +190,7 @@ def test_help_shows_every_setting_default_and_that_a_recorded_value_wins(command
     shown = {"train": "[required unless recorded]", "valid": "[required unless recorded]"}
     shown |= {"init_text": "[default: the task's answers]", "max_minutes": "[default: no limit]"}
     shown |= {"answer_only": "[default: --answer-only]", "group_by_length": "[default: --group-by-length]"}
+    shown |= {"deep": "[default: --no-deep]"}
     for f in dataclasses.fields(TaskConfig):
         expected = shown.get(f.name, f"[default: {f.default}]")
         assert f"{f.metadata['help']} {expected}" in text, f.name
@@ -339,6 +340,7 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
         "reparam": "none",
         "reparam_lr": 1e-3,
         "prompt_layer": 0,
+        "deep": False,
         "loss": "answer",
     }
     assert json.loads(result.stdout) == {"tag": "sent", "config": expected}

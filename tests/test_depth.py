@@ -17,14 +17,24 @@ import torch
 import torch.nn.functional as F
 from clihelp import cli, failed, ok
 from reference import tune
-from test_families import ANSWERS, CHOICES, TEXTS, WHICH, _answer_ids, _prompts, family  # noqa: F401
+from test_families import (  # noqa: F401 (family: a fixture)
+    ANSWERS,
+    CHOICES,
+    TEXTS,
+    WHICH,
+    _answer_ids,
+    _prompts,
+    build,
+    family,
+)
 from test_train import Reporter, small_run
 
 from ptcli.config import TaskConfig
 from ptcli.data.template import Layout
 from ptcli.enums import Loss
-from ptcli.lm.depth import entering, logprobs_above, states_below
+from ptcli.lm.depth import entering
 from ptcli.lm.forward import IGNORE, choice_scores, token_logprobs
+from ptcli.lm.frozen import logprobs_above, states_below
 from ptcli.project import bank
 from ptcli.project import manifest as proj
 from ptcli.tuning.loss import FrozenStates, StepRows, batch_loss
@@ -35,32 +45,45 @@ P, K = 4, 1  # the tiny families have 2 blocks: the prompt enters before the sec
 ROWS = [(t, "positive" if i % 2 == 0 else "negative") for i, t in enumerate(TEXTS + ["i love it", "i hate it"])]
 
 
-def _reference_logits(model, prompt: torch.Tensor, ids: list[int], layer: int) -> torch.Tensor:
-    """Logits (T, V) of one row whose prompt vector j (id -(j+1)) enters before block `layer`."""
+def _reference_logits(model, prompt: torch.Tensor, ids: list[int], layer: int, depth: int = 1) -> torch.Tensor:
+    """Logits (T, V) of one row whose prompt vector j (id -(j+1)) enters before block `layer`; a deep prompt
+    (depth D, prompt (D*P, H)) sets its slots again at each of the D-1 blocks after, to rows d*P + j."""
+    P = prompt.shape[0] // depth
     x = torch.tensor([max(t, 0) for t in ids])
     slots = torch.tensor([t < 0 for t in ids])  # (T,)
-    vectors = torch.stack([prompt[-t - 1] if t < 0 else torch.zeros(prompt.shape[-1]) for t in ids])  # (T, H)
-    embeds = model.get_input_embeddings()(x).masked_fill(slots.unsqueeze(-1), 0.0)  # (T, H)
+
+    def vectors(d: int) -> torch.Tensor:  # (T, H): block layer+d's vectors in the slots
+        return torch.stack([prompt[d * P - t - 1] if t < 0 else torch.zeros(prompt.shape[-1]) for t in ids])
+
+    embeds = model.get_input_embeddings()(x)  # (T, H)
+    embeds = torch.where(slots.unsqueeze(-1), vectors(0) if layer == 0 else 0.0, embeds)
     blocks = next(
         m
         for m in model.base_model.modules()
         if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers
     )
 
-    def put(_module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        h = torch.where(slots[None, :, None], vectors[None].to(h), h)
-        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+    def put(v: torch.Tensor):
+        def hook(_module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            h = torch.where(slots[None, :, None], v[None].to(h), h)
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
-    handle = blocks[layer].register_forward_pre_hook(put, with_kwargs=True)
+        return hook
+
+    handles = [
+        blocks[layer + d].register_forward_pre_hook(put(vectors(d)), with_kwargs=True)
+        for d in range(0 if layer else 1, depth)
+    ]
     try:
         return model(inputs_embeds=embeds[None]).logits[0].float()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-def _reference_logprob(model, prompt, ids: list[int], labels: list[int], layer: int) -> torch.Tensor:
-    logits = _reference_logits(model, prompt, ids, layer)[:-1].log_softmax(-1)  # (T-1, V): t predicts t+1
+def _reference_logprob(model, prompt, ids: list[int], labels: list[int], layer: int, depth: int = 1) -> torch.Tensor:
+    logits = _reference_logits(model, prompt, ids, layer, depth)[:-1].log_softmax(-1)  # (T-1, V): t predicts t+1
     keep = [t for t, lab in enumerate(labels[1:]) if lab != IGNORE]
     return logits[keep, [labels[t + 1] for t in keep]].sum()
 
@@ -134,13 +157,15 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
             rows.example.append(b)
         rows.gold.append(b % len(options))
     prompts = _prompts(model, n=P)
-    fresh = batch_loss(model, prompts, rows, Loss.CHOICES, 0, None, K)
+    with entering(model, K):
+        fresh = batch_loss(model, prompts, rows, Loss.CHOICES, 0, None, K)  # the whole base
     states = FrozenStates(model, K, bound=1 << 30)
     first = batch_loss(model, prompts, rows, Loss.CHOICES, 0, states, K)
     again = batch_loss(model, prompts, rows, Loss.CHOICES, 0, states, K)  # every row from the kept states
     assert states.computed == len(rows.seqs) and len(states.kept) == len(rows.seqs)
     assert fresh[1] == first[1] == again[1] == len(whole)
-    assert torch.equal(fresh[0], first[0]) and torch.equal(first[0], again[0])
+    assert torch.equal(first[0], again[0])
+    torch.testing.assert_close(first[0], fresh[0], atol=1e-5, rtol=1e-6)  # a sum over rows: float32 digits
     with torch.no_grad():
         scores = torch.tensor(
             [
@@ -154,7 +179,7 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
     torch.testing.assert_close(fresh[0], want, atol=1e-5, rtol=0)
 
     tight = FrozenStates(model, K, bound=1)  # nothing fits: every row is recomputed, the loss is the same
-    assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, tight, K)[0], fresh[0]) and not tight.kept
+    assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, tight, K)[0], first[0]) and not tight.kept
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +187,24 @@ def start(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple
     return small_run(tmp_path_factory.mktemp("late") / "p", lively_llama, ROWS, prompt_layer=1, loss="choices")
 
 
-def test_a_late_prompt_resumes_to_the_uninterrupted_one_and_infer_reads_its_layer(start, tmp_path: Path) -> None:
-    src, cfg = start
+@pytest.mark.parametrize(
+    ("settings", "refusal"),
+    [
+        (dict(prompt_layer=1, loss="choices"), "'sent' is a late prompt: it enters before block 1"),
+        (dict(deep=True), "'sent' is a deep prompt (vectors for 2 blocks, entered as hidden states)"),
+    ],
+    ids=["late", "deep"],
+)
+def test_late_and_deep_prompts_resume_exactly_and_infer_reads_how_they_enter(
+    settings: dict, refusal: str, lively_llama: Path, tmp_path: Path
+) -> None:
+    src, cfg = small_run(tmp_path / "src" / "p", lively_llama, ROWS, **settings)
     full = proj.load(Path(shutil.copytree(src, tmp_path / "full")))
     tune(full, "sent", cfg, Reporter())
     full_prompt, meta = bank.get(full, "sent")
-    assert meta.best_step > 0 and meta.prompt_layer == 1 and meta.config["loss"] == "choices"
+    depth = 2 if cfg.deep else 1
+    assert meta.best_step > 0 and meta.prompt_layer == cfg.prompt_layer and meta.depth == depth
+    assert full_prompt.shape[0] == depth * 4  # (D*P, H)
 
     cut = proj.load(Path(shutil.copytree(src, tmp_path / "cut")))
     with pytest.raises(KeyboardInterrupt):
@@ -180,16 +217,19 @@ def test_a_late_prompt_resumes_to_the_uninterrupted_one_and_infer_reads_its_laye
     result = cli("infer", "-p", full.root, cfg.valid)
     ok(result)
     got = [json.loads(line) for line in result.stdout.splitlines()]
-    right = sum(g["answer"] == r["answer"] for g, r in zip(got, rows)) / len(rows)
+    right = sum(g["prediction"] == r["answer"] for g, r in zip(got, rows)) / len(rows)
     assert right == pytest.approx(meta.metrics["val_acc_rank"])  # infer answers as the kept step's validation
     shown = json.loads(cli("show", "-p", full.root, "sent", "--json").stdout)["record"]
-    assert shown["config"]["prompt_layer"] == 1
+    assert shown["config"]["prompt_layer"] == cfg.prompt_layer and shown.get("depth", 1) == depth
+    ok(cli("check", "-p", full.root))
     r = failed(cli("export", "-p", full.root, "sent", tmp_path / "adapter", "--format", "peft"), 2)
-    assert "'sent' is a late prompt: it enters before block 1" in r
+    assert refusal in r
     exported = tmp_path / "sent.safetensors"
-    ok(cli("export", "-p", full.root, "sent", exported))  # the ptcli format keeps the record, layer and all
+    ok(cli("export", "-p", full.root, "sent", exported))  # the ptcli format keeps the record, layer and depth
     ok(cli("import", "-p", cut.root, exported, "--tag", "again"))
-    assert bank.get(proj.load(cut.root), "again")[1].prompt_layer == 1
+    again = bank.get(proj.load(cut.root), "again")
+    assert (again[1].prompt_layer, again[1].depth) == (cfg.prompt_layer, depth)
+    assert torch.equal(again[0], full_prompt)
 
 
 def test_bad_depth_and_loss_settings_are_refused_by_flag(start, tmp_path: Path) -> None:
@@ -204,3 +244,53 @@ def test_bad_depth_and_loss_settings_are_refused_by_flag(start, tmp_path: Path) 
     free.write_text("".join(json.dumps({"prompt_tag": "sent", "text": t, "answer": t}) + "\n" for t, _ in ROWS))
     r = failed(cli("tune", "-p", root, "--tag", "sent", "--train", free, "--valid", free, "--loss", "choices"), 2)
     assert "--loss choices needs a closed answer set" in r
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "mistral"])
+def three_blocks(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_json: str):
+    """A family of the matrix with three blocks, so a prompt can enter late and still be deep."""
+    layers = {"n_layer": 3} if request.param == "gpt2" else {"num_hidden_layers": 3}
+    return build(request.param, tmp_path_factory.mktemp(request.param), tiny_tokenizer_json, **layers)
+
+
+@pytest.mark.parametrize(("layer", "template"), [(0, "prefix"), (0, "suffix"), (1, "prefix"), (1, "suffix")])
+def test_deep_prompt_loss_gradient_and_scores_equal_the_reference(three_blocks, layer: int, template: str) -> None:
+    """Vectors at every block from `layer` up: the whole base (validation, infer), the blocks above K from kept
+    states (training), and ranked scores."""
+    model, tok = three_blocks
+    depth = 3 - layer
+    rows, whole = _rows(tok, template)
+    ref_prompts = _prompts(model, n=depth * P).requires_grad_()  # (2, D*P, H)
+    ref = torch.stack(
+        [_reference_logprob(model, ref_prompts[w], i, lab, layer, depth) for w, (i, lab, _) in zip(WHICH, whole)]
+    )
+    ref.sum().backward()
+
+    prompts = _prompts(model, n=depth * P).requires_grad_()
+    with entering(model, layer, depth):
+        logp, row_of = token_logprobs(model, prompts, [r[0] for r in rows], [r[1] for r in rows], 0, which=WHICH)
+        with torch.no_grad():
+            opts = [_answer_ids(tok, c) for c in CHOICES]
+            scores = choice_scores(model, prompts, [r[2] for r in rows], opts, tok.pad_token_id, WHICH)  # (B, C)
+    ours = torch.zeros(len(rows)).index_add(0, row_of, logp)  # (B,)
+    ours.sum().backward()
+    torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(prompts.grad, ref_prompts.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        want = torch.tensor(
+            [
+                [_reference_logprob(model, prompts[w], c + o, [IGNORE] * len(c) + o, layer, depth).item() for o in opts]
+                for w, (_, _, c) in zip(WHICH, whole)
+            ]
+        )  # (B, C)
+    torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-6)  # sums of tens: float32's last digits
+
+    if layer:
+        above = _prompts(model, n=depth * P).requires_grad_()
+        seqs, labels = [w[0] for w in whole], [w[1] for w in whole]
+        below = states_below(model, layer, seqs)
+        logp, row_of = logprobs_above(model, layer, above, below, seqs, labels, WHICH, depth=depth)
+        ours = torch.zeros(len(rows)).index_add(0, row_of, logp)  # (B,)
+        ours.sum().backward()
+        torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(above.grad, ref_prompts.grad, atol=1e-5, rtol=1e-4)

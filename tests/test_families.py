@@ -111,10 +111,16 @@ FAST = ("llama", "gpt2", "mistral")
 @pytest.fixture(scope="module", params=[pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in PRESENT])
 def family(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_json: str):
     """(name, folder, model, tokenizer) of one family, built and loaded once per module."""
-    cls, settings = FAMILIES[request.param]
-    tok = make_tokenizer(tiny_tokenizer_json)
+    path = tmp_path_factory.mktemp(request.param)
+    return (request.param, path, *build(request.param, path, tiny_tokenizer_json))
+
+
+def build(name: str, path: Path, tokenizer_json: str, **overrides):
+    """A tiny random model of a family saved at `path` (with `overrides` of its settings), loaded as ptcli loads it."""
+    cls, settings = FAMILIES[name]
+    tok = make_tokenizer(tokenizer_json)
     config = getattr(transformers, cls)(
-        **settings,
+        **{**settings, **overrides},
         vocab_size=len(tok),
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id,
@@ -122,11 +128,9 @@ def family(request, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_jso
         initializer_range=0.2,
     )
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp(request.param)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
-    model, tok = load_base(str(path))
-    return request.param, path, model, tok
+    return load_base(str(path))
 
 
 def _prompts(model, k: int = 2, n: int = P) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ptcli.project.record import PromptRecord
 
 @dataclass(frozen=True, eq=False)
 class Prompt:
-    """One bank entry as loaded for answering: (K, P, H) members, its record."""
+    """One bank entry as loaded for answering: (K, D*P, H) members (D: the record's depth), its record."""
 
     tag: str
     members: torch.Tensor  # (K, P, H)
@@ -57,7 +57,7 @@ class Prediction:
     stopped: bool = True  # generation ended at end-of-sequence, not at max_new
 
 
-PassKey = tuple[str, int, bool, int]  # mode, generation length (0 when ranked), prefix placement, prompt layer
+PassKey = tuple[str, int, bool, int, int]  # mode, generation length (0 if ranked), prefix placement, layer, depth
 
 
 class Engine:
@@ -92,6 +92,7 @@ class Engine:
             item.max_new if mode == Mode.GENERATE else 0,
             self.layout(prompt).prefix,
             prompt.record.prompt_layer,
+            prompt.record.depth,
         )
 
     def rows(self, items: list[Item], texts: list[list[int]] | None = None) -> list[list[int] | PtcliError]:
@@ -119,9 +120,9 @@ class Engine:
         for i, it in enumerate(items):
             passes.setdefault(self.pass_key(it), []).append(i)
         results: dict[int, Prediction] = {}
-        for (mode, max_new, _, layer), idx in passes.items():
+        for (mode, max_new, _, layer, depth), idx in passes.items():
             batch, rows = [items[i] for i in idx], [seqs[i] for i in idx]
-            with entering(self.model, layer):
+            with entering(self.model, layer, depth):
                 answers = self._generate(batch, rows, max_new) if mode == Mode.GENERATE else self._rank(batch, rows)
             results.update(zip(idx, answers))
         return [results[i] for i in range(len(items))]
@@ -159,7 +160,7 @@ class Engine:
         key = (id(item.prompt), item.choices)
         if key not in self._biases:
             layout = self.layout(item.prompt)
-            with entering(self.model, item.prompt.record.prompt_layer):
+            with entering(self.model, item.prompt.record.prompt_layer, item.prompt.record.depth):
                 self._biases[key] = content_free_bias(
                     self.model, self.tok, item.prompt.members, list(item.choices), layout
                 )

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ptcli.lm.arch import shared_prefix_exact
 from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
-from ptcli.lm.depth import forward_with
+from ptcli.lm.depth import forward_with, prompt_depth
 from ptcli.lm.placed import has_slots, placed_logprobs, placed_read
 
 
@@ -54,16 +54,16 @@ def prefixed(
     the prompts through the cache. cache: an empty cache to fill, else the model's own.
     """
     prompts, which = stack(prompts, len(seqs), which)
-    K, P, _ = prompts.shape
+    K, P = prompts.shape[0], prompts.shape[1] // prompt_depth(model)  # a deep prompt holds P vectors a block
     B = len(seqs)
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
     which = which.to(device)
-    vectors = prompts.to(device=device, dtype=dtype)  # (K, P, H)
+    vectors = prompts.to(device=device, dtype=dtype)  # (K, D*P, H)
     head = forward_with(
         model,
-        vectors,
-        torch.ones(K, P, dtype=torch.bool, device=device),
+        vectors[:, :P],
+        torch.arange(P, device=device).expand(K, P),  # every position of the head is a prompt slot
         vectors,
         position_ids=torch.arange(P, device=device).expand(K, P),
         use_cache=True,

@@ -57,16 +57,15 @@ def placed_read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int
     pad = right_pad if train else left_pad
     ids = pad(posts, pad_id).to(device)  # (B, T2); prompt vector j is -(j+1)
     real = pad([[1] * len(p) for p in posts], 0).to(device)  # (B, T2)
-    rows = prompts.to(device=device, dtype=emb.weight.dtype)[which.to(device)]  # (B, P, H)
-    slot = (-ids - 1).clamp(min=0)  # (B, T2): which prompt vector sits here
-    prompt_embeds = torch.gather(rows, 1, slot.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (B, T2, H)
+    rows = prompts.to(device=device, dtype=emb.weight.dtype)[which.to(device)]  # (B, D*P, H)
+    slot = torch.where(ids < 0, -ids - 1, -1)  # (B, T2): which prompt vector sits here (-1: a token)
     mask = torch.cat([pre_mask, real], dim=1)  # (B, T1+T2)
     pos = (mask.cumsum(1) - 1).clamp(min=0)[:, pre_mask.shape[1] :]  # (B, T2)
     out = forward_with(
         model,
         emb(ids.clamp(min=0)),
-        ids < 0,
-        prompt_embeds,
+        slot,
+        rows,
         attention_mask=mask,
         position_ids=pos,
         use_cache=True,

@@ -122,7 +122,7 @@ def put(project: ProjectDir, tag: str, prompt: torch.Tensor, record: PromptRecor
         record,
         schema_version=ENTRY_SCHEMA,
         tag=tag,
-        num_prompt_tokens=int(prompt.shape[-2]),
+        num_prompt_tokens=int(prompt.shape[-2]) // record.depth,
         hidden_size=int(prompt.shape[-1]),
         ensemble=int(prompt.shape[0]) if prompt.dim() == 3 else 1,
         base_ref=project.base.ref,
@@ -155,17 +155,18 @@ def verify(source: str, blob: bytes) -> tuple[dict[str, Any], bytes, PromptRecor
     """
     header, record, data = _split(Path(source), blob)
     spec = header.get("prompt")
-    P, H, K = record.num_prompt_tokens, record.hidden_size, record.ensemble
+    P, H, K, D = record.num_prompt_tokens, record.hidden_size, record.ensemble, record.depth
     tensors = sorted(k for k in header if k != "__metadata__")
     if tensors != ["prompt"] or not isinstance(spec, dict) or not isinstance(P, int) or not isinstance(H, int):
         raise CompatibilityError(f"{source} is not a ptcli prompt (tensors: {', '.join(tensors) or 'none'})")
-    shape = [P, H] if K == 1 else [K, P, H]
+    shape = [D * P, H] if K == 1 else [K, D * P, H]
     if (
         not isinstance(K, int)
+        or not isinstance(D, int)
         or spec.get("dtype") != "F32"
         or spec.get("shape") != shape
         or spec.get("data_offsets") != [0, len(data)]
-        or len(data) != 4 * P * H * K
+        or len(data) != 4 * D * P * H * K
     ):
         raise CompatibilityError(
             f"{source} is damaged: its tensor is {spec.get('dtype')} {spec.get('shape')} over {len(data)} bytes; "

@@ -100,6 +100,12 @@ def export(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exp
             f"{tag!r} places its prompt by the template {template!r}; a PEFT prompt-tuning adapter only prepends it",
             hint="export it in the ptcli format",
         )
+    if record.depth > 1:
+        raise UsageError(
+            f"{tag!r} is a deep prompt (vectors for {record.depth} blocks, entered as hidden states); a PEFT "
+            "prompt-tuning adapter holds input embeddings only",
+            hint="export it in the ptcli format",
+        )
     if record.prompt_layer:
         raise UsageError(
             f"{tag!r} is a late prompt: it enters before block {record.prompt_layer}, and a PEFT prompt-tuning "

@@ -51,6 +51,7 @@ class PromptRecord:
     imported_from: dict[str, Any] | None = None
     schema_version: int | None = None
     num_prompt_tokens: int | None = None
+    depth: int = 1  # blocks the prompt gives vectors to: a deep prompt's tensor holds depth * num_prompt_tokens rows
     hidden_size: int | None = None
     base_ref: str | None = None
     base_fingerprint: str | None = None
@@ -84,4 +85,6 @@ class PromptRecord:
         """The JSON object as stored; a field that is None is left out, as older records left it out."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out = {k: v.value if isinstance(v, Enum) else v for k, v in out.items() if v is not None}
+        if self.depth == 1:
+            del out["depth"]  # a shallow prompt's record reads as before deep prompts
         return {**self.extra, **out}

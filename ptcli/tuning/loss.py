@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from ptcli.enums import Loss
 from ptcli.lm.batch import IGNORE
-from ptcli.lm.depth import logprobs_above, states_below
 from ptcli.lm.forward import token_logprobs
+from ptcli.lm.frozen import logprobs_above, states_below
 from ptcli.tuning.task import Task
 
 
@@ -90,15 +90,26 @@ def _explicit(seq: list[int], labels: list[int], P: int) -> tuple[list[int], lis
 
 
 def batch_loss(
-    model, prompts: torch.Tensor, rows: StepRows, loss: str, pad_id: int, states: FrozenStates | None, layer: int
+    model,
+    prompts: torch.Tensor,
+    rows: StepRows,
+    loss: str,
+    pad_id: int,
+    states: FrozenStates | None,
+    layer: int,
+    depth: int = 1,
 ) -> tuple[torch.Tensor, int]:
-    """(summed loss, count): labelled tokens for --loss answer, picks for --loss choices. prompts: (S, P, H)."""
-    if layer:
-        whole = [_explicit(s, lab, prompts.shape[-2]) for s, lab in zip(rows.seqs, rows.labels)]
+    """(summed loss, count): labelled tokens for --loss answer, picks for --loss choices. prompts: (S, D*P, H).
+
+    Called inside `entering(model, layer, depth)`. With kept `states` a late prompt's rows run
+    from block `layer` up; without, through the whole base.
+    """
+    if layer and states is not None:
+        whole = [_explicit(s, lab, prompts.shape[-2] // depth) for s, lab in zip(rows.seqs, rows.labels)]
         seqs, labels = [s for s, _ in whole], [lab for _, lab in whole]
-        below = states.get(rows.keys, seqs) if states else states_below(model, layer, seqs)
-        logp, row_of = logprobs_above(model, layer, prompts, below, seqs, labels, rows.which)  # (N,), (N,)
-    else:
+        below = states.get(rows.keys, seqs)
+        logp, row_of = logprobs_above(model, layer, prompts, below, seqs, labels, rows.which, rows.example, depth)
+    else:  # the whole base (a sharded stack must run every block)
         logp, row_of = token_logprobs(model, prompts, rows.seqs, rows.labels, pad_id, rows.which)
     if loss == Loss.ANSWER:
         return -logp.sum(), int(logp.numel())

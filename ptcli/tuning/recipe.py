@@ -26,7 +26,7 @@ from ptcli import preempt
 from ptcli.config import TaskConfig
 from ptcli.enums import Reparam
 from ptcli.errors import UsageError
-from ptcli.lm.depth import entering, num_blocks
+from ptcli.lm.depth import depth_of, entering, num_blocks
 from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.runs import EvalRow, StepRow
 from ptcli.tuning import checkpoint
@@ -84,6 +84,7 @@ class Recipe:
     inputs: dict[str, Any]  # checkpoint.inputs_of: the data and base this run was set up with
     started: float  # time.perf_counter() when the run began
     states: FrozenStates | None = None  # a late prompt's rows below its block, kept across steps
+    depth: int = 1  # blocks each prompt gives vectors to (a deep prompt: all from --prompt-layer up)
     prior_seconds: float = 0.0  # time the interrupted run spent, when resuming
 
     @property
@@ -99,7 +100,7 @@ class Recipe:
         with torch.no_grad():
             self.state.best_prompt = self.prompt().detach().clone()  # (S, P, H)
         for t in self.tasks:
-            with entering(self.model, self.run.prompt_layer):
+            with entering(self.model, self.run.prompt_layer, self.depth):
                 metrics = evaluate(
                     self.model, self.tok, self.state.best_prompt[t.slots], t, self.run.batch_size, self.acc
                 )
@@ -112,7 +113,7 @@ class Recipe:
         with torch.no_grad():
             current = self.prompt().detach()  # (S, P, H)
         for t in self.tasks:
-            with entering(self.model, self.run.prompt_layer):
+            with entering(self.model, self.run.prompt_layer, self.depth):
                 metrics = evaluate(self.model, self.tok, current[t.slots], t, self.run.batch_size, self.acc)
             self.reporter.evaluated(self.state.step, metrics, t.tag)
             self.state.history.append(EvalRow(self.state.step, t.tag, metrics))
@@ -135,9 +136,10 @@ class Recipe:
         for group in self.opt.param_groups:
             group["lr"] = lr * group["peak"] / run.lr
         rows = step_rows(picks, run.loss)
-        loss_sum, n = batch_loss(
-            model, self.prompt(), rows, run.loss, self.tok.pad_token_id, self.states, run.prompt_layer
-        )
+        with entering(model, run.prompt_layer, self.depth):
+            loss_sum, n = batch_loss(
+                model, self.prompt(), rows, run.loss, self.tok.pad_token_id, self.states, run.prompt_layer, self.depth
+            )
         n_global = int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
         (loss_sum / n_global).backward()
         if acc.num_processes > 1:
@@ -146,7 +148,7 @@ class Recipe:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
-        P = self.prompt.weight.shape[-2]
+        P = self.prompt.weight.shape[-2] // self.depth
         positions = sum(len(row) + P * (min(row) >= 0) for row in rows.seqs)  # template rows hold their slots
         self.reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         self.state.step = step + 1
@@ -212,6 +214,7 @@ def setup(
     state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now(), inputs=inputs)
     batches = MixedBatches.of(tasks, tasks[0].cfg)
     recipe = Recipe(tasks, reporter, acc, model, tok, prompt, opt, batches, state, ckpt_path, inputs, started)
+    recipe.depth = depth_of(model, layer, tasks[0].cfg.deep)
     if layer and not (shard_base and acc.num_processes > 1):  # a sharded stack runs whole: no block may be skipped
         recipe.states = FrozenStates(model, layer, STATES_BOUND)
         reporter.status(

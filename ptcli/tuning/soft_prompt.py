@@ -23,7 +23,8 @@ from torch import nn
 from ptcli.data.encode import ANSWER_PREFIX
 from ptcli.enums import Init, Reparam
 from ptcli.errors import ModelError
-from ptcli.lm.depth import lifted
+from ptcli.lm.depth import depth_of
+from ptcli.lm.frozen import lifted
 
 if TYPE_CHECKING:
     from ptcli.tuning.task import Task
@@ -114,13 +115,14 @@ def init_prompt(
 
 
 def make_prompt(model: Any, tok: Any, tasks: list[Task], P: int) -> SoftPrompt:
-    """The (S, P, H) prompt stack, each slot initialised by its tag's --init (member k with seed + k)."""
+    """The (S, D*P, H) prompt stack, each slot initialised by its tag's --init (member k with seed + k)."""
     run = tasks[0].cfg
     inits = [
         init_prompt(model, tok, P, t.cfg.init, t.init_text, run.seed + k, t.choices)
         for t in tasks
         for k in range(run.ensemble)
     ]
-    if run.prompt_layer:  # a late prompt starts as its init stands at its block (the stream's scale there)
-        inits = [lifted(model, run.prompt_layer, v) for v in inits]
+    depth = depth_of(model, run.prompt_layer, run.deep)
+    if run.prompt_layer or depth > 1:  # a late or deep prompt starts as its init stands at its blocks
+        inits = [lifted(model, run.prompt_layer, v, depth) for v in inits]  # each (D*P, H)
     return SoftPrompt(torch.stack(inits), run.reparam, seed=run.seed)

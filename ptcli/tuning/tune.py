@@ -153,6 +153,7 @@ def record_of(recipe: Recipe, t: Task, seconds: float) -> PromptRecord:
         choices=t.choices,
         mode=kept_mode(t.choices),  # what `better` kept the prompt by; infer's default
         ensemble=len(t.slots),
+        depth=recipe.depth,
         tuned_with=[o.tag for o in recipe.tasks if o.tag != t.tag],
         config=t.cfg.to_dict(),
         steps=state.step,

@@ -294,3 +294,19 @@ def test_deep_prompt_loss_gradient_and_scores_equal_the_reference(three_blocks, 
         ours.sum().backward()
         torch.testing.assert_close(ours, ref.detach(), atol=1e-5, rtol=0)
         torch.testing.assert_close(above.grad, ref_prompts.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_lifted_init_is_the_init_rows_states_after_a_leading_token(three_blocks) -> None:
+    """Each block's initial vectors are the init row's states entering it, read after one leading token (the base's
+    BOS), as `output_hidden_states` gives them; at block 0 the vectors stay as they are."""
+    from ptcli.lm.frozen import lifted
+
+    model, tok = three_blocks
+    init = _prompts(model, k=1, n=P)[0]  # (P, H)
+    lead = model.get_input_embeddings()(torch.tensor([model.config.bos_token_id]))  # (1, H)
+    with torch.no_grad():
+        states = model(inputs_embeds=torch.cat([lead, init])[None], output_hidden_states=True).hidden_states
+    for layer, depth in ((1, 2), (0, 3), (2, 1)):
+        got = lifted(model, layer, init, depth)  # (depth*P, H)
+        want = [init if layer + d == 0 else states[layer + d][0, 1:] for d in range(depth)]
+        torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=0)

@@ -88,16 +88,23 @@ def lifted(model, layer: int, vectors: torch.Tensor, depth: int = 1) -> torch.Te
     (depth*P, H). At block 0 they stay the vectors themselves.
 
     A late or deep prompt starts where its init (text, labels, vocabulary) would stand at each
-    of its blocks, at the scale of the stream there, not at the scale of input embeddings.
+    of its blocks, at the scale of the stream there, not at the scale of input embeddings. The
+    row starts with one token more (the base's BOS or EOS), dropped after: a row's first
+    position gathers outsized activations (an attention sink), and the prompt sits mid-row.
     """
-    device = model.get_input_embeddings().weight.device
-    embeds = vectors.to(device=device, dtype=model.get_input_embeddings().weight.dtype)[None]  # (1, P, H)
-    P = vectors.shape[0]
-    mask = torch.ones(1, P, dtype=torch.long, device=device)
-    out = _entering_blocks(model, range(layer, layer + depth), embeds, mask, torch.arange(P, device=device)[None])
+    emb = model.get_input_embeddings()
+    config = model.config.get_text_config()
+    first = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    lead = (
+        emb(torch.tensor([first], device=emb.weight.device)) if first is not None else torch.zeros_like(emb.weight[:1])
+    )
+    embeds = torch.cat([lead, vectors.to(emb.weight)])[None]  # (1, 1+P, H)
+    T = embeds.shape[1]
+    mask = torch.ones(1, T, dtype=torch.long, device=emb.weight.device)
+    out = _entering_blocks(model, range(layer, layer + depth), embeds, mask, torch.arange(T, device=mask.device)[None])
     if layer == 0:
         out[0] = embeds
-    return torch.cat([h[0] for h in out]).to(vectors)  # (depth*P, H)
+    return torch.cat([h[0, 1:] for h in out]).to(vectors)  # (depth*P, H)
 
 
 def _entering_blocks(model, which: range, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):

@@ -5,12 +5,18 @@ default ../shared/data), every method scored by ranking the task's closed answer
 bench/quality_workers.py). SST-2 is scored on val_sentences.jsonl (whole sentences, like the
 test set: `val_acc`) and on val.jsonl (mostly phrases: `val_acc_phrases`); RTE on val.jsonl.
 
-    majority       the most common training answer
+    majority       the class ratio of each scored split (its most common answer's share)
     zero_shot      a written instruction per task, then the text
     few_shot       the instruction, k class-balanced training examples, then the text
     peft           PEFT prompt tuning: same prompt length, batch, lr schedule, init text and loss as ptcli
     peft_ptuning   PEFT P-tuning (P_TUNING, MLP prompt encoder): same prompt length, batches,
-                   schedule and loss; --ptuning-lr
+                   schedule and loss
+    peft_prefix    PEFT prefix tuning (PREFIX_TUNING: per-layer key/value prefixes), same length
+    peft_lora      PEFT LoRA, rank 8 on the attention projections: what a user would pick instead
+                   Each peer has its own learning rates (--peer-lr; several: the best on val) and, like
+                   ptcli, keeps its best step by the dev rows.
+    probe          bench/probe.py's linear probe on the frozen model's hidden states (its JSON; an
+                   optimistic bound: its L2 weight is the best of four on val)
     ptcli_default  `ptcli tune` with its default recipe, then `ptcli infer` (the tag's default mode: rank)
     ptcli_best     the same with the flags in RECIPES_BEST
     NAME           `--recipe NAME="tune flags"` adds a ptcli row with those flags (both tasks)
@@ -53,7 +59,14 @@ import datadir
 from quality_workers import load_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["majority", "zero_shot", "few_shot", "peft", "peft_ptuning", "ptcli_default", "ptcli_best"]
+PEERS = ("peft", "peft_ptuning", "peft_prefix", "peft_lora")
+METHODS = ["majority", "zero_shot", "few_shot", *PEERS, "probe", "ptcli_default", "ptcli_best"]
+PEER_LRS = {  # each peer's own learning rates; with several, the row is the best of them on the first scored split
+    "peft": [0.1],  # ptcli's default: the same method
+    "peft_ptuning": [1e-3],  # PEFT's P-tuning guide
+    "peft_prefix": [1e-2],  # PEFT's prefix-tuning example
+    "peft_lora": [3e-4],  # PEFT's LoRA examples: 1e-4 .. 3e-4
+}
 SCORED = {
     "SST2": {"val_acc": "val_sentences", "val_acc_phrases": "val"}
 }  # row key -> split; other tasks: val_acc on val
@@ -160,25 +173,52 @@ def run_ptcli(task: str, recipe: list[str], cfg: dict) -> dict:
 
 def run_method(task: str, method: str, cfg: dict) -> dict:
     cfg = {**cfg, "scored": scored(task)}
-    if method == "majority":
-        top = Counter(r["answer"] for r in load_rows(cfg["data_dir"], task, "train")).most_common(1)[0][0]
-        accs = {
-            key: [r["answer"] == top for r in load_rows(cfg["data_dir"], task, split, cfg["val_limit"])]
+    if method == "majority":  # the class ratio of each scored split: what a prompt must beat to have learned
+        counts = {
+            key: Counter(r["answer"] for r in load_rows(cfg["data_dir"], task, split, cfg["val_limit"]))
             for key, split in cfg["scored"].items()
         }
         return {
-            **{k: sum(v) / len(v) for k, v in accs.items()},
+            **{k: c.most_common(1)[0][1] / sum(c.values()) for k, c in counts.items()},
             "train_seconds": 0.0,
             "trainable_params": 0,
             "steps": 0,
-            "answer": top,
+            "answer": {k: c.most_common(1)[0][0] for k, c in counts.items()},
         }
     if method in ("zero_shot", "few_shot"):
         return run_worker("prompted", task, {**cfg, "k": 0 if method == "zero_shot" else cfg["shots"]})
-    if method in ("peft", "peft_ptuning"):
-        return run_worker(method, task, cfg)
+    if method in PEERS:
+        return run_peer(task, method, cfg)
+    if method == "probe":
+        return probe_row(task, cfg)
     recipes = {"ptcli_default": [], "ptcli_best": RECIPES_BEST[task], **cfg["recipes"]}
     return run_ptcli(task, recipes[method], cfg)
+
+
+def run_peer(task: str, method: str, cfg: dict) -> dict:
+    """A peer at each of its learning rates; the row is its best on the first scored split, the sweep beside it."""
+    key = next(iter(cfg["scored"]))
+    runs = [run_worker(method, task, {**cfg, "lrs": {method: lr}}) for lr in cfg["peer_lrs"][method]]
+    best = max(runs, key=lambda r: r[key])
+    return {**best, "sweep": [{"lr": r["lr"], key: r[key], "best_step": r["best_step"]} for r in runs]}
+
+
+def probe_row(task: str, cfg: dict) -> dict:
+    """The linear probe of bench/probe.py (its committed JSON): the best of its L2 weights on the val file,
+    an optimistic bound on what the frozen model's features hold, not a method of the same budget."""
+    path = ROOT / "bench" / "results" / "probe.json"
+    probe = json.loads(path.read_text()).get(task) if path.is_file() else None
+    if not probe:
+        return {"val_acc": float("nan"), "train_seconds": 0.0, "trainable_params": 0, "steps": 0, "missing": str(path)}
+    best = max(probe["fits"], key=lambda f: f["val_acc"])
+    return {
+        "val_acc": best["val_acc"],
+        "train_seconds": probe["feature_seconds"],
+        "trainable_params": probe["features"] + 1,
+        "steps": 0,
+        "weight_decay": best["weight_decay"],
+        "val_file": probe["val_file"],
+    }
 
 
 def parse_recipes(specs: list[str]) -> dict[str, list[str]]:
@@ -228,10 +268,11 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=None, help="PEFT prompt tuning's peak learning rate (default: ptcli's)")
     ap.add_argument(
-        "--ptuning-lr",
-        type=float,
-        default=1e-3,
-        help="PEFT P-tuning's peak learning rate (PEFT's P-tuning guide uses 1e-3)",
+        "--peer-lr",
+        action="append",
+        default=[],
+        metavar="PEER=LR[,LR...]",
+        help=f"a peer's peak learning rates (several: a sweep, the best on val kept); defaults {PEER_LRS}",
     )
     ap.add_argument("--shots", type=int, default=4, help="k of few_shot")
     # chat won on full val (SST2 zero/few 0.650/0.670 vs plain 0.572/0.566; RTE near chance either way)
@@ -270,6 +311,14 @@ def arguments() -> argparse.Namespace:
         from ptcli.config import TaskConfig
 
         args.lr = TaskConfig().lr
+    args.peer_lrs = dict(PEER_LRS)
+    for spec in args.peer_lr:
+        peer, _, lrs = spec.partition("=")
+        if peer not in PEERS or not lrs:
+            raise SystemExit(
+                f"error: --peer-lr takes PEER=LR[,LR...] with PEER one of {', '.join(PEERS)}, got {spec!r}"
+            )
+        args.peer_lrs[peer] = [float(x) for x in lrs.split(",")]
     args.out = args.out or ROOT / "bench" / "results" / ("quality_solo.json" if args.solo else "quality.json")
     args.markdown = args.markdown or args.out.with_suffix(".md")
     args.data_dir = str(
@@ -282,7 +331,9 @@ def main() -> None:
     args = arguments()
     recipes = parse_recipes(args.recipe)
     methods = args.methods + list(recipes)
-    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "markdown", "recipe")} | {"recipes": recipes}
+    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "markdown", "recipe", "peer_lr")} | {
+        "recipes": recipes
+    }
     results: dict = {
         "machine": {
             "cpu_count": os.cpu_count(),

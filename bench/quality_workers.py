@@ -166,10 +166,16 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, elap
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+PREPENDED = ("peft", "peft_ptuning")  # PEFT kinds whose virtual tokens stand in front of the logits
+VAL_EVERY = 50  # steps between the dev scorings that pick a peer's best step: ptcli's --val-check-interval
+
+
 def peft_config(kind: str, P: int, labels: list[str], hidden: int):
     """peft: prompt tuning from the class labels' text (as ptcli's default init); peft_ptuning:
-    P-tuning, PEFT's MLP prompt encoder (hidden width = the model's) over randomly initialised prompt embeddings."""
-    from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType
+    P-tuning, PEFT's MLP prompt encoder (hidden width = the model's) over randomly initialised prompt embeddings;
+    peft_prefix: prefix tuning (per-layer key/value prefixes, PEFT's reparameterization off); peft_lora: LoRA of
+    rank 8 on the attention projections (what a user would pick instead of prompt tuning)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     from ptcli.lm.base import resolve
 
@@ -179,6 +185,16 @@ def peft_config(kind: str, P: int, labels: list[str], hidden: int):
             num_virtual_tokens=P,
             encoder_reparameterization_type="MLP",
             encoder_hidden_size=hidden,
+        )
+    if kind == "peft_prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P)
+    if kind == "peft_lora":
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         )
     return PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -190,7 +206,11 @@ def peft_config(kind: str, P: int, labels: list[str], hidden: int):
 
 
 def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
-    """PEFT prompt tuning or P-tuning: ptcli_default's rows, batches, answer-only loss and schedule; lr from cfg."""
+    """A PEFT peer: ptcli_default's rows, batches, answer-only loss and schedule; its own lr (cfg["lrs"][kind]).
+
+    Like ptcli, it keeps its best step: every VAL_EVERY steps and at the end the dev rows (the last
+    --dev-rows of train.jsonl, ptcli's --valid) are ranked, and the val files score the best step's weights.
+    """
     import torch
     from peft import get_peft_model
 
@@ -202,18 +222,34 @@ def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
 
     model, tok = load_base("default")
     P, B = cfg["prompt_tokens"], cfg["batch_size"]
-    train = load_rows(cfg["data_dir"], task, "train")[: -cfg["dev_rows"]]
+    rows = load_rows(cfg["data_dir"], task, "train")
+    train, dev = rows[: -cfg["dev_rows"]], rows[-cfg["dev_rows"] :]
     labels = sorted({r["answer"] for r in train})
     enc = encode(
         tok, [Record(i, task, r["text"], r["answer"], r) for i, r in enumerate(train)], P, 512, answer_only=True
     )
     pm = get_peft_model(model, peft_config(kind, P, labels, model.config.hidden_size))
     params = [p for p in pm.parameters() if p.requires_grad]
-    lr = cfg["ptuning_lr"] if kind == "peft_ptuning" else cfg["lr"]
+    lr = cfg.get("lrs", {}).get(kind) or cfg["lr"]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     defaults = TaskConfig()  # ptcli's defaults: the same batches (seed, length grouping) and schedule as ptcli_default
     order = BatchOrder(len(enc.ids), B, defaults.seed, [len(x) for x in enc.ids] if defaults.group_by_length else None)
+    answers = tok([" " + a for a in labels], add_special_tokens=False).input_ids
+
+    def forward(rows):
+        ids, mask = right_pad(rows, tok.pad_token_id)  # (B, T)
+        logits = pm(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, [P +] T, V)
+        return logits[:, P:] if kind in PREPENDED else logits  # (B, T, V)
+
+    def dev_acc() -> float:
+        pm.eval()
+        scores = rank(forward, tok([r["text"] for r in dev], add_special_tokens=False).input_ids, answers, B)
+        pm.train()
+        return sum(labels[p] == r["answer"] for p, r in zip(scores.argmax(1).tolist(), dev)) / len(dev)
+
     step, losses, budget, t0 = 0, [], 60 * cfg["budget_minutes"], time.perf_counter()
+    best = (dev_acc(), 0, [p.detach().clone() for p in params])
+    curve = [(0, best[0])]
     while step < cfg["max_steps"] and time.perf_counter() - t0 < budget:
         idx = order.batch(step)
         for g in opt.param_groups:
@@ -234,13 +270,18 @@ def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
         step += 1
+        if step % VAL_EVERY == 0:
+            curve.append((step, dev_acc()))
+            if curve[-1][1] > best[0]:
+                best = (curve[-1][1], step, [p.detach().clone() for p in params])
+    if curve[-1][0] != step:
+        curve.append((step, dev_acc()))
+        if curve[-1][1] > best[0]:
+            best = (curve[-1][1], step, [p.detach().clone() for p in params])
     seconds = time.perf_counter() - t0
-
-    def forward(rows):
-        ids, mask = right_pad(rows, tok.pad_token_id)  # (B, T)
-        return pm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, P:]  # (B, P + T, V) -> (B, T, V)
-
-    answers = tok([" " + a for a in labels], add_special_tokens=False).input_ids
+    with torch.no_grad():
+        for p, kept in zip(params, best[2]):
+            p.copy_(kept)
     acc = score_splits(
         task, cfg, labels, lambda texts: rank(forward, tok(texts, add_special_tokens=False).input_ids, answers, B)
     )
@@ -249,6 +290,8 @@ def worker_peft(task: str, cfg: dict, kind: str = "peft") -> dict:
         "train_seconds": seconds,
         "trainable_params": sum(p.numel() for p in params),
         "steps": step,
+        "best_step": best[1],
+        "dev_curve": curve,
         "lr": lr,
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
     }

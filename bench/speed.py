@@ -58,7 +58,8 @@ def peak_rss_mb() -> float:
 
 
 def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str = "SST2") -> dict:
-    """tool: ptcli (the prompt first), ptcli-suffix (--template suffix: the text runs without gradient) or peft."""
+    """tool: ptcli (the prompt first), ptcli-suffix (--template suffix: the text runs without gradient),
+    ptcli-lateK (suffix, --prompt-layer K, the states below K kept: steady-state steps) or peft."""
     import torch
 
     from ptcli.data.encode import encode
@@ -71,13 +72,37 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     model.to(DEVICE)
     rows = load_rows(task, "train", steps * batch + batch)
     records = [Record(i, r["prompt_tag"], r["text"], r["answer"], r) for i, r in enumerate(rows)]
-    template = "suffix" if tool == "ptcli-suffix" else "prefix"
+    template = "suffix" if tool in ("ptcli-suffix",) or tool.startswith("ptcli-late") else "prefix"
     enc = encode(tok, records, prompt_len, 512, answer_only=True, template=template)
     size = [len(ids) + (prompt_len if template == "prefix" else 0) for ids in enc.ids]  # real positions of each row
     batches = [list(range(s * batch, (s + 1) * batch)) for s in range(steps + 1)]
     init = init_prompt(model, tok, prompt_len, "text", " ".join(sorted({r["answer"] for r in rows})), 0).to(DEVICE)
     times, tokens, positions = [], [], []
-    if tool.startswith("ptcli"):
+    blocks = model.config.num_hidden_layers
+    late = int(tool.removeprefix("ptcli-late")) if tool.startswith("ptcli-late") else 0
+    if late:
+        from ptcli.lm.depth import lifted
+        from ptcli.tuning.loss import FrozenStates, StepRows, batch_loss
+
+        prompt = SoftPrompt(lifted(model, late, init))
+        opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
+        states = FrozenStates(model, late, 1 << 36)
+
+        def rows_of(idx):
+            ids, labels = [enc.ids[i] for i in idx], [enc.labels[i] for i in idx]
+            return StepRows(ids, labels, [0] * len(idx), [(i,) for i in idx], list(range(len(idx))), [])
+
+        for idx in batches:  # the states below the prompt, computed once (untimed): every later epoch reuses them
+            rows = rows_of(idx)
+            states.get(rows.keys, rows.seqs)  # suffix rows hold their prompt slots: run whole as they are
+
+        def step(idx):
+            rows = rows_of(idx)
+            loss_sum, n = batch_loss(model, prompt(), rows, "answer", tok.pad_token_id, states, late)
+            (loss_sum / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elif tool.startswith("ptcli"):
         prompt = SoftPrompt(init)
         opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
 
@@ -121,7 +146,11 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
             tokens.append(sum(size[i] for i in idx))
             T = max(len(enc.ids[i]) for i in idx)  # padded row length (prompt slots included for the suffix)
             positions.append(
-                len(idx) * T + prompt_len if tool == "ptcli" else len(idx) * (T + prompt_len * (tool == "peft"))
+                len(idx) * T + prompt_len
+                if tool == "ptcli"
+                else len(idx) * T * (blocks - late) / blocks
+                if late  # only the blocks above the prompt run
+                else len(idx) * (T + prompt_len * (tool == "peft"))
             )
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     return {
@@ -244,6 +273,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed training steps per worker")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speed.json")
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=["all"],
+        choices=["all", "late"],
+        help="late: only the late-prompt rows, merged into --out's other results",
+    )
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     datadir.add_flag(ap)
     args = ap.parse_args()
@@ -303,6 +339,13 @@ def main() -> None:
             )
         return tps
 
+    if "all" not in args.sections:
+        if args.out.exists():
+            results = {**json.loads(args.out.read_text()), **{k: results[k] for k in ("machine", "date", "batch")}}
+        late_rows(train, results)
+        rows_done(rows, results, args.out)
+        return
+    late_rows(train, results)
     for P in lengths:
         tps = train(f"train P={P}", f"train_p{P}", ("ptcli", "peft"), P, "SST2")
         results[f"train_ratio_p{P}"] = tps["ptcli"] / tps["peft"]
@@ -325,19 +368,34 @@ def main() -> None:
     results["train_peak_fraction"] = results[f"train_p{P0}_ptcli"]["flops_fraction"]
     results["rss_ratio"] = results[f"train_p{P0}_ptcli"]["peak_rss_mb"] / results[f"train_p{P0}_peft"]["peak_rss_mb"]
     results["list_tags_seconds"] = list_tags_seconds()
+    rows_done(rows, results, args.out)
 
+
+def late_rows(train, results: dict) -> None:
+    """RTE steps with the prompt entering before block 15 or 20 (states below it kept) against the suffix layout."""
+    tools = ("ptcli-suffix", "ptcli-late15", "ptcli-late20")
+    train("RTE P=20 late", "late_RTE", tools, 20, "RTE")
+    for tool in tools:
+        results[f"late_RTE_{tool}"]["steps_per_min"] = 60 / results[f"late_RTE_{tool}"]["step_s"]
+    for K in (15, 20):
+        results[f"late{K}_vs_suffix_ratio_RTE"] = (
+            results[f"late_RTE_ptcli-late{K}"]["tokens_per_s"] / results["late_RTE_ptcli-suffix"]["tokens_per_s"]
+        )
+
+
+def rows_done(rows: list, results: dict, out: Path) -> None:
     print(f"{'measurement':<20}{'tool':<14}{'throughput':>16}{'step':>13}{'peak RSS':>11}{'FLOP/s':>16}")
     for r in rows:
         print(f"{r[0]:<20}{r[1]:<14}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
     print(
         f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; "
-        f"list-tags on 50 prompts {results['list_tags_seconds']:.3f} s"
+        f"list-tags on 50 prompts {results.get('list_tags_seconds', float('nan')):.3f} s"
     )
-    for key in [k for k in results if "ratio" in k] + ["train_peak_fraction"]:
+    for key in [k for k in results if "ratio" in k or k == "train_peak_fraction"]:
         print(f"{key}: {results[key]:.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

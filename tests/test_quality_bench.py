@@ -11,7 +11,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
-METHODS = ["majority", "zero_shot", "few_shot", "peft", "peft_ptuning", "ptcli_default", "ptcli_best"]
+METHODS = [
+    "majority",
+    "zero_shot",
+    "few_shot",
+    "peft",
+    "peft_ptuning",
+    "peft_prefix",
+    "peft_lora",
+    "probe",
+    "ptcli_default",
+    "ptcli_best",
+]
+UNRANKED = ("majority", "probe")  # no answer scores to calibrate
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +57,9 @@ def test_quality_bench_quick_configuration_runs(tmp_path, monkeypatch, default_c
         for method in METHODS + ["ptcli_x"]:
             row = results[task][method]
             assert 0 <= row["val_acc"] <= 1, (task, method)
-            assert ("val_acc_calibrated" in row) == (method != "majority"), (task, method)  # every ranked method
+            assert ("val_acc_calibrated" in row) == (method not in UNRANKED), (task, method)  # every ranked method
             assert 0 <= row.get("val_acc_calibrated", 0) <= 1, (task, method)
-            assert ("val_acc_phrases" in row) == (task == "SST2"), (
+            assert ("val_acc_phrases" in row) == (task == "SST2" and method != "probe"), (
                 task,
                 method,
             )  # SST-2: val_sentences first, val.jsonl too
@@ -56,4 +68,7 @@ def test_quality_bench_quick_configuration_runs(tmp_path, monkeypatch, default_c
             assert f"{task} | {method} |" in md.read_text()
     assert results["SST2"]["ptcli_x"]["recipe"] == ["--init", "labels"]
     assert results["SST2"]["ptcli_default"]["infer_mode"] == "rank"  # infer's default for a closed answer set
-    assert "val_acc" in r.stdout and "peft_ptuning" in r.stdout  # the table is printed
+    assert "val_acc" in r.stdout and "peft_lora" in r.stdout  # the table is printed
+    for peer in ("peft", "peft_ptuning", "peft_prefix", "peft_lora"):  # each keeps its best step, its lr beside it
+        row = results["RTE"][peer]
+        assert row["best_step"] in [s for s, _ in row["dev_curve"]] and row["sweep"][0]["lr"] == row["lr"]

@@ -37,7 +37,8 @@ from ptcli.lm.forward import IGNORE, choice_scores, token_logprobs
 from ptcli.lm.frozen import logprobs_above, states_below
 from ptcli.project import bank
 from ptcli.project import manifest as proj
-from ptcli.tuning.loss import FrozenStates, StepRows, batch_loss
+from ptcli.tuning.loss import StepRows, batch_loss
+from ptcli.tuning.states import FrozenStates
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,7 +144,9 @@ def test_late_prompt_scores_equal_the_reference(family, template: str) -> None:
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_the_reference(family) -> None:
+def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_the_reference(
+    family, tmp_path: Path
+) -> None:
     _, _, model, tok = family
     _, whole = _rows(tok, "suffix")
     options = [_answer_ids(tok, c) for c in CHOICES]
@@ -181,6 +184,20 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
     tight = FrozenStates(model, K, bound=1)  # nothing fits: every row is recomputed, the loss is the same
     assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, tight, K)[0], first[0]) and not tight.kept
 
+    spill = tmp_path / "run" / "frozen-states.0.bin"
+    spilled = FrozenStates(model, K, bound=1, spill=spill)  # past the bound, rows go to the run directory
+    assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, spilled, K)[0], first[0])
+    assert len(spilled.spilled) == len(rows.seqs) and spill.stat().st_size == spilled.spill_bytes > 0
+    assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, spilled, K)[0], first[0])  # read back
+    assert spilled.computed == len(rows.seqs)
+    spilled.close()
+    assert not spill.exists()
+
+    (tmp_path / "file").write_text("")
+    full = FrozenStates(model, K, bound=1, spill=tmp_path / "file" / "states.bin")  # a spill the disk refuses
+    assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, full, K)[0], first[0])
+    assert full.refused and not full.spilled
+
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple[Path, TaskConfig]:
@@ -209,7 +226,11 @@ def test_late_and_deep_prompts_resume_exactly_and_infer_reads_how_they_enter(
     cut = proj.load(Path(shutil.copytree(src, tmp_path / "cut")))
     with pytest.raises(KeyboardInterrupt):
         tune(cut, "sent", cfg, Reporter(stop_at=5))
+    stale = cut.root / "runs" / "sent" / "frozen-states.0.bin"
+    assert not stale.exists()  # an interrupted run's went with it; a killed one's (made here) goes with the next run
+    stale.write_bytes(b"left by a killed run")
     tune(proj.load(cut.root), "sent", cfg, Reporter(), resume=True)
+    assert not stale.exists() or not cfg.prompt_layer
     prompt, _ = bank.get(proj.load(cut.root), "sent")
     assert torch.allclose(prompt, full_prompt, atol=1e-6, rtol=0)
 
@@ -222,6 +243,7 @@ def test_late_and_deep_prompts_resume_exactly_and_infer_reads_how_they_enter(
     shown = json.loads(cli("show", "-p", full.root, "sent", "--json").stdout)["record"]
     assert shown["config"]["prompt_layer"] == cfg.prompt_layer and shown.get("depth", 1) == depth
     ok(cli("check", "-p", full.root))
+    assert not list(full.root.glob("runs/*/frozen-states.*"))  # the run's kept states went with it
     r = failed(cli("export", "-p", full.root, "sent", tmp_path / "adapter", "--format", "peft"), 2)
     assert refusal in r
     exported = tmp_path / "sent.safetensors"

@@ -8,7 +8,7 @@
 
 A prompt that enters at block 0 runs its rows through the whole base (forward.token_logprobs).
 One that enters at block K > 0 runs them from their states entering block K, computed once
-a row and kept (`FrozenStates`), through the blocks above K only (depth.logprobs_above).
+a row and kept (states.py), through the blocks above K only (frozen.logprobs_above).
 """
 
 from __future__ import annotations
@@ -21,32 +21,9 @@ import torch.nn.functional as F
 from ptcli.enums import Loss
 from ptcli.lm.batch import IGNORE
 from ptcli.lm.forward import token_logprobs
-from ptcli.lm.frozen import logprobs_above, states_below
+from ptcli.lm.frozen import logprobs_above
+from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
-
-
-class FrozenStates:
-    """States entering block K of the rows a run has met, computed on first use, kept up to `bound` bytes.
-
-    Nothing below block K depends on a late prompt, so a row's states there are the same every
-    epoch. Rows met after the bound is reached are recomputed each time (the run says so).
-    """
-
-    def __init__(self, model, layer: int, bound: int):
-        self.model, self.layer, self.bound = model, layer, bound
-        self.kept: dict[tuple, torch.Tensor] = {}  # row key -> (T, H)
-        self.bytes = 0
-        self.computed = 0  # rows run below K, kept or not
-
-    def get(self, keys: list[tuple], seqs: list[list[int]]) -> list[torch.Tensor]:
-        missing = [j for j, k in enumerate(keys) if k not in self.kept]
-        fresh = dict(zip(missing, states_below(self.model, self.layer, [seqs[j] for j in missing]) if missing else []))
-        self.computed += len(missing)
-        for j, states in fresh.items():
-            size = states.numel() * states.element_size()
-            if self.bytes + size <= self.bound:
-                self.kept[keys[j]], self.bytes = states, self.bytes + size
-        return [fresh[j] if j in fresh else self.kept[k] for j, k in enumerate(keys)]
 
 
 @dataclass

@@ -31,8 +31,9 @@ from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.runs import EvalRow, StepRow
 from ptcli.tuning import checkpoint
 from ptcli.tuning.batches import MixedBatches
-from ptcli.tuning.loss import FrozenStates, batch_loss, step_rows
+from ptcli.tuning.loss import batch_loss, step_rows
 from ptcli.tuning.soft_prompt import SoftPrompt, make_prompt
+from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
 from ptcli.tuning.validate import agreed, better, evaluate
 
@@ -154,6 +155,11 @@ class Recipe:
         self.state.step = step + 1
         self.state.history.append(StepRow(self.state.step, loss, lr))
 
+    def close(self) -> None:
+        """What the run held only for itself goes: a late prompt's spilled states."""
+        if self.states is not None:
+            self.states.close()
+
     def train(self) -> None:
         """Steps until --max-steps or --max-minutes, validating every --val-check-interval and at the end."""
         run, state = self.run, self.state
@@ -216,10 +222,12 @@ def setup(
     recipe = Recipe(tasks, reporter, acc, model, tok, prompt, opt, batches, state, ckpt_path, inputs, started)
     recipe.depth = depth_of(model, layer, tasks[0].cfg.deep)
     if layer and not (shard_base and acc.num_processes > 1):  # a sharded stack runs whole: no block may be skipped
-        recipe.states = FrozenStates(model, layer, STATES_BOUND)
+        spill = ckpt_path.with_name(f"frozen-states.{acc.process_index}.bin")
+        recipe.states = FrozenStates(model, layer, STATES_BOUND, spill)
         reporter.status(
-            f"the prompt enters before block {layer} of {blocks}: each row's states below it are computed once "
-            f"and kept, up to {STATES_BOUND / 2**30:.0f} GiB (PTCLI_STATES_GIB)"
+            f"the prompt enters before block {layer} of {blocks}: each row's states below it are computed once and "
+            f"kept, up to {STATES_BOUND / 2**30:g} GiB in memory (PTCLI_STATES_GIB), beyond that in {spill.name} "
+            "in the run directory until the run ends"
         )
     if resuming:
         recipe.state = checkpoint.load(ckpt_path, prompt, opt, {t.tag: t.cfg for t in tasks}, inputs)

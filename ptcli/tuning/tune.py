@@ -106,7 +106,10 @@ def tune_many(
         shard_base=base.shard,
         started=started,
     )
-    recipe.train()
+    try:
+        recipe.train()
+    finally:
+        recipe.close()
     return write_results(project, recipe)
 
 

@@ -59,7 +59,7 @@ def peak_rss_mb() -> float:
 
 def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str = "SST2") -> dict:
     """tool: ptcli (the prompt first), ptcli-suffix (--template suffix: the text runs without gradient),
-    ptcli-lateK (suffix, --prompt-layer K, the states below K kept: steady-state steps) or peft."""
+    ptcli-lateK (suffix, --prompt-layer K, the states below K and the texts kept: steady-state steps) or peft."""
     import torch
 
     from ptcli.data.encode import encode
@@ -92,9 +92,9 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
             ids, labels = [enc.ids[i] for i in idx], [enc.labels[i] for i in idx]
             return StepRows(ids, labels, [0] * len(idx), [(i,) for i in idx], list(range(len(idx))), [])
 
-        for idx in batches:  # the states below the prompt, computed once (untimed): every later epoch reuses them
-            rows = rows_of(idx)
-            states.get(rows.keys, rows.seqs)  # suffix rows hold their prompt slots: run whole as they are
+        with torch.no_grad():  # the states below the prompt and the texts, kept once (untimed): later epochs reuse them
+            for idx in batches:
+                batch_loss(model, prompt(), rows_of(idx), "answer", tok.pad_token_id, states, late)
 
         def step(idx):
             rows = rows_of(idx)

@@ -156,7 +156,7 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
             rows.seqs.append(context + o)
             rows.labels.append([IGNORE] * len(context) + o)
             rows.which.append(w)
-            rows.keys.append((b, n))
+            rows.keys.append(("tag", b, n))  # as step_rows keys them: the text is (tag, row)
             rows.example.append(b)
         rows.gold.append(b % len(options))
     prompts = _prompts(model, n=P)
@@ -165,7 +165,8 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
     states = FrozenStates(model, K, bound=1 << 30)
     first = batch_loss(model, prompts, rows, Loss.CHOICES, 0, states, K)
     again = batch_loss(model, prompts, rows, Loss.CHOICES, 0, states, K)  # every row from the kept states
-    assert states.computed == len(rows.seqs) and len(states.kept) == len(rows.seqs)
+    assert states.computed == len(rows.seqs) and len(states.kept) == len(rows.seqs)  # once, then never again
+    assert len(states.texts) == len(whole)  # one text for all the candidates of a row
     assert fresh[1] == first[1] == again[1] == len(whole)
     assert torch.equal(first[0], again[0])
     torch.testing.assert_close(first[0], fresh[0], atol=1e-5, rtol=1e-6)  # a sum over rows: float32 digits
@@ -189,7 +190,7 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
     assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, spilled, K)[0], first[0])
     assert len(spilled.spilled) == len(rows.seqs) and spill.stat().st_size == spilled.spill_bytes > 0
     assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, spilled, K)[0], first[0])  # read back
-    assert spilled.computed == len(rows.seqs)
+    assert spilled.computed == len(rows.seqs) + len(whole)  # the texts' keys and values do not spill: run again
     spilled.close()
     assert not spill.exists()
 

@@ -128,6 +128,9 @@ def _entering_blocks(model, which: range, embeds: torch.Tensor, mask: torch.Tens
     return [got[i] for i in which]
 
 
+TextKV = list[tuple[torch.Tensor, torch.Tensor]]  # one text's keys and values (heads, T1, d), a block from K up
+
+
 def logprobs_above(
     model,
     layer: int,
@@ -138,6 +141,7 @@ def logprobs_above(
     which=None,
     example: list[int] | None = None,
     depth: int = 1,
+    texts: list[TextKV] | None = None,
 ):
     """Log-probability of every labelled token (N,) and its row (N,), running only the blocks from `layer` up.
 
@@ -148,7 +152,9 @@ def logprobs_above(
     Rows whose first slot comes after some text (the suffix layout) split there, as placed.py
     splits them: no prompt reaches the text, so it runs without gradient, once per `example`
     (rows of one example, the candidates of --loss choices, share their text), and the rest
-    continues from its cache. Rows whose prompt comes first run whole.
+    continues from its keys and values. `texts`, when given, are those keys and values, one
+    entry per example (`text_kv`), and states[i] is then row i from its first slot on. Rows
+    whose prompt comes first run whole.
     """
     prompts, which = stack(prompts, len(seqs), which)
     device = model.get_input_embeddings().weight.device
@@ -159,13 +165,14 @@ def logprobs_above(
         lab = right_pad(labels, IGNORE).to(device)  # (B, T)
     else:
         example = example or list(range(len(seqs)))
-        first = {e: r for r, e in reversed(list(enumerate(example)))}  # each example's first row
-        texts = [states[first[e]][: cut[first[e]]] for e in range(len(first))]  # (T1_e, H) a text
-        cache, pre_mask = _text_cache(model, layer, texts)
+        if texts is None:
+            first = {e: r for r, e in reversed(list(enumerate(example)))}  # each example's first row
+            texts = text_kv(model, layer, [states[first[e]][: cut[first[e]]] for e in range(len(first))])
+            states = [s[c:] for s, c in zip(states, cut)]
+        cache, pre_mask = _cache_of(model, layer, texts)
         cache.batch_select_indices(torch.tensor(example, device=device))  # (E, ...) -> (B, ...)
-        posts = [s[c:] for s, c in zip(states, cut)]
         post_ids = [s[c:] for s, c in zip(seqs, cut)]
-        out = _above(model, layer, depth, rows, posts, post_ids, cache, pre_mask[example])
+        out = _above(model, layer, depth, rows, states, post_ids, cache, pre_mask[example])
         lab = right_pad([lab[c:] for lab, c in zip(labels, cut)], IGNORE).to(device)  # (B, T2)
     sel = lab[:, 1:] != IGNORE  # position t predicts token t+1
     row_of = torch.arange(len(seqs), device=device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
@@ -174,12 +181,10 @@ def logprobs_above(
     return logp, row_of
 
 
-def _text_cache(model, layer: int, texts: list[torch.Tensor]):
-    """Run text states (T1_e, H), left-padded, through the blocks from `layer` up without gradient: their cache.
-
-    The blocks below `layer` do not run; their cache slots get zeros of the right shape, which
-    no query reads, so the cache's length (what the next pass's mask is built from) is right.
-    """
+@torch.no_grad()
+def text_kv(model, layer: int, texts: list[torch.Tensor]) -> list[TextKV]:
+    """Texts' states entering `layer` (T1_e, H) through the blocks from `layer` up, without gradient: each text's keys
+    and values at those blocks. No prompt reaches a text that comes before it, so these hold for every step."""
     from transformers import DynamicCache
 
     device = texts[0].device
@@ -189,7 +194,7 @@ def _text_cache(model, layer: int, texts: list[torch.Tensor]):
         hidden[e, mask.shape[1] - len(t) :] = t  # (E, T1, H)
     cache = DynamicCache()
     blocks = blocks_of(model)
-    with torch.no_grad(), replacing(blocks[layer], mask.bool(), hidden), _skipping(model, range(layer)):
+    with replacing(blocks[layer], mask.bool(), hidden), _skipping(model, range(layer)):
         model.base_model(
             input_ids=torch.zeros_like(mask),
             attention_mask=mask,
@@ -197,10 +202,39 @@ def _text_cache(model, layer: int, texts: list[torch.Tensor]):
             use_cache=True,
             **with_cache(model, cache),
         )
-    layers: Any = cache.layers  # attention layers only: init refuses recurrent bases
-    keys, values = layers[layer].keys, layers[layer].values
+    layers: Any = cache.layers[layer:]  # attention layers only: init refuses recurrent bases
+    T1 = mask.shape[1]
+    return [
+        [(c.keys[e, :, T1 - len(t) :].clone(), c.values[e, :, T1 - len(t) :].clone()) for c in layers]
+        for e, t in enumerate(texts)
+    ]
+
+
+def _cache_of(model, layer: int, texts: list[TextKV]):
+    """A cache holding the texts' keys and values, left-padded, at the blocks from `layer` up; and its mask (E, T1).
+
+    The blocks below `layer` do not run; their slots get zeros of the right shape, which no
+    query reads, so the cache's length (what the next pass's mask is built from) is right.
+    """
+    from transformers import DynamicCache
+
+    lengths = [kv[0][0].shape[1] for kv in texts]
+    mask = left_pad([[1] * n for n in lengths], 0).to(texts[0][0][0].device)  # (E, T1)
+    T1 = mask.shape[1]
+
+    def padded(d: int, which: int) -> torch.Tensor:  # (E, heads, T1, d_head)
+        first = texts[0][d][which]
+        out = first.new_zeros(len(texts), first.shape[0], T1, first.shape[-1])
+        for e, kv in enumerate(texts):
+            out[e, :, T1 - lengths[e] :] = kv[d][which]
+        return out
+
+    cache = DynamicCache()
+    above = [(padded(d, 0), padded(d, 1)) for d in range(len(texts[0]))]
     for i in range(layer):
-        layers[i].update(torch.zeros_like(keys), torch.zeros_like(values))
+        cache.update(torch.zeros_like(above[0][0]), torch.zeros_like(above[0][1]), i)
+    for d, (keys, values) in enumerate(above):
+        cache.update(keys, values, layer + d)
     return cache, mask
 
 

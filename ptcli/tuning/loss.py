@@ -84,8 +84,15 @@ def batch_loss(
     if layer and states is not None:
         whole = [_explicit(s, lab, prompts.shape[-2] // depth) for s, lab in zip(rows.seqs, rows.labels)]
         seqs, labels = [s for s, _ in whole], [lab for _, lab in whole]
-        below = states.get(rows.keys, seqs)
-        logp, row_of = logprobs_above(model, layer, prompts, below, seqs, labels, rows.which, rows.example, depth)
+        cut = [next(i for i, t in enumerate(s) if t < 0) for s in seqs]  # each row's first prompt slot
+        texts = None
+        if min(cut) > 0:  # the prompt after the text: kept texts never run again
+            below, texts = states.split(rows.keys, rows.example, seqs, cut)
+        else:
+            below = states.get(rows.keys, seqs)
+        logp, row_of = logprobs_above(
+            model, layer, prompts, below, seqs, labels, rows.which, rows.example, depth, texts
+        )
     else:  # the whole base (a sharded stack must run every block)
         logp, row_of = token_logprobs(model, prompts, rows.seqs, rows.labels, pad_id, rows.which)
     if loss == Loss.ANSWER:

@@ -42,7 +42,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-STATES_BOUND = int(float(os.environ.get("PTCLI_STATES_GIB", "4")) * 2**30)  # bytes of kept frozen states
+def _states_bound() -> int:
+    """Bytes of a late prompt's frozen states kept in memory: PTCLI_STATES_GIB, else a third of the machine's
+    memory, at most 8 GiB."""
+    if "PTCLI_STATES_GIB" in os.environ:
+        return int(float(os.environ["PTCLI_STATES_GIB"]) * 2**30)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): the cap
+        memory = 3 * 8 * 2**30
+    return min(8 * 2**30, memory // 3)
 
 
 class Reporter(Protocol):
@@ -223,10 +232,11 @@ def setup(
     recipe.depth = depth_of(model, layer, tasks[0].cfg.deep)
     if layer and not (shard_base and acc.num_processes > 1):  # a sharded stack runs whole: no block may be skipped
         spill = ckpt_path.with_name(f"frozen-states.{acc.process_index}.bin")
-        recipe.states = FrozenStates(model, layer, STATES_BOUND, spill)
+        bound = _states_bound()
+        recipe.states = FrozenStates(model, layer, bound, spill)
         reporter.status(
             f"the prompt enters before block {layer} of {blocks}: each row's states below it are computed once and "
-            f"kept, up to {STATES_BOUND / 2**30:g} GiB in memory (PTCLI_STATES_GIB), beyond that in {spill.name} "
+            f"kept, up to {bound / 2**30:.1f} GiB in memory (PTCLI_STATES_GIB), beyond that in {spill.name} "
             "in the run directory until the run ends"
         )
     if resuming:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ptcli.lm.frozen import states_below
+from ptcli.lm.frozen import TextKV, states_below, text_kv
 
 
 class FrozenStates:
@@ -24,6 +24,7 @@ class FrozenStates:
     def __init__(self, model, layer: int, bound: int, spill: Path | None = None):
         self.model, self.layer, self.bound, self.spill = model, layer, bound, spill
         self.kept: dict[tuple, torch.Tensor] = {}  # row key -> (T, H), in memory
+        self.texts: dict[tuple, TextKV] = {}  # (tag, row) -> its text's keys and values from block K up
         self.spilled: dict[tuple, tuple[int, tuple[int, ...], torch.dtype]] = {}  # row key -> offset, shape, dtype
         self.bytes = 0  # kept in memory
         self.spill_bytes = 0  # written to the spill file
@@ -41,6 +42,35 @@ class FrozenStates:
         for j, states in fresh.items():
             self._keep(keys[j], states)
         return [fresh[j] if j in fresh else self._read(k) for j, k in enumerate(keys)]
+
+    def split(
+        self, keys: list[tuple], example: list[int], seqs: list[list[int]], cut: list[int]
+    ) -> tuple[list[torch.Tensor], list[TextKV]]:
+        """Rows whose prompt follows their text (cut: each row's first slot): each row from its first slot on, and
+        each example's text (example: 0 .. E-1 a row) as keys and values at the blocks from K up (frozen.text_kv).
+
+        Both are kept, the text by (tag, row) for all its candidates: a kept text never runs again,
+        and a step runs only the prompt and the answer. Texts past the bound are run each time.
+        """
+        first = {e: r for r, e in reversed(list(enumerate(example)))}  # each example's first row
+        text_key = {e: keys[r][:2] for e, r in first.items()}
+        unkept = [e for e in range(len(first)) if text_key[e] not in self.texts]
+        missing = [j for j, k in enumerate(keys) if k not in self.kept and k not in self.spilled]
+        need = sorted(set(missing) | {first[e] for e in unkept})
+        whole = dict(zip(need, states_below(self.model, self.layer, [seqs[j] for j in need]) if need else []))
+        self.computed += len(need)
+        for j in missing:
+            self._keep(keys[j], whole[j][cut[j] :])
+        fresh: dict[int, TextKV] = {}
+        if unkept:
+            kvs = text_kv(self.model, self.layer, [whole[first[e]][: cut[first[e]]] for e in unkept])
+            fresh = dict(zip(unkept, kvs))
+        for e, kv in fresh.items():
+            size = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+            if self.bytes + size <= self.bound:  # keys and values past the bound do not spill: the text runs again
+                self.texts[text_key[e]], self.bytes = kv, self.bytes + size
+        posts = [whole[j][cut[j] :] if j in whole else self._read(k) for j, k in enumerate(keys)]
+        return posts, [fresh[e] if e in fresh else self.texts[text_key[e]] for e in range(len(first))]
 
     def _keep(self, key: tuple, states: torch.Tensor) -> None:
         size = states.numel() * states.element_size()

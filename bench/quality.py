@@ -159,13 +159,17 @@ def run_ptcli(task: str, recipe: list[str], cfg: dict) -> dict:
                 doc = json.loads(cli("infer", "-p", proj, scored, "--json", "-q", *flags))
                 row[key + suffix], row["infer_mode"] = doc["accuracy"][task]["accuracy"], doc["modes"][task]
         hidden = json.loads((proj / "ptcli.json").read_text())["base"]["hidden_size"]
+        depth = json.loads(cli("show", "-p", proj, task, "--json"))["record"].get("depth", 1)
+        log = [json.loads(line) for line in (proj / "runs" / task / "metrics.jsonl").read_text().splitlines()]
     members = int(recipe[recipe.index("--ensemble") + 1]) if "--ensemble" in recipe else 1
+    headline = "val_acc_rank" if any("val_acc_rank" in r for r in log) else "val_acc"
     return {
         **row,
         "train_seconds": tuned["seconds"],
         "steps": tuned["steps"],
-        "trainable_params": length * hidden * members,
+        "trainable_params": length * hidden * members * depth,
         "best_step": tuned["best_step"],
+        "dev_curve": [(r["step"], round(r[headline], 4)) for r in log if headline in r],
         "recipe": recipe,
         "infer_seconds": time.perf_counter() - t0,
     }

@@ -210,8 +210,9 @@ def start(tmp_path_factory: pytest.TempPathFactory, lively_llama: Path) -> tuple
     [
         (dict(prompt_layer=1, loss="choices"), "'sent' is a late prompt: it enters before block 1"),
         (dict(deep=True), "'sent' is a deep prompt (vectors for 2 blocks, entered as hidden states)"),
+        (dict(deep=True, template="suffix", loss="choices"), "'sent' places its prompt by the template 'suffix'"),
     ],
-    ids=["late", "deep"],
+    ids=["late", "deep", "deep-suffix"],
 )
 def test_late_and_deep_prompts_resume_exactly_and_infer_reads_how_they_enter(
     settings: dict, refusal: str, lively_llama: Path, tmp_path: Path

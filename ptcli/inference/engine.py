@@ -79,7 +79,7 @@ class Engine:
 
     def layout(self, prompt: Prompt) -> Layout:
         """Where the tag's template puts the prompt around the text."""
-        key = (prompt.record.template, prompt.members.shape[1])
+        key = (prompt.record.template, prompt.members.shape[1] // prompt.record.depth)  # P: a deep prompt has D*P rows
         if key not in self._layouts:
             self._layouts[key] = Layout(self.tok, *key)
         return self._layouts[key]

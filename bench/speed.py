@@ -81,8 +81,9 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     blocks = model.config.num_hidden_layers
     late = int(tool.removeprefix("ptcli-late")) if tool.startswith("ptcli-late") else 0
     if late:
-        from ptcli.lm.depth import lifted
-        from ptcli.tuning.loss import FrozenStates, StepRows, batch_loss
+        from ptcli.lm.frozen import lifted
+        from ptcli.tuning.loss import StepRows, batch_loss
+        from ptcli.tuning.states import FrozenStates
 
         prompt = SoftPrompt(lifted(model, late, init))
         opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
@@ -148,8 +149,8 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
             positions.append(
                 len(idx) * T + prompt_len
                 if tool == "ptcli"
-                else len(idx) * T * (blocks - late) / blocks
-                if late  # only the blocks above the prompt run
+                else len(idx) * max(len(enc.ids[i]) - enc.ids[i].index(-1) for i in idx) * (blocks - late) / blocks
+                if late  # the text is kept: only the prompt and the answer run, through the blocks above the prompt
                 else len(idx) * (T + prompt_len * (tool == "peft"))
             )
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)

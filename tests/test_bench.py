@@ -123,3 +123,11 @@ def test_the_docs_table_of_mixed_infer_is_the_committed_json() -> None:
         [sys.executable, str(ROOT / "bench" / "infer_mixed.py"), "--table"], capture_output=True, text=True, check=True
     )
     assert r.stdout.count("\n") == 4 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+
+
+def test_the_docs_recipe_table_is_the_committed_json() -> None:
+    """docs/benchmarks.md shows the late and deep prompt runs as `quality_table.py` renders their committed JSON."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality_table.py")], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.count("\n") >= 3 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ["quality_late_rte.json", "quality_late_rte_kv.json", "quality_deep_rte.json", "quality_late_sst2.json"]
+COMMITTED = ["quality_late_rte.json", "quality_deep_rte.json", "quality_deep_sst2.json"]
 
 
 def table(paths: list[Path]) -> str:
@@ -23,14 +23,19 @@ def table(paths: list[Path]) -> str:
         "| task | row | flags | val accuracy | steps (kept) | dev accuracy by validation |",
         "| --- | --- | --- | ---: | ---: | --- |",
     ]
+    seen = set()  # (task, row) of the rows every file repeats: majority, once a task
     for path in paths:
         results = json.loads(path.read_text(encoding="utf-8"))
         for task in [t for t in ("SST2", "RTE") if t in results]:
             for name, r in results[task].items():
-                flags = " ".join(r.get("recipe", [])) or ("(peer)" if "sweep" in r else "")
+                if name == "majority" and (task, name) in seen:
+                    continue
+                seen.add((task, name))
+                flags = " ".join(r.get("recipe", [])) or ("class ratio of val" if name == "majority" else "")
                 curve = " ".join(f"{a:.3f}" for _, a in r.get("dev_curve", []))
                 kept = f"{r.get('steps', 0)} ({r['best_step']})" if "best_step" in r else str(r.get("steps", 0))
-                md.append(f"| {task} | {name} | `{flags}` | {r['val_acc']:.3f} | {kept} | {curve} |")
+                shown = f"`{flags}`" if name != "majority" else flags
+                md.append(f"| {task} | {name} | {shown} | {r['val_acc']:.3f} | {kept} | {curve} |")
     return "\n".join(md) + "\n"
 
 

@@ -83,14 +83,21 @@ def _launch(root: Path, *extra: str, processes: int = 2, mark: str = "", quiet: 
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-@pytest.mark.parametrize("shard", [False, True], ids=["data-parallel", "sharded-base"])
-def test_two_processes_reach_the_one_process_prompt(project, tmp_path, shard: bool):
+LATE = ["--template", "suffix", "--prompt-layer", "1", "--loss", "choices"]  # kept states; a sharded base runs whole
+
+
+@pytest.mark.parametrize(
+    ("shard", "late"),
+    [(False, []), (True, []), (False, LATE), (True, LATE)],
+    ids=["data-parallel", "sharded-base", "late-data-parallel", "late-sharded-base"],
+)
+def test_two_processes_reach_the_one_process_prompt(project, tmp_path, shard: bool, late: list[str]):
     single = tmp_path / "single"
     shutil.copytree(project, single)
-    result = CliRunner().invoke(app, ["tune", "-p", str(single), *TUNE])
+    result = CliRunner().invoke(app, ["tune", "-p", str(single), *TUNE, *late])
     assert result.exit_code == 0, result.output
 
-    proc = _launch(project, "--json", *(["--shard-base"] if shard else []), quiet=not shard)
+    proc = _launch(project, "--json", *(["--shard-base"] if shard else []), *late, quiet=not shard)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     if shard:  # the weights really are split: each process holds about half

@@ -180,7 +180,7 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
             ]
         )  # (B, C)
     want = F.cross_entropy(scores, torch.tensor(rows.gold), reduction="sum")
-    torch.testing.assert_close(fresh[0], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fresh[0], want, atol=1e-5, rtol=1e-6)  # a sum over rows: float32 digits
 
     tight = FrozenStates(model, K, bound=1)  # nothing fits: every row is recomputed, the loss is the same
     assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, tight, K)[0], first[0]) and not tight.kept

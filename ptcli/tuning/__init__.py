@@ -2,7 +2,7 @@
 `recipe.py` (setup, validate, step, train, save: torchtune's recipe shape).
 
 `soft_prompt.py` holds the trainable prompt (its init and reparameterization); `loss.py` a
-step's loss (the answer's, or over the answer set) and a late prompt's kept frozen states;
+step's loss (the answer's, or over the answer set); `states.py` a late prompt's kept frozen states;
 `batches.py` the stateless data order that makes resume exact; `validate.py` the per-tag
 validation that keeps the best prompt; `checkpoint.py` saving and restoring a run's state.
 A flag of `tune` is a field of `config.TaskConfig`; the CLI option is derived from it in

@@ -28,7 +28,7 @@ class Prompt:
     """One bank entry as loaded for answering: (K, D*P, H) members (D: the record's depth), its record."""
 
     tag: str
-    members: torch.Tensor  # (K, P, H)
+    members: torch.Tensor  # (K, D*P, H)
     record: PromptRecord
 
     @classmethod

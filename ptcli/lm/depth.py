@@ -92,11 +92,11 @@ def vectors_at(rows: torch.Tensor, slot: torch.Tensor, d: int, depth: int) -> to
     return torch.gather(at, 1, slot.clamp(min=0).unsqueeze(-1).expand(-1, -1, at.shape[-1]))  # (B, T, H)
 
 
-def deeper(model, layer: int, depth: int, rows: torch.Tensor, slot: torch.Tensor, first: int = 1) -> ExitStack:
-    """Hooks that set the slots at blocks layer+first .. layer+depth-1 to their own vectors (a deep prompt)."""
+def deeper(model, layer: int, depth: int, rows: torch.Tensor, slot: torch.Tensor) -> ExitStack:
+    """Hooks that set the slots at blocks layer+1 .. layer+depth-1 to their own vectors (a deep prompt)."""
     stack = ExitStack()
     blocks, where = blocks_of(model), slot >= 0
-    for d in range(first, depth):
+    for d in range(1, depth):
         stack.enter_context(replacing(blocks[layer + d], where, vectors_at(rows, slot, d, depth)))
     return stack
 
@@ -109,10 +109,10 @@ def forward_with(model, embeds: torch.Tensor, slot: torch.Tensor, rows: torch.Te
     take their vectors at block K's input; a deep prompt's slots take theirs at every block after.
     """
     layer, depth = prompt_layer(model), prompt_depth(model)
-    where = (slot >= 0).unsqueeze(-1)  # (B, T, 1)
+    where = slot >= 0  # (B, T)
     first = vectors_at(rows, slot, 0, depth).to(embeds)  # (B, T, H)
     with deeper(model, layer, depth, rows, slot):
         if layer == 0:
-            return model.base_model(inputs_embeds=torch.where(where, first, embeds), **kwargs)
-        with replacing(blocks_of(model)[layer], slot >= 0, first):
-            return model.base_model(inputs_embeds=embeds.masked_fill(where, 0.0), **kwargs)
+            return model.base_model(inputs_embeds=torch.where(where.unsqueeze(-1), first, embeds), **kwargs)
+        with replacing(blocks_of(model)[layer], where, first):
+            return model.base_model(inputs_embeds=embeds.masked_fill(where.unsqueeze(-1), 0.0), **kwargs)

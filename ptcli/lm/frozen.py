@@ -17,6 +17,7 @@ from torch import nn
 
 from ptcli.lm.batch import IGNORE, left_pad, right_pad, stack, to_logits, with_cache
 from ptcli.lm.depth import blocks_of, deeper, replacing, vectors_at
+from ptcli.lm.placed import first_slots
 
 
 class _Skip(nn.Module):
@@ -128,6 +129,11 @@ def _entering_blocks(model, which: range, embeds: torch.Tensor, mask: torch.Tens
     return [got[i] for i in which]
 
 
+def first_rows(example: list[int]) -> dict[int, int]:
+    """Each example's first row: example[r] is the example (0 .. E-1) row r belongs to."""
+    return {e: r for r, e in reversed(list(enumerate(example)))}
+
+
 TextKV = list[tuple[torch.Tensor, torch.Tensor]]  # one text's keys and values (heads, T1, d), a block from K up
 
 
@@ -159,14 +165,14 @@ def logprobs_above(
     prompts, which = stack(prompts, len(seqs), which)
     device = model.get_input_embeddings().weight.device
     rows = prompts.to(device)[which.to(device)]  # (B, P, H)
-    cut = [next(i for i, t in enumerate(s) if t < 0) for s in seqs]  # each row's first prompt slot
+    cut = first_slots(seqs)
     if min(cut) == 0:
         out = _above(model, layer, depth, rows, states, seqs, None, None)
         lab = right_pad(labels, IGNORE).to(device)  # (B, T)
     else:
         example = example or list(range(len(seqs)))
         if texts is None:
-            first = {e: r for r, e in reversed(list(enumerate(example)))}  # each example's first row
+            first = first_rows(example)
             texts = text_kv(model, layer, [states[first[e]][: cut[first[e]]] for e in range(len(first))])
             states = [s[c:] for s, c in zip(states, cut)]
         cache, pre_mask = _cache_of(model, layer, texts)

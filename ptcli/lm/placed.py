@@ -24,7 +24,8 @@ def has_slots(seqs: list[list[int]]) -> bool:
     return any(t < 0 for s in seqs for t in s)
 
 
-def _cuts(seqs: list[list[int]]) -> list[int]:
+def first_slots(seqs: list[list[int]]) -> list[int]:
+    """Where each template row's first prompt vector sits: all before it is text no prompt reaches."""
     return [next(i for i, t in enumerate(s) if t < 0) for s in seqs]  # each row's first prompt vector
 
 
@@ -33,7 +34,7 @@ def placed_read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int
     prompts, which = stack(prompts, len(seqs), which)
     emb = model.get_input_embeddings()
     device = emb.weight.device
-    cut = _cuts(seqs)
+    cut = first_slots(seqs)
     if not train and len({len(s) - c for s, c in zip(seqs, cut)}) > 1:
         cut = [0] * len(seqs)
     pre_mask = left_pad([[1] * c for c in cut], 0, max(cut)).to(device)  # (B, T1)
@@ -78,7 +79,7 @@ def placed_read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int
 def placed_logprobs(model, prompts, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):
     """Log-probability of every labelled token of template rows, and its row: (N,), (N,). Labels sit in the posts."""
     r = placed_read(model, prompts, seqs, pad_id, which, train=True)
-    lab = right_pad([lab[c:] for lab, c in zip(labels, _cuts(seqs))], IGNORE).to(r.hidden.device)  # (B, T2)
+    lab = right_pad([lab[c:] for lab, c in zip(labels, first_slots(seqs))], IGNORE).to(r.hidden.device)  # (B, T2)
     sel = lab[:, 1:] != IGNORE  # (B, T2-1): position t predicts token t+1
     rows = torch.arange(len(seqs), device=r.hidden.device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
     logp = -F.cross_entropy(to_logits(model, r.hidden[:, :-1][sel]).float(), lab[:, 1:][sel], reduction="none")  # (N,)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ptcli.enums import Loss
 from ptcli.lm.batch import IGNORE
 from ptcli.lm.forward import token_logprobs
-from ptcli.lm.frozen import logprobs_above
+from ptcli.lm.frozen import first_rows, logprobs_above
+from ptcli.lm.placed import first_slots, has_slots
 from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
 
@@ -61,7 +62,7 @@ def step_rows(picks: list[tuple[Task, int, int]], loss: str) -> StepRows:
 
 def _explicit(seq: list[int], labels: list[int], P: int) -> tuple[list[int], list[int]]:
     """A prefix-layout row carries its prompt implicitly in front; from block K the row is run whole."""
-    if any(t < 0 for t in seq):
+    if has_slots([seq]):
         return seq, labels
     return [-(j + 1) for j in range(P)] + seq, [IGNORE] * P + labels
 
@@ -84,7 +85,7 @@ def batch_loss(
     if layer and states is not None:
         whole = [_explicit(s, lab, prompts.shape[-2] // depth) for s, lab in zip(rows.seqs, rows.labels)]
         seqs, labels = [s for s, _ in whole], [lab for _, lab in whole]
-        cut = [next(i for i, t in enumerate(s) if t < 0) for s in seqs]  # each row's first prompt slot
+        cut = first_slots(seqs)
         texts = None
         if min(cut) > 0:  # the prompt after the text: kept texts never run again
             below, texts = states.split(rows.keys, rows.example, seqs, cut)
@@ -101,6 +102,7 @@ def batch_loss(
     B = len(rows.gold)
     C = max(rows.example.count(b) for b in range(B))
     scores = torch.full((B, C), float("-inf"), device=logp.device)  # (B, C): tags' answer sets may differ in size
-    column = [rows.example[:r].count(rows.example[r]) for r in range(len(rows.seqs))]
+    first = first_rows(rows.example)
+    column = [r - first[e] for r, e in enumerate(rows.example)]  # an example's candidates are consecutive rows
     scores = scores.index_put((torch.tensor(rows.example), torch.tensor(column)), per_row)
     return F.cross_entropy(scores, torch.tensor(rows.gold, device=logp.device), reduction="sum"), B

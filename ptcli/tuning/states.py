@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ptcli.lm.frozen import TextKV, states_below, text_kv
+from ptcli.lm.frozen import TextKV, first_rows, states_below, text_kv
 
 
 class FrozenStates:
@@ -52,7 +52,7 @@ class FrozenStates:
         Both are kept, the text by (tag, row) for all its candidates: a kept text never runs again,
         and a step runs only the prompt and the answer. Texts past the bound are run each time.
         """
-        first = {e: r for r, e in reversed(list(enumerate(example)))}  # each example's first row
+        first = first_rows(example)
         text_key = {e: keys[r][:2] for e, r in first.items()}
         unkept = [e for e in range(len(first)) if text_key[e] not in self.texts]
         missing = [j for j, k in enumerate(keys) if k not in self.kept and k not in self.spilled]

@@ -38,6 +38,23 @@ class ProjectError(PtcliError):
     """The project directory is missing, locked, or in a state that forbids the command."""
 
 
+class WriteError(ProjectError):
+    """A file could not be written (a full disk, a quota, a read-only file system, permissions).
+
+    The message is `REASON: PATH; OUTCOME`: what failed, then what was and was not saved.
+    """
+
+    def __init__(self, reason: str, path: object, outcome: str = "nothing was changed", hint: str | None = None):
+        super().__init__(
+            f"{reason}: {path}; {outcome}", hint or "free space or fix permissions, then run the command again"
+        )
+        self.reason, self.path = reason, str(path)
+
+    def saying(self, outcome: str, hint: str | None = None) -> WriteError:
+        """The same failure, told with what the caller knows was and was not saved."""
+        return WriteError(self.reason, self.path, outcome, hint or self.hint)
+
+
 class CompatibilityError(PtcliError):
     """A prompt or project was made for another base model, or a file failed its checksum."""
 

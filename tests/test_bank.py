@@ -223,7 +223,7 @@ def test_failed_write_keeps_the_old_file(project: proj.ProjectDir, monkeypatch: 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(ProjectError) as info:
         bank.put(project, "alpha", _prompt(1), PromptRecord())
-    assert info.value.message == f"cannot write {path}: the disk is full; nothing was changed"
+    assert info.value.message == f"no space left on device: {path}; nothing was changed"
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(project.bank_dir) == ["alpha.safetensors"]

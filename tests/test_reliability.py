@@ -711,7 +711,7 @@ def test_failed_rename_keeps_the_old_file(old_file: Path, monkeypatch: pytest.Mo
     with pytest.raises(ProjectError) as info:
         storage.atomic_write(old_file, b"new")
     monkeypatch.undo()
-    assert info.value.message == f"cannot write {old_file}: Input/output error; nothing was changed"
+    assert info.value.message == f"input/output error: {old_file}; nothing was changed"
     assert old_file.read_bytes() == b'{"old": true}\n'
     assert os.listdir(old_file.parent) == ["ptcli.json"]
 
@@ -719,9 +719,9 @@ def test_failed_rename_keeps_the_old_file(old_file: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize(
     ("code", "reason"),
     [
-        (errno.ENOSPC, "the disk is full"),
-        (errno.EDQUOT, "the disk quota is exhausted"),
-        (errno.EROFS, "the file system is read-only"),
+        (errno.ENOSPC, "no space left on device"),
+        (errno.EDQUOT, "disk quota exceeded"),
+        (errno.EROFS, "read-only file system"),
         (errno.EACCES, "permission denied"),
     ],
 )
@@ -733,7 +733,7 @@ def test_failed_write_says_why_and_keeps_the_old_file(
     with pytest.raises(ProjectError) as info:
         storage.atomic_write(old_file, b"new")
     monkeypatch.undo()
-    assert info.value.message == f"cannot write {old_file}: {reason}; nothing was changed"
+    assert info.value.message == f"{reason}: {old_file}; nothing was changed"
     assert "free space" in info.value.hint
     assert old_file.read_bytes() == b'{"old": true}\n'
     assert os.listdir(old_file.parent) == ["ptcli.json"]
@@ -741,7 +741,7 @@ def test_failed_write_says_why_and_keeps_the_old_file(
 
 def test_full_disk_before_the_temp_file_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(storage.tempfile, "mkstemp", _fail_with(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
-    with pytest.raises(ProjectError, match="the disk is full"):
+    with pytest.raises(ProjectError, match="no space left on device"):
         storage.atomic_write(tmp_path / "bank" / "x.safetensors", b"new")
     monkeypatch.undo()
     assert os.listdir(tmp_path / "bank") == []

@@ -184,7 +184,7 @@ def export(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a prompt out of the bank: one self-describing .safetensors file, or a PEFT adapter."""
-    from ptcli.cli.console import emit_json, say
+    from ptcli.cli.console import emit_json, say, stdout_guard
     from ptcli.project import manage
     from ptcli.project import manifest as proj
 
@@ -197,8 +197,10 @@ def export(
                 "refusing to write a binary file to the terminal",
                 hint=f"redirect it: ptcli export {tag} - > {tag}.safetensors",
             )
-        sys.stdout.buffer.write(manage.export_bytes(p, tag))
-        sys.stdout.flush()
+        blob = manage.export_bytes(p, tag)
+        with stdout_guard():
+            sys.stdout.buffer.write(blob)
+            sys.stdout.flush()
         return
     if fmt is Format.PEFT:
         from ptcli.project import peft_adapter

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -15,15 +18,39 @@ err = Console(stderr=True, highlight=False)
 
 
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-    sys.stdout.flush()
+    with stdout_guard():
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.flush()
 
 
 def emit_jsonl(rows: list[dict[str, Any]]) -> None:
-    out = sys.stdout
-    for row in rows:
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    out.flush()
+    with stdout_guard():
+        out = sys.stdout
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.flush()
+
+
+@contextmanager
+def stdout_guard() -> Iterator[None]:
+    """A stdout that cannot take the data (`> out` on a full disk) ends in ptcli's error naming the file, not a
+    traceback; what was not written is dropped (fd 1 goes to /dev/null), so the exit's own flush cannot fail too."""
+    from ptcli.project.storage import write_failure
+
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        try:
+            target = os.readlink("/proc/self/fd/1")
+        except OSError:
+            target = "<stdout>"
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise write_failure(target, e).saying(
+            "the output is incomplete (its last line may be cut)",
+            hint="free space, then run the command again",
+        ) from e
 
 
 def say(message: str, quiet: bool = False, style: str | None = None) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptcli.config import check_tag
-from ptcli.errors import InputError, ProjectError, UsageError, unknown_tags
+from ptcli.errors import InputError, ProjectError, UsageError, WriteError, unknown_tags
 from ptcli.project import bank
 from ptcli.project import manifest as proj
 from ptcli.project.manifest import ProjectDir
@@ -70,6 +70,10 @@ def remove_tag(project: ProjectDir, tag: str, keep_task: bool = False) -> Remove
         prompt, runs = bank.path_of(p, tag), p.run_dir(tag)
         if not prompt.exists() and not runs.exists() and tag not in p.tasks:
             raise _unknown(p, tag)
+        dropped = tag in p.tasks and not keep_task
+        if dropped:  # first: the one write that needs space, so a full disk stops the command before it removes
+            del p.tasks[tag]
+            p.save()
         removed = []
         if prompt.exists():
             prompt.unlink()
@@ -77,10 +81,6 @@ def remove_tag(project: ProjectDir, tag: str, keep_task: bool = False) -> Remove
         if runs.exists():
             shutil.rmtree(runs)
             removed.append(str(runs))
-        dropped = tag in p.tasks and not keep_task
-        if dropped:
-            del p.tasks[tag]
-            p.save()
         return Removed(tag, removed, dropped)
 
 
@@ -112,7 +112,11 @@ def rename_tag(project: ProjectDir, old: str, new: str) -> Renamed:
             atomic_write(dst, bank.relabel(str(src), src.read_bytes(), new))
         if old in p.tasks:
             p.tasks[new] = p.tasks.pop(old)
-            p.save()
+            try:
+                p.save()
+            except WriteError:
+                dst.unlink(missing_ok=True)  # back to the old name only: the message's "nothing was changed" holds
+                raise
             moved.append("task record")
         if p.run_dir(old).exists():
             os.replace(p.run_dir(old), p.run_dir(new))

@@ -30,7 +30,7 @@ from ptcli.project import bank
 from ptcli.project.manage import Exported, Imported, new_tag_slot
 from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.record import PromptRecord
-from ptcli.project.storage import atomic_write
+from ptcli.project.storage import write_folder
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -125,8 +125,7 @@ def export(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exp
     config = adapter_config(project, _base_source(project))
     # The tensor bytes are the bank file's own, so the record's sha256 still covers them.
     weights = st_save({KEY: prompt.contiguous()}, metadata={"format": "pt", "ptcli": json.dumps(record.to_json())})
-    atomic_write(out / WEIGHTS, weights)
-    atomic_write(out / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_folder(out, {WEIGHTS: weights, CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()})
     return Exported(tag, "peft", str(out), [str(out / CONFIG), str(out / WEIGHTS)])
 
 

@@ -10,6 +10,7 @@ Tags tuned together share `runs/A+B/` ('+' is never part of a tag). `ptcli check
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 from ptcli.errors import ProjectError
 from ptcli.project import sealed
 from ptcli.project.manifest import ProjectDir
-from ptcli.project.storage import atomic_write
+from ptcli.project.storage import atomic_write, write_failure
 
 
 def checkpoint_path(project: ProjectDir, tags: list[str] | str) -> Path:
@@ -85,22 +86,40 @@ def belongs_to(row: HistoryRow, tag: str) -> bool:
     return not isinstance(row, EvalRow) or row.tag == tag
 
 
+def log_path(project: ProjectDir, tag: str) -> Path:
+    return project.run_dir(tag) / "metrics.jsonl"
+
+
 def write_log(project: ProjectDir, tag: str, history: list[HistoryRow]) -> Path:
     """One tag's metrics, one JSON object per line: the run's training steps and this tag's validations."""
-    target = project.run_dir(tag) / "metrics.jsonl"
+    target = log_path(project, tag)
     mine = [{k: v for k, v in h.to_json().items() if k != "tag"} for h in history if belongs_to(h, tag)]
     atomic_write(target, "".join(json.dumps(h) + "\n" for h in mine).encode())
     return target
 
 
-def append_run(project: ProjectDir, record: dict[str, Any]) -> Path:
-    """One line per finished run in `runs/history.jsonl`, appended (a single O_APPEND write)."""
+def append_runs(project: ProjectDir, records: list[dict[str, Any]]) -> Path:
+    """One line per finished tag's run in `runs/history.jsonl`, appended in one write.
+
+    A write the disk cuts short is taken back (truncating needs no space), so the history never holds a
+    partial line; the failure raises WriteError naming the file.
+    """
     target = project.root / "runs" / "history.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
     try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-        os.fsync(fd)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError as e:
+        raise write_failure(target, e) from e
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write: the disk filled mid-line
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise write_failure(target, e) from e
     finally:
         os.close(fd)
     return target

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ptcli.errors import ProjectError
+from ptcli.errors import ProjectError, WriteError
 
 _UMASK = os.umask(0o022)  # reading the umask means setting it; put it straight back
 os.umask(_UMASK)
@@ -31,7 +32,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise _write_error(path, e) from e
+        raise write_failure(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp makes the file 0600; give it the mode the file had, or the one open() gives a new file
@@ -43,24 +44,55 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise _write_error(path, e) from e
+            raise write_failure(path, e) from e
         raise
     _fsync_dir(path.parent)
 
 
-def _write_error(path: Path, e: OSError) -> ProjectError:
-    reasons = {
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "the disk quota is exhausted",
-        errno.EROFS: "the file system is read-only",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-    }
-    reason = reasons.get(e.errno or 0, e.strerror or str(e))
-    return ProjectError(
-        f"cannot write {path}: {reason}; nothing was changed",
-        hint="free space or fix permissions, then run the command again",
-    )
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def write_failure(path: Path | str, e: OSError) -> WriteError:
+    """The one way a failed write is reported: `no space left on device: PATH; nothing was changed`."""
+    return WriteError(_REASONS.get(e.errno or 0, (e.strerror or str(e)).lower()), path)
+
+
+def write_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` into `folder` whole or not at all: into a temporary folder beside it first, then moved in
+    (the folder renamed into place when it is new, each file renamed over its old one when it is not)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    except OSError as e:
+        raise write_failure(folder, e) from e
+    name = ""
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        name = ""
+        if folder.is_dir():
+            for name in files:
+                os.replace(tmp / name, folder / name)
+            tmp.rmdir()
+        else:
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; give it the mode mkdir gives a new folder
+            os.rename(tmp, folder)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failure(folder / name, e) from e
+        raise
+    _fsync_dir(folder)
+    _fsync_dir(folder.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -97,7 +129,10 @@ def project_lock(root: Path, command: str) -> Iterator[None]:
                 hint="wait for that command to finish; two commands may not write one project at once",
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+        try:
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})".encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, and a contender is told "another process"
         clean_temp(root)
         try:
             yield

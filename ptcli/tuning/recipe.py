@@ -25,7 +25,7 @@ import torch
 from ptcli import preempt
 from ptcli.config import TaskConfig
 from ptcli.enums import Reparam
-from ptcli.errors import UsageError
+from ptcli.errors import UsageError, WriteError
 from ptcli.lm.depth import depth_of, entering, num_blocks
 from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.runs import EvalRow, StepRow
@@ -96,6 +96,7 @@ class Recipe:
     states: FrozenStates | None = None  # a late prompt's rows below its block, kept across steps
     depth: int = 1  # blocks each prompt gives vectors to (a deep prompt: all from --prompt-layer up)
     prior_seconds: float = 0.0  # time the interrupted run spent, when resuming
+    saved_step: int | None = None  # the step of the checkpoint on disk, None before the first
 
     @property
     def run(self) -> TaskConfig:
@@ -136,7 +137,17 @@ class Recipe:
     def save(self) -> None:
         if self.acc.is_main_process:
             self.state.seconds = self.elapsed()
-            checkpoint.save(self.ckpt_path, self.prompt, self.opt, self.state)
+            try:
+                checkpoint.save(self.ckpt_path, self.prompt, self.opt, self.state)
+            except WriteError as e:
+                kept = self.saved_step is not None
+                raise e.saying(
+                    f"the run stopped at step {self.state.step} and nothing reached the bank; "
+                    + (f"its checkpoint of step {self.saved_step} is kept" if kept else "it had no checkpoint yet"),
+                    hint="free space, then run the same command"
+                    + (" with --resume: it continues from that checkpoint" if kept else " again"),
+                ) from e
+        self.saved_step = self.state.step
 
     def step(self, step: int, elapsed: float) -> None:
         """One optimizer step on the global batch of `step`; this process computes its share."""
@@ -241,6 +252,7 @@ def setup(
         )
     if resuming:
         recipe.state = checkpoint.load(ckpt_path, prompt, opt, {t.tag: t.cfg for t in tasks}, inputs)
+        recipe.saved_step = recipe.state.step
         reporter.status(f"resuming {'+'.join(t.tag for t in tasks)!r} at step {recipe.state.step}")
     else:
         recipe.validate_initial()

@@ -17,7 +17,7 @@ import torch
 
 from ptcli.config import BaseOptions, TaskConfig, check_run_together
 from ptcli.enums import Init
-from ptcli.errors import ProjectError
+from ptcli.errors import ProjectError, WriteError
 from ptcli.lm.base import load_project_base
 from ptcli.project import bank, runs
 from ptcli.project.manifest import ProjectDir, now
@@ -116,35 +116,78 @@ def tune_many(
 def write_results(project: ProjectDir, recipe: Recipe) -> list[TuneResult]:
     """Each tag's best prompts into the bank with their record, its run log and history line; the checkpoint goes."""
     seconds = recipe.elapsed()
-    state, main = recipe.state, recipe.acc.is_main_process
-    results = []
-    for t in recipe.tasks:
-        results.append(
-            TuneResult(
-                tag=t.tag,
-                steps=state.step,
-                best_step=state.best_step[t.tag],
-                metrics=state.best[t.tag],
-                initial_metrics=state.initial[t.tag],
-                seconds=seconds,
-                truncated=t.train.truncated + t.valid.truncated,
-                path=str(bank.path_of(project, t.tag)),
-                history=[h for h in state.history if runs.belongs_to(h, t.tag)],
-            )
+    state = recipe.state
+    results = [
+        TuneResult(
+            tag=t.tag,
+            steps=state.step,
+            best_step=state.best_step[t.tag],
+            metrics=state.best[t.tag],
+            initial_metrics=state.initial[t.tag],
+            seconds=seconds,
+            truncated=t.train.truncated + t.valid.truncated,
+            path=str(bank.path_of(project, t.tag)),
+            history=[h for h in state.history if runs.belongs_to(h, t.tag)],
         )
-        if main:
-            record = record_of(recipe, t, seconds)
+        for t in recipe.tasks
+    ]
+    recipe.acc.wait_for_everyone()  # every process has finished training; the main one writes
+    if recipe.acc.is_main_process:
+        save_run(project, recipe, {t.tag: record_of(recipe, t, seconds) for t in recipe.tasks})
+    return results
+
+
+def save_run(project: ProjectDir, recipe: Recipe, records: dict[str, PromptRecord]) -> None:
+    """Write a finished run in an order where a failed write leaves a state every command describes alike.
+
+    Before: the tags' settings in the manifest. The commit: each tag's prompt into the bank (the run's
+    checkpoint, taken at its last step, stays until every tag is in). After: the checkpoint goes, then
+    each tag's log and the history lines; a failure there is told as such, the prompts being saved.
+    """
+    state, done = recipe.state, []
+    try:
+        for t in recipe.tasks:
+            project.tasks[t.tag] = t.cfg.to_dict()
+        project.save()
+        for t in recipe.tasks:
             assert state.best_prompt is not None  # a finished run holds its best prompts
             best = state.best_prompt[t.slots]  # (K, P, H)
-            bank.put(project, t.tag, best[0] if len(t.slots) == 1 else best, record)
+            bank.put(project, t.tag, best[0] if len(t.slots) == 1 else best, records[t.tag])
+            done.append(t.tag)
+    except WriteError as e:
+        left = [t.tag for t in recipe.tasks if t.tag not in done]
+        saved = f"{_prompts(done)} saved; " if done else ""
+        raise e.saying(
+            f"{saved}{_prompts(left)} not saved (the bank keeps what it held); the run's checkpoint "
+            f"at its last step ({state.step}) is kept",
+            hint="free space, then run the same command with --resume: it writes the results without training again",
+        ) from e
+    recipe.ckpt_path.unlink(missing_ok=True)
+    missed: list[tuple[WriteError, str]] = []
+    for t in recipe.tasks:
+        try:
             runs.write_log(project, t.tag, state.history)
-            line = {k: v for k, v in record.to_json().items() if k != "init_text"}
-            runs.append_run(project, {"tag": t.tag, **line})
-            project.record_task(t.tag, t.cfg)
-    if main:
-        recipe.ckpt_path.unlink(missing_ok=True)
-    recipe.acc.wait_for_everyone()
-    return results
+        except WriteError as e:
+            runs.log_path(project, t.tag).unlink(missing_ok=True)  # an earlier run's log must not pass for this one's
+            missed.append((e, f"its log {runs.log_path(project, t.tag)}"))
+    lines = [{"tag": tag, **{k: v for k, v in r.to_json().items() if k != "init_text"}} for tag, r in records.items()]
+    try:
+        runs.append_runs(project, lines)
+    except WriteError as e:
+        missed.append((e, f"the run's line{'s' * (len(lines) > 1)} in {e.path}"))
+    if missed:
+        first = missed[0][0]
+        raise first.saying(
+            f"{_prompts(done)} saved and ready, but {' and '.join(m for _, m in missed)} "
+            f"{'were' if len(missed) > 1 else 'was'} not written",
+            hint="the prompts need nothing more; free space before the next run",
+        )
+
+
+def _prompts(tags: list[str]) -> str:
+    """'the prompt of 'a' is' or 'the prompts of 'a' and 'b' are'."""
+    many = len(tags) > 1
+    return f"the prompt{'s' * many} of {' and '.join(map(repr, tags))} {'are' if many else 'is'}"
 
 
 def record_of(recipe: Recipe, t: Task, seconds: float) -> PromptRecord:

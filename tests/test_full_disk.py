@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from clihelp import cli, failed, ok, write_jsonl
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from ptcli.project import storage
 
@@ -255,6 +256,35 @@ def test_every_write_of_a_tune_in_turn_meets_a_full_disk(
                 assert pages or failed_at.startswith(target)
                 assert failed_at.split(" ")[0] == target or pages
             _empty(empty)
+
+
+def test_tags_tuned_together_say_which_prompt_is_saved(
+    empty: Path, tuned: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The disk fills between the bank writes of two tags tuned together: the first is saved, the second is
+    not, the shared checkpoint stays, and --resume writes both without training again."""
+    rows = [{"prompt_tag": tag, "text": t, "answer": a} for tag in ("c", "d") for t, a in ROWS]
+    both = write_jsonl(tmp_path / "both.jsonl", rows)
+    args = ["tune", "--tag", "c", "--tag", "d", *_tune("c", both)[3:]]
+    root = Path(shutil.copytree(tuned, empty / "p"))
+    writes = _tune_filling_at(monkeypatch, root, None, 0)
+    ok(cli(*args, "-p", root))
+    monkeypatch.undo()
+    saved = {tag: (root / "bank" / f"{tag}.safetensors").read_bytes() for tag in ("c", "d")}
+    _empty(empty)
+    root = Path(shutil.copytree(tuned, empty / "p"))
+    _tune_filling_at(monkeypatch, root, writes.index("bank/d.safetensors"), 0)
+    path, err = _refused(cli(*args, "-p", root), root)
+    monkeypatch.undo()
+    assert path == root / "bank" / "d.safetensors"
+    assert "the prompt of 'c' is saved; the prompt of 'd' is not saved" in err
+    assert _tags(root) == ["a", "c"]
+    assert "interrupted run of c+d at step 4" in " ".join(n["message"] for n in _check(root)["notes"])
+    (empty / "filler").unlink()
+    ok(cli(*args, "--resume", "-p", root))
+    for tag, blob in saved.items():  # the prompts of the run that had room
+        assert torch.equal(load_file(root / "bank" / f"{tag}.safetensors")["prompt"], load(blob)["prompt"])
+    _check(root)
 
 
 def _commands(root: Path, disk: Path, outside: Path) -> dict[str, tuple[list[object], Path]]:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -149,17 +150,30 @@ def _rank_pids(mark: str, rank: str) -> list[int]:
 
 
 def test_killing_one_process_fails_cleanly(project):
+    """Rank 1 killed in the training loop: the launch fails and the bank is untouched."""
     bank_before = sorted((project / "bank").iterdir())
     mark = uuid.uuid4().hex
-    proc = _launch(project, "--max-steps", "100000", "--val-check-interval", "100000", mark=mark)
-    deadline = time.time() + 120
-    victims: list[int] = []
-    while time.time() < deadline and not victims:
-        time.sleep(0.5)
-        victims = _rank_pids(mark, "1")
-    assert victims, "rank 1 never started"
-    time.sleep(3)  # let it get into the training loop
+    proc = _launch(project, "--max-steps", "100000", "--val-check-interval", "2", mark=mark, quiet=False)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    # Rank 0 reports each validation, and every rank takes part in the steps and validations before it:
+    # once "step 4:" is out, rank 1 has trained four steps and is in the loop.
+    deadline = time.monotonic() + 300
+    while not any(line.startswith("step 4:") for line in lines) and proc.poll() is None:
+        assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    victims = _rank_pids(mark, "1")
+    assert proc.poll() is None and len(victims) == 1, "".join(lines)
     os.kill(victims[0], signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=300)
+    reader.join(60)
+    err = "".join(lines)
     assert proc.returncode != 0
+    assert re.search(rf"exitcode\s*: -9 \(pid: {victims[0]}\)", err), err  # torchrun: rank 1 died of that kill
     assert sorted((project / "bank").iterdir()) == bank_before  # nothing written

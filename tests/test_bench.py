@@ -41,16 +41,22 @@ def test_speed_bench_quick_configuration_runs(tmp_path, monkeypatch, default_cac
     assert "train_ratio_p20" in r.stdout  # the table is printed
 
 
-def test_serve_bench_quick_configuration_runs(tmp_path, tiny_llama):
-    out = tmp_path / "serve.json"
+def _serve_bench(base, out, *flags: str) -> subprocess.CompletedProcess:
+    """bench/serve.py --quick on `base`, its JSON into `out`; it must succeed."""
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--base", str(tiny_llama), "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", *flags, "--base", str(base), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_serve_bench_quick_configuration_runs(tmp_path, tiny_llama):
+    out = tmp_path / "serve.json"
+    r = _serve_bench(tiny_llama, out)
     results = json.loads(out.read_text())
     assert [(x["batching"], x["concurrency"]) for x in results["runs"]] == [
         (b, c) for b in ("on", "off") for c in (1, 8, 32)
@@ -60,6 +66,24 @@ def test_serve_bench_quick_configuration_runs(tmp_path, tiny_llama):
         results["runs"][3]["mean_batch"] == 1.0 and results["runs"][2]["mean_batch"] > 1
     )  # off: one row a pass; on: shared
     assert "| batching | clients |" in r.stdout
+
+
+def test_serve_bench_under_change_adds_its_row(tmp_path, tiny_llama):
+    out = tmp_path / "serve.json"
+    out.write_text(json.dumps({"runs": ["an earlier batching table"]}))
+    r = _serve_bench(tiny_llama, out, "--sections", "under-change")
+    results = json.loads(out.read_text())
+    assert results["runs"] == ["an earlier batching table"]  # kept
+    row = results["under_change"]
+    wrong = ("5xx", "other_errors", "mismatches", "dropped_404_before_removal", "dropped_answered_after_removal")
+    assert {k: row[k] for k in wrong} == dict.fromkeys(wrong, 0)
+    assert row["dropped_404_after_removal"] > 0 and row["dropped_200_before_removal"] > 0
+    assert (
+        row["requests"] >= 32
+        and row["rss_mb_end"] > 0
+        and list(row["changes_s"]) == ["overwrite 1", "overwrite 2", "remove"]
+    )
+    assert "| clients | seconds | requests |" in r.stdout
 
 
 def test_probe_finds_a_label_the_features_carry(tmp_path, tiny_llama):
@@ -131,3 +155,11 @@ def test_the_docs_recipe_table_is_the_committed_json() -> None:
         [sys.executable, str(ROOT / "bench" / "quality_table.py")], capture_output=True, text=True, check=True
     )
     assert r.stdout.count("\n") >= 3 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+
+
+def test_the_docs_table_of_serving_under_change_is_the_committed_json() -> None:
+    """docs/benchmarks.md shows bench/results/serve.json's under-change row as `serve.py --table` renders it."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--table"], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.count("\n") == 3 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")

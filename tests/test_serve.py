@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -280,6 +281,145 @@ def test_a_tag_tuned_while_serving_is_served(server: Server, project: Path) -> N
     assert status == 200
     assert body["rows"] == infer(project, rows, "--mode", "rank")
     ok(cli("remove-tag", "later", "-p", project, "-q"))
+
+
+UNDER_CHANGE_SECONDS = 15.0  # bench/serve.py --sections under-change holds the load for 60 s on the default model
+CLIENTS = 32
+
+
+def _rss_mb(pid: int) -> float:
+    """The process's resident set (VmRSS of /proc/PID/status) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def _allowed(versions: list[tuple[float, float]], sent: float, answered: float) -> list[int]:
+    """The versions a request may see: those live at some moment between its sending and its answer.
+
+    Version k is live from the start of the change that wrote it to the end of the change that replaced it.
+    """
+    return [k for k, (since, until) in enumerate(versions) if since <= answered and sent <= until]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the server's memory from /proc")
+def test_serving_under_change(project: Path, tmp_path: Path, seconds: float = UNDER_CHANGE_SECONDS) -> None:
+    """32 closed-loop clients while `tune --overwrite` rewrites a tag twice and `remove-tag` drops another.
+
+    No 5xx; every answer is what `ptcli infer` gives for that row with a version of the prompt live
+    while the request was in flight; the dropped tag answers until its removal and 404s after it;
+    the server's memory after the load is what it was after the warm-up.
+    """
+    root = Path(shutil.copytree(project, tmp_path / "p"))  # the module's project keeps its tags
+    ok(cli("export", "sent", tmp_path / "sent.safetensors", "-p", root, "-q"))
+    ok(cli("import", tmp_path / "sent.safetensors", "--tag", "doomed", "-p", root, "-q"))
+    texts = [x for examples in DATA.values() for x, _ in examples]
+    pairs = [(tag, x) for x in texts for tag in ("sent", "topic", "doomed")]
+
+    def answers() -> dict[tuple[str, str], str]:
+        rows = [{"prompt_tag": t, "text": x} for t, x in pairs]
+        got = infer(root, rows, "--mode", "generate", "--tokens-to-generate", "4")
+        return {(r["prompt_tag"], r["text"]): r["prediction"] for r in got}
+
+    def retune(seed: int) -> None:
+        rows = [{"prompt_tag": "topic", "text": x, "answer": a} for x, a in DATA["topic"]]
+        train, valid = _jsonl(tmp_path / "topic-train.jsonl", rows), _jsonl(tmp_path / "topic-valid.jsonl", rows[:2])
+        seeded = ["--init", "random", "--seed", str(seed), "--overwrite"]
+        ok(cli("tune", "--tag", "topic", "--train", train, "--valid", valid, *FAST, *seeded, "-p", root))
+
+    want = [answers()]  # want[k]: the answers of version k of `topic` (sent and doomed never change)
+    s = Server(root, "--max-batch-size", str(CLIENTS), "--max-wait-ms", "10")
+    done = threading.Event()
+    try:
+        with ThreadPoolExecutor(CLIENTS) as pool:  # warm up: one request per client, all at once
+            warm = pool.map(lambda i: s.call("/v1/completions", _ask(*pairs[i % len(pairs)], 4)), range(CLIENTS))
+            assert {status for status, _, _ in warm} == {200}
+        rss = [_rss_mb(s.proc.pid)]
+        start = time.monotonic()
+        stop_at = start + seconds
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                rss.append(_rss_mb(s.proc.pid))
+
+        def client(c: int) -> list[tuple[str, str, float, float, int, dict]]:
+            seen, i = [], c
+            while time.monotonic() < stop_at:
+                tag, text = pairs[i % len(pairs)]
+                sent = time.monotonic()
+                status, _, body = s.call("/v1/completions", _ask(tag, text, 4))
+                seen.append((tag, text, sent, time.monotonic(), status, body))
+                i += 1  # each client walks every pair, from its own start
+            return seen
+
+        threading.Thread(target=sample, daemon=True).start()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            futures = [pool.submit(client, c) for c in range(CLIENTS)]
+            changes: dict[str, tuple[float, float]] = {}
+            for name, at, change in (
+                ("overwrite 1", 0.2, lambda: retune(11)),
+                ("overwrite 2", 0.45, lambda: retune(22)),
+                ("remove", 0.7, lambda: ok(cli("remove-tag", "doomed", "-p", root, "-q"))),
+            ):
+                # at its time, but 15% of the load after the change before: each version is served a while
+                after = max([end + 0.15 * seconds for _, end in changes.values()], default=start)
+                time.sleep(max(0.0, start + at * seconds - time.monotonic(), after - time.monotonic()))
+                began = time.monotonic()
+                change()
+                changes[name] = (began, time.monotonic())
+                if name.startswith("overwrite"):
+                    want.append(answers())
+            assert time.monotonic() < stop_at, f"the changes outlasted the {seconds} s of load: {changes}"
+            seen = [r for f in futures for r in f.result()]
+        rss.append(_rss_mb(s.proc.pid))
+    finally:
+        done.set()
+        assert s.stop() == 0
+    assert not [line for line in s.lines if "Traceback" in line or "failed" in line], "".join(s.lines)
+
+    for old, new in zip(want, want[1:]):  # else the test could not tell the versions apart
+        assert any(old[("topic", x)] != new[("topic", x)] for x in texts), "an overwrite changed no answer"
+    versions = [
+        (float("-inf"), changes["overwrite 1"][1]),
+        (changes["overwrite 1"][0], changes["overwrite 2"][1]),
+        (changes["overwrite 2"][0], float("inf")),
+    ]
+    removed_from, removed_by = changes["remove"]
+    problems, counts = [], {"5xx": 0, "404 after removal": 0, "answered before removal": 0}
+    served: set[int] = set()  # versions of `topic` answered while no other was live
+    for tag, text, sent, answered, status, body in seen:
+        counts["5xx"] += status >= 500
+        if tag == "doomed" and status == 404:
+            if answered < removed_from:
+                problems.append(f"{tag!r} answered 404 before its removal: {body}")
+            elif "doomed" in body["error"]["known_tags"]:
+                problems.append(f"a 404 for {tag!r} lists it as known: {body}")
+            counts["404 after removal"] += sent > removed_by
+            continue
+        if tag == "doomed" and sent > removed_by:
+            problems.append(f"{tag!r} answered {status} after its removal ended: {body}")
+            continue
+        if status != 200:
+            problems.append(f"{tag!r} {text!r}: {status} {body}")
+            continue
+        counts["answered before removal"] += tag == "doomed" and answered < removed_from
+        live = _allowed(versions, sent, answered) if tag == "topic" else [0]
+        served.update(live if tag == "topic" and len(live) == 1 else [])
+        if body["choices"][0]["text"] not in {want[k][(tag, text)] for k in live}:
+            problems.append(
+                f"{tag!r} {text!r}: {body['choices'][0]['text']!r}, not of versions {live} "
+                f"({[want[k][(tag, text)] for k in live]})"
+            )
+    assert not problems, f"{len(problems)} of {len(seen)} answers wrong:\n" + "\n".join(problems[:20])
+    assert counts["5xx"] == 0 and counts["404 after removal"] > 0 and counts["answered before removal"] > 0, counts
+    assert served == {0, 1, 2}, f"versions of 'topic' served alone: {served}; changes at {changes}"
+    after_warmup, last = rss[0], rss[-1]  # flat: at most 30 MiB and 15% above the warm server's
+    assert last <= after_warmup + min(30, 0.15 * after_warmup), f"RSS {after_warmup:.0f} -> {last:.0f} MiB: {rss}"
+
+
+def _ask(tag: str, text: str, max_tokens: int) -> dict:
+    return {"model": tag, "prompt": text, "max_tokens": max_tokens}
 
 
 def test_api_key_then_sigterm_finishes_the_request_in_flight(project: Path) -> None:

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ptcli.enums import Dtype, Init, Loss, Reparam
+from ptcli.enums import Backend, Dtype, Init, Loss, Reparam
 from ptcli.errors import UsageError
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -24,6 +24,7 @@ class BaseOptions:
     trust_remote_code: bool = False  # --trust-remote-code: the base's own Python code may run
     device_map: str | None = None  # --device-map (infer): accelerate's big-model placement, e.g. "auto"
     shard: bool = False  # --shard-base (tune): FSDP2 over the processes of a launched run
+    engine: Backend = Backend.TORCH  # --engine (infer, serve): torch, or llama.cpp on the base's GGUF file
 
 
 def _setting(help: str, default: Any, **cli: Any) -> Any:

@@ -52,13 +52,22 @@ class Loss(Choice):
 
 
 class Format(Choice):
-    """What `export` writes and `import` reads: ptcli's bank file, or a PEFT prompt-tuning adapter folder."""
+    """What `export` writes and `import` reads: ptcli's bank file, a PEFT prompt-tuning adapter folder, or a
+    TensorRT-LLM prompt-table folder."""
 
     PTCLI = "ptcli"
     PEFT = "peft"
+    TRTLLM = "trtllm"
 
 
 class Dtype(Choice):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+class Backend(Choice):
+    """What computes the answers of `infer` and `serve` (--engine)."""
+
+    TORCH = "torch"
+    LLAMACPP = "llama.cpp"

@@ -299,11 +299,17 @@ def _commands(root: Path, disk: Path, outside: Path) -> dict[str, tuple[list[obj
             ["export", "a", disk / "peft", "--format", "peft", "-p", root, "-q"],
             disk / "peft" / "adapter_model.safetensors",
         ),
+        "export-trtllm": (
+            ["export", "a", disk / "trt", "--format", "trtllm", "-p", root, "-q"],
+            disk / "trt" / "prompt_table.npy",
+        ),
         "import": (["import", exported, "--tag", "d", "-p", root, "-q"], root / "bank" / "d.safetensors"),
     }
 
 
-@pytest.mark.parametrize("command", ["add-task", "remove-tag", "rename-tag", "export", "export-peft", "import"])
+@pytest.mark.parametrize(
+    "command", ["add-task", "remove-tag", "rename-tag", "export", "export-peft", "export-trtllm", "import"]
+)
 def test_a_full_disk_stops_a_command_before_it_changes_anything(
     root: Path, disk: Path, tmp_path: Path, command: str
 ) -> None:

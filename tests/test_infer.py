@@ -43,3 +43,28 @@ def test_the_bias_averages_the_content_free_distributions_per_member() -> None:
 )
 def test_mode_of_a_record(record: dict, mode: str) -> None:
     assert PromptRecord.from_json(record).answer_mode == mode
+
+
+def test_a_replaced_prompt_takes_its_calibration_with_it(lively_llama) -> None:
+    """The engine keeps a calibration bias per prompt object, weakly: a prompt the bank replaced (a reloaded
+    tag) gets a bias of its own, never one of a freed object, and the old one's bias goes with it."""
+    import gc
+
+    from ptcli.config import TaskConfig
+    from ptcli.inference.engine import Engine, Item, Prompt
+    from ptcli.lm.base import load_base
+    from ptcli.project.record import PromptRecord
+
+    model, tok = load_base(str(lively_llama))
+    engine = Engine(model, tok)
+    record = PromptRecord(config={**TaskConfig().to_dict(), "max_seq_length": 64}, mode="rank", init="random")
+    H = model.get_input_embeddings().weight.shape[1]
+    biases = []
+    for seed in (0, 1):
+        prompt = Prompt.of("t", torch.randn(4, H, generator=torch.Generator().manual_seed(seed)), record)
+        biases.append(engine._bias(Item(prompt, "x", "rank", 0, ("good", "bad"), True)))
+        assert len(engine._biases) == 1  # the first prompt is gone: so is its bias
+        del prompt
+        gc.collect()
+    assert len(engine._biases) == 0
+    assert not torch.equal(biases[0], biases[1])

@@ -21,7 +21,7 @@ from ptcli import __version__
 from ptcli.cli import options as opt
 from ptcli.cli.options import handled, task_options
 from ptcli.config import BaseOptions, check_infer_flags, check_prompt_length, check_tag, check_tune_flags
-from ptcli.enums import Dtype
+from ptcli.enums import Backend, Dtype
 from ptcli.errors import PtcliError, UsageError
 
 app = typer.Typer(
@@ -192,6 +192,7 @@ def infer(
     tokens_to_generate: opt.TokensToGenerate = 32,
     batch_size: opt.InferBatch = 16,
     dtype: opt.DtypeOpt = Dtype.FLOAT32,
+    engine: opt.EngineOpt = Backend.TORCH,
     device_map: opt.DeviceMap = None,
     devices: opt.InferDevices = 1,
     trust_remote_code: opt.TrustOpt = False,
@@ -208,6 +209,8 @@ def infer(
 
     options = check_infer_flags(devices, device_map, tokens_to_generate, batch_size, choices)
     p = proj.load(project)
+    if devices > 1 and engine == Backend.LLAMACPP:
+        raise UsageError("--engine llama.cpp runs in one process on the CPU: drop --devices")
     if devices > 1 and not dist.in_launched_run():
         if file == "-":
             raise UsageError("--devices reads a file, not stdin ('-'): every process reads the rows")
@@ -222,7 +225,7 @@ def infer(
         calibrated=calibrate,
         tokens_to_generate=tokens_to_generate,
         batch_size=batch_size,
-        base=BaseOptions(dtype, trust_remote_code, device_map),
+        base=BaseOptions(dtype, trust_remote_code, device_map, engine=engine),
         status=lambda m: say(m, quiet or not is_main_process()),
     )
     if not is_main_process():
@@ -253,11 +256,13 @@ def _show_accuracy(accuracy: dict[str, dict[str, float]], modes: dict[str, str],
 # The bank, check and serve commands come after the core ones in --help.
 from ptcli.cli import bank as cli_bank  # noqa: E402
 from ptcli.cli import check as cli_check  # noqa: E402
+from ptcli.cli import embed as cli_embed  # noqa: E402
 from ptcli.cli import serve as cli_serve  # noqa: E402
 
 app.registered_commands += (
     cli_bank.app.registered_commands + cli_check.app.registered_commands + cli_serve.app.registered_commands
 )
+app.registered_commands += cli_embed.app.registered_commands
 
 
 def main() -> None:

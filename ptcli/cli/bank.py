@@ -1,4 +1,5 @@
-"""Commands that manage the bank: list-tags, show, remove-tag, rename-tag, export and import.
+"""Commands that manage the bank: list-tags, show, remove-tag, rename-tag, and (from cli/transfer.py) export and
+import.
 
 They are registered on the app by cli/app.py, after the core commands (the order of `--help`).
 """
@@ -6,7 +7,6 @@ They are registered on the app by cli/app.py, after the core commands (the order
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,14 +18,9 @@ from ptcli.cli.options import (
     ProjectOpt,
     QuietOpt,
     _complete_task_tags,
-    format_flag,
     handled,
     json_flag,
-    tag_flag,
 )
-from ptcli.config import check_tag
-from ptcli.enums import Format
-from ptcli.errors import UsageError
 
 app = typer.Typer()  # cli/app.py copies these commands onto its app
 
@@ -167,95 +162,7 @@ def rename_tag(
     )
 
 
-@app.command()
-@handled
-def export(
-    tag: BankTag,
-    out: Annotated[
-        str,
-        typer.Argument(help="ptcli: a .safetensors file (or a folder, or '-' for stdout). peft: an adapter folder."),
-    ],
-    fmt: Annotated[
-        Format, format_flag("ptcli: the bank file as is. peft: a PEFT prompt-tuning adapter folder.")
-    ] = Format.PTCLI,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite what is at OUT.")] = False,
-    project: ProjectOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Write a prompt out of the bank: one self-describing .safetensors file, or a PEFT adapter."""
-    from ptcli.cli.console import emit_json, say, stdout_guard
-    from ptcli.project import manage
-    from ptcli.project import manifest as proj
+# export and import move prompts in and out of the bank (cli/transfer.py); they follow the commands above in --help.
+from ptcli.cli import transfer  # noqa: E402
 
-    p = proj.load(project)
-    if out == "-":
-        if fmt is not Format.PTCLI or as_json:
-            raise UsageError("OUT '-' (stdout) takes the ptcli format and no --json")
-        if sys.stdout.isatty():
-            raise UsageError(
-                "refusing to write a binary file to the terminal",
-                hint=f"redirect it: ptcli export {tag} - > {tag}.safetensors",
-            )
-        blob = manage.export_bytes(p, tag)
-        with stdout_guard():
-            sys.stdout.buffer.write(blob)
-            sys.stdout.flush()
-        return
-    if fmt is Format.PEFT:
-        from ptcli.project import peft_adapter
-
-        result = peft_adapter.export(p, tag, Path(out), force)
-    else:
-        result = manage.export_file(p, tag, Path(out), force)
-    if as_json:
-        emit_json(dataclasses.asdict(result))
-    how = f"; load it with peft.PeftModel.from_pretrained(base, {result.path!r})" if fmt is Format.PEFT else ""
-    say(f"exported {tag!r} to {result.path}{how}", quiet)
-
-
-@app.command("import")
-@handled
-def import_(
-    source: Annotated[
-        str,
-        typer.Argument(
-            metavar="FILE",
-            help="A file made by `ptcli export` ('-' reads stdin), or a PEFT prompt-tuning adapter folder.",
-        ),
-    ],
-    tag: Annotated[
-        str | None,
-        tag_flag("Tag in this bank (default: the tag recorded in FILE; required for other PEFT adapters)."),
-    ] = None,
-    fmt: Annotated[
-        Format | None,
-        format_flag("Default: peft for a folder, ptcli for a file.", show_default=False),
-    ] = None,
-    project: ProjectOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Add an exported prompt or a PEFT prompt-tuning adapter to the bank, after checking its base, length and
-    checksum."""
-    from ptcli.cli.console import emit_json, say
-    from ptcli.project import manage
-    from ptcli.project import manifest as proj
-
-    if tag is not None:
-        check_tag(tag)
-    p = proj.load(project)
-    if fmt is None:
-        fmt = Format.PEFT if source != "-" and Path(source).is_dir() else Format.PTCLI
-    if fmt is Format.PEFT:
-        from ptcli.project import peft_adapter
-
-        result = peft_adapter.import_adapter(p, Path(source), tag)
-    else:
-        name, blob = manage.read_source(source)
-        result = manage.import_bytes(p, name, blob, tag)
-    for w in result.warnings:
-        say(f"warning: {w}", quiet, style="yellow")
-    if as_json:
-        emit_json(dataclasses.asdict(result))
-    say(f"imported {result.tag!r} from {result.source} into {result.path}", quiet)
+app.registered_commands += transfer.app.registered_commands

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ def emit_json(obj: Any) -> None:
         sys.stdout.flush()
 
 
-def emit_jsonl(rows: list[dict[str, Any]]) -> None:
+def emit_jsonl(rows: Iterable[dict[str, Any]]) -> None:
     with stdout_guard():
         out = sys.stdout
         for row in rows:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ptcli.config import TaskConfig, flag_of
-from ptcli.enums import Dtype, Mode
+from ptcli.enums import Backend, Dtype, Mode
 from ptcli.errors import PtcliError
 
 ProjectOpt = Annotated[
@@ -116,6 +116,14 @@ InferBatch = Annotated[int, typer.Option("--batch-size", help="Lines per forward
 DeviceMap = Annotated[
     str | None,
     typer.Option("--device-map", help="Place a large base across devices, e.g. 'auto' (accelerate big-model loading)."),
+]
+EngineOpt = Annotated[
+    Backend,
+    typer.Option(
+        "--engine",
+        help="torch: ptcli's own forward. llama.cpp: the base's GGUF file in llama.cpp "
+        "(pip install 'ptcli[llamacpp]'; prompts at the input only).",
+    ),
 ]
 InferDevices = Annotated[int, devices_flag("Processes (GPUs, or CPU workers) that share the rows; output as with one.")]
 InferJson = Annotated[bool, json_flag("One JSON document (predictions and accuracy) instead of jsonl lines.")]

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ptcli.cli.options import DtypeOpt, ProjectOpt, QuietOpt, TrustOpt, handled
+from ptcli.cli.options import DtypeOpt, EngineOpt, ProjectOpt, QuietOpt, TrustOpt, handled
 from ptcli.config import BaseOptions
-from ptcli.enums import Dtype
+from ptcli.enums import Backend, Dtype
 from ptcli.errors import UsageError
 
 app = typer.Typer()  # cli/app.py copies this command onto its app
@@ -58,6 +58,7 @@ def serve(
     max_body_bytes: MaxBody = 1_000_000,
     api_key: ApiKey = None,
     dtype: DtypeOpt = Dtype.FLOAT32,
+    engine: EngineOpt = Backend.TORCH,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -81,6 +82,6 @@ def serve(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         api_key=api_key,
-        base=BaseOptions(dtype, trust_remote_code),
+        base=BaseOptions(dtype, trust_remote_code, engine=engine),
     )
     run(proj.load(project), cfg, status=lambda m: say(m, quiet))

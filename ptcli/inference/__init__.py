@@ -3,7 +3,8 @@
 `engine.py` answers one mixed-tag batch (every prompt of the batch stacked, each row
 pointing at its members; one pass per mode, generation length and prompt placement);
 `infer.py` reads a file or rows, plans the batches, runs them through the engine (split over
-processes under torchrun) and scores accuracy. The answer rules themselves (text budget,
-ensemble vote, ranked mean, calibration) live in `lm.answers`, so tuning's validation uses
-them too. It may import project, lm, data and the root modules; not tuning.
+processes under torchrun) and scores accuracy; `embeds.py` lays the same rows out as the
+input embeddings another engine reads (vLLM's `prompt_embeds`, for `ptcli embed`). The answer
+rules themselves (text budget, ensemble vote, ranked mean, calibration) live in `lm.answers`,
+so tuning's validation uses them too. It may import project, lm, data and the root modules; not tuning.
 """

@@ -11,6 +11,7 @@ candidates of the pass, so the argmax over a row's own set is the one its tag al
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,9 @@ class Engine:
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
         self._layouts: dict[tuple[str, int], Layout] = {}  # (template, prompt length) -> its layout for this tokenizer
-        self._biases: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}  # (id(prompt), choices) -> (K, C)
+        # prompt -> choices -> (K, C); weak: a prompt the bank replaced takes its biases with it
+        self._biases: weakref.WeakKeyDictionary[Prompt, dict[tuple[str, ...], torch.Tensor]]
+        self._biases = weakref.WeakKeyDictionary()
         self._rooms: dict[tuple[str, int, tuple[str, ...]], int] = {}  # (mode, max_new, choices) -> positions
 
     def __call__(self, items: list[Item]) -> list[Prediction | PtcliError]:
@@ -157,11 +160,11 @@ class Engine:
 
     def _bias(self, item: Item) -> torch.Tensor:
         """Contextual calibration of a prompt over an answer set, (K, C), computed once per engine."""
-        key = (id(item.prompt), item.choices)
-        if key not in self._biases:
+        mine = self._biases.setdefault(item.prompt, {})
+        if item.choices not in mine:
             layout = self.layout(item.prompt)
             with entering(self.model, item.prompt.record.prompt_layer, item.prompt.record.depth):
-                self._biases[key] = content_free_bias(
+                mine[item.choices] = content_free_bias(
                     self.model, self.tok, item.prompt.members, list(item.choices), layout
                 )
-        return self._biases[key]
+        return mine[item.choices]

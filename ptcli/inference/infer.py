@@ -15,6 +15,7 @@ batches, and so the answers, are the ones a single process computes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from ptcli import dist
 from ptcli.config import BaseOptions
 from ptcli.data.jsonl import Record, check_inference_row, read_jsonl
-from ptcli.enums import Mode
+from ptcli.enums import Backend, Mode
 from ptcli.errors import InputError, PtcliError, UsageError, unknown_tags
 from ptcli.inference.engine import Engine, Item, Prompt
 from ptcli.lm.base import load_project_base
@@ -68,15 +69,17 @@ def infer(
     mode its prompt was chosen by (`PromptRecord.answer_mode`). Rows come back in input order."""
     if mode is not None and mode not in Mode.values():
         raise UsageError(f"--mode must be one of {', '.join(Mode.values())}, got {mode!r}")
+    if base.engine == Backend.LLAMACPP:  # refused before the rows are read, as a bad flag is
+        from ptcli.inference.llama_context import check_engine
+
+        check_engine(project, base, int(os.environ.get("WORLD_SIZE", 1)))
     records = records_of(source)
     modes = tag_modes(project, sorted({r.tag for r in records}), mode, choices)
     if calibrated and Mode.RANK not in modes.values():
         raise UsageError("--calibrate corrects ranked answers, and no tag here is ranked", hint="add --mode rank")
     rank, world, device = dist.join_group()
-    model, tok = load_project_base(project.base, base, status)
-    if base.device_map is None:
-        model.to(device)
-    engine = Engine(model, tok)
+    engine = open_engine(project, base, world, device, status)
+    tok = engine.tok
     prompts = {t: Prompt.of(t, *bank.get(project, t)) for t in modes}
     items = [
         Item(
@@ -104,6 +107,20 @@ def infer(
     ordered = [predictions[i] for i in range(len(records))]
     rows = [{**r.row, "prediction": p} for r, p in zip(records, ordered)]
     return InferResult(rows, accuracy(records, ordered), {t: str(m) for t, m in modes.items()})
+
+
+def open_engine(project: ProjectDir, base: BaseOptions, world: int, device, status: Callable[[str], None]) -> Engine:
+    """The engine that answers: ptcli's torch forward on the project's base, or llama.cpp on its GGUF file."""
+    if base.engine == Backend.LLAMACPP:
+        from ptcli.inference.llama_context import check_engine
+        from ptcli.inference.llamacpp import load_engine
+
+        check_engine(project, base, world)
+        return load_engine(project, base, status)
+    model, tok = load_project_base(project.base, base, status)
+    if base.device_map is None:
+        model.to(device)
+    return Engine(model, tok)
 
 
 def plan(engine: Engine, items: list[Item], seqs: list[list[int]], batch_size: int) -> list[list[int]]:

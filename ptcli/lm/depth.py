@@ -101,6 +101,13 @@ def deeper(model, layer: int, depth: int, rows: torch.Tensor, slot: torch.Tensor
     return stack
 
 
+def with_vectors(embeds: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, depth: int = 1) -> torch.Tensor:
+    """Input embeddings (B, T, H) whose positions `slot` (B, T) >= 0 take their prompt vectors from rows
+    (B, depth*P, H): what block 0 reads for a prompt that enters at the input (and what `ptcli embed` writes)."""
+    first = vectors_at(rows, slot, 0, depth).to(embeds)  # (B, T, H)
+    return torch.where((slot >= 0).unsqueeze(-1), first, embeds)
+
+
 def forward_with(model, embeds: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, **kwargs):
     """model.base_model on input embeddings (B, T, H) whose positions `slot` (B, T) >= 0 hold prompt vectors.
 
@@ -109,10 +116,10 @@ def forward_with(model, embeds: torch.Tensor, slot: torch.Tensor, rows: torch.Te
     take their vectors at block K's input; a deep prompt's slots take theirs at every block after.
     """
     layer, depth = prompt_layer(model), prompt_depth(model)
-    where = slot >= 0  # (B, T)
-    first = vectors_at(rows, slot, 0, depth).to(embeds)  # (B, T, H)
     with deeper(model, layer, depth, rows, slot):
         if layer == 0:
-            return model.base_model(inputs_embeds=torch.where(where.unsqueeze(-1), first, embeds), **kwargs)
+            return model.base_model(inputs_embeds=with_vectors(embeds, slot, rows, depth), **kwargs)
+        where = slot >= 0  # (B, T)
+        first = vectors_at(rows, slot, 0, depth).to(embeds)  # (B, T, H)
         with replacing(blocks_of(model)[layer], where, first):
             return model.base_model(inputs_embeds=embeds.masked_fill(where.unsqueeze(-1), 0.0), **kwargs)

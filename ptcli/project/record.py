@@ -72,6 +72,28 @@ class PromptRecord:
         """The block the prompt enters before (0: the input, as in records from before late prompts)."""
         return int(self.config.get("prompt_layer", 0))
 
+    def engine_problems(self, tag: str, target: str) -> list[str]:
+        """Why `target` (what an engine takes for one request's prompt) cannot hold this prompt; none when it can.
+
+        An engine reads one prompt at the input embeddings: not an ensemble's vote, not vectors entered higher up.
+        """
+        problems = []
+        if self.ensemble > 1:
+            problems.append(
+                f"{tag!r} is an ensemble of {self.ensemble} prompts that answer by vote, and {target} holds one prompt"
+            )
+        if self.prompt_layer:
+            problems.append(
+                f"{tag!r} is a late prompt: it enters before block {self.prompt_layer}, and {target} enters at the "
+                "input embeddings"
+            )
+        if self.depth > 1:
+            problems.append(
+                f"{tag!r} is a deep prompt (vectors for {self.depth} blocks, entered as hidden states), and {target} "
+                "holds input embeddings only"
+            )
+        return problems
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PromptRecord:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}

@@ -267,14 +267,13 @@ def serve(project: ProjectDir, cfg: ServeConfig, status: Callable[[str], None] =
     """Load the base, serve the bank until SIGTERM/SIGINT, answer what is in flight, return."""
     import uvicorn
 
-    from ptcli.inference.engine import Engine
-    from ptcli.lm.base import load_project_base
+    from ptcli.inference.infer import open_engine
 
     sock = listen(cfg.host, cfg.port)
-    model, tok = load_project_base(project.base, cfg.base, status)
+    engine = open_engine(project, cfg.base, 1, "cpu", status)
     bank = LiveBank(project, status)
     bank.refresh()
-    batcher = Batcher(Engine(model, tok), cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, status)
+    batcher = Batcher(engine, cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, status)
     app = build_app(Service(bank, batcher, cfg.api_key, cfg.max_body_bytes))
     server = uvicorn.Server(
         uvicorn.Config(

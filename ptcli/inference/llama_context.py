@@ -1,0 +1,178 @@
+"""A llama.cpp context for ptcli's engine: the GGUF model, one unified KV cache, batches of tokens or vectors.
+
+The ctypes side of `--engine llama.cpp` (llama-cpp-python's low-level API, pinned by the
+`llamacpp` extra): `decode` takes (sequence, position, token or vector) entries, runs them in
+batches of up to n_ctx, and returns the logits of the positions asked for, read in one copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ptcli.config import BaseOptions
+from ptcli.enums import Dtype
+from ptcli.errors import ModelError, UsageError
+from ptcli.project.manifest import ProjectDir
+
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may hold
+EXTRA = "pip install 'ptcli[llamacpp]' (it compiles llama.cpp: about 4 minutes on 2 cores)"
+Logits = dict[tuple[int, int], np.ndarray]  # (sequence, position) -> (V,)
+
+
+def gguf_of(project: ProjectDir) -> Path:
+    """The GGUF file of the project's base, or UsageError: llama.cpp reads nothing else."""
+    from ptcli.lm.base import DEFAULT_REF, _gguf_in, default_gguf
+
+    ref = project.base.ref
+    gguf = default_gguf() if ref == DEFAULT_REF else _gguf_in(Path(ref))
+    if gguf is None:
+        raise UsageError(
+            f"--engine llama.cpp runs a GGUF base; this project's base is {ref!r}, not a .gguf file",
+            hint="use --engine torch (the default), or init a project on the model's .gguf file",
+        )
+    return gguf
+
+
+def check_engine(project: ProjectDir, base: BaseOptions, world: int) -> Path:
+    """What --engine llama.cpp needs, refused by name before any row is read: the extra, one process on the
+    CPU, the GGUF file's own types, a GGUF base. Returns that file."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UsageError(f"--engine llama.cpp needs llama-cpp-python: {EXTRA}")
+    if world > 1 or base.device_map:
+        raise UsageError("--engine llama.cpp runs in one process on the CPU: drop --devices and --device-map")
+    if base.dtype != Dtype.FLOAT32:
+        raise UsageError("--dtype applies to --engine torch; llama.cpp computes with the GGUF file's own types")
+    return gguf_of(project)
+
+
+def check_fingerprint(project: ProjectDir, source: Path, status: Callable[[str], None]) -> None:
+    """Refuse a GGUF whose weights are not the ones `ptcli init` recorded, as the torch path does.
+
+    The fingerprint is of the converted weights; it is computed once per converted copy and kept beside it.
+    """
+    from ptcli.errors import CompatibilityError
+    from ptcli.project.storage import atomic_write
+
+    kept = source / "ptcli-fingerprint"
+    if kept.is_file():
+        found = kept.read_text().strip()
+    else:
+        from ptcli.lm.base import fingerprint, load_base
+
+        status("checking the base's fingerprint (once for this GGUF file)")
+        model, _ = load_base(project.base.ref, BaseOptions(), status)
+        found = fingerprint(model)
+        del model
+        atomic_write(kept, found.encode())
+    if found != project.base.fingerprint:
+        raise CompatibilityError(
+            f"the base model at {project.base.ref!r} has changed since `ptcli init` (fingerprint mismatch)",
+            hint="its prompts would not fit it; init a new project for the new weights",
+        )
+
+
+class Context:
+    """The model and its cache. `copy` shares a sequence's cells with another; `clear` empties the cache."""
+
+    def __init__(self, gguf: Path, n_ctx: int = 8192, threads: int | None = None):
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise UsageError(f"--engine llama.cpp needs llama-cpp-python: {EXTRA}") from e
+        self.L = L = llama_cpp
+        L.llama_log_set(_QUIET, ctypes.c_void_p())
+        L.llama_backend_init()
+        mparams = L.llama_model_default_params()
+        mparams.use_extra_bufts = False  # AMX repacking crashes where the VM offers AMX (seen here); plain CPU kernels
+        self.model = L.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not self.model:
+            raise ModelError(f"llama.cpp cannot load {gguf}")
+        params = L.llama_context_default_params()
+        params.n_ctx = params.n_batch = n_ctx
+        params.n_ubatch = min(n_ctx, 512)
+        params.n_seq_max = MAX_SEQ
+        params.kv_unified = True  # one pool of cells: a copied prefix is shared, not duplicated
+        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        params.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise ModelError(f"llama.cpp cannot make a context of {n_ctx} positions for {gguf}")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_ctx = n_ctx
+        self.H = L.llama_model_n_embd(self.model)
+        self.V = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+    def close(self) -> None:
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+    def clear(self) -> None:
+        self.L.llama_memory_clear(self.mem, True)
+
+    def copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Sequence `dst` gets `src`'s cells in [p0, p1) (-1: all): shared in the unified cache, not copied."""
+        self.L.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def tokens(self, entries: list[tuple[int, int, int]], want: set) -> dict[tuple[int, int], np.ndarray]:
+        """Decode (sequence, position, token) entries; logits (V,) of the (sequence, position) pairs in `want`."""
+        return self.decode(entries, want, embd=False)
+
+    def embeds(self, entries: list, want: set) -> dict[tuple[int, int], np.ndarray]:
+        """Decode (sequence, position, vector (H,)) entries: input embeddings in place of tokens."""
+        return self.decode(entries, want, embd=True)
+
+    def decode(self, entries: list, want: set, embd: bool) -> dict[tuple[int, int], np.ndarray]:
+        L, got = self.L, dict[tuple[int, int], np.ndarray]()
+        for start in range(0, len(entries), self.n_ctx):
+            part = entries[start : start + self.n_ctx]
+            batch = L.llama_batch_init(len(part), self.H if embd else 0, 1)
+            try:
+                n = len(part)
+                batch.n_tokens = n
+                if embd:
+                    vecs = np.ascontiguousarray(np.stack([e[2] for e in part]), dtype=np.float32)  # (n, H)
+                    ctypes.memmove(batch.embd, vecs.ctypes.data, vecs.nbytes)
+                else:
+                    ids = np.array([e[2] for e in part], dtype=np.int32)
+                    ctypes.memmove(batch.token, ids.ctypes.data, ids.nbytes)
+                pos = np.array([e[1] for e in part], dtype=np.int32)
+                ctypes.memmove(batch.pos, pos.ctypes.data, pos.nbytes)
+                outs = [(e[0], e[1]) in want for e in part]
+                for j, e in enumerate(part):
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = e[0]
+                    batch.logits[j] = outs[j]
+                if L.llama_decode(self.ctx, batch) != 0:
+                    raise ModelError("llama.cpp could not decode a batch (its cache is full)")
+                n_out = sum(outs)
+                if n_out:
+                    logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.V)).copy()
+                    keys = [(e[0], e[1]) for e, o in zip(part, outs) if o]
+                    got.update(zip(keys, logits))
+            finally:
+                L.llama_batch_free(batch)
+        return got
+
+
+def _quiet(level: int, text: bytes, data: ctypes.c_void_p) -> None:
+    return None
+
+
+def _callback():
+    import llama_cpp
+
+    return llama_cpp.llama_log_callback(_quiet)
+
+
+_QUIET = None
+try:  # the C callback must outlive every call into llama.cpp
+    _QUIET = _callback()
+except ImportError:
+    pass

@@ -1,0 +1,173 @@
+"""`--engine llama.cpp` on the default model's own GGUF file: the torch path's answers, and its refusals.
+
+llama.cpp computes with the file's quantized weights (and 8-bit activations), the torch path
+with the same weights dequantized: scores agree to a fraction of a nat, answers on nearly all
+rows. Skipped only where the `llamacpp` extra is not installed (the test command installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from clihelp import cli, failed, ok, write_jsonl
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def _rows(split: str, tag: str, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in (EXAMPLES / f"{split}.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["prompt_tag"] == tag][:n]
+
+
+@pytest.fixture(autouse=True)
+def _converted_once(monkeypatch: pytest.MonkeyPatch, default_cache: Path) -> None:
+    """Every test of the module reads the session's cache: the GGUF is converted (and fingerprinted) once."""
+    monkeypatch.setenv("PTCLI_CACHE", str(default_cache))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, default_cache: Path) -> Path:
+    """The default base, three tags a few steps tuned: a prefix prompt, a suffix ensemble of two, a topic prompt."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PTCLI_CACHE", str(default_cache))
+    d = tmp_path_factory.mktemp("lcp")
+    root = d / "p"
+    ok(cli("init", root, "--num-prompt-tokens", 8, "-q"))
+    tasks = {
+        "reviews": ["--init-text", "is this review positive or negative"],
+        "reviews_suffix": ["--init-text", "positive or negative?", "--template", "suffix", "--ensemble", 2],
+        "topic": ["--init-text", "what is the topic of this news"],
+    }
+    for tag, flags in tasks.items():
+        source = "reviews" if tag.startswith("reviews") else tag
+        rows = [{**r, "prompt_tag": tag} for r in _rows("train", source, 32)]
+        train = write_jsonl(d / f"{tag}.jsonl", rows)
+        args = ["--train", train, "--valid", train, "--max-steps", 4, "--val-check-interval", 4, "--batch-size", 8]
+        ok(cli("tune", "--tag", tag, *args, "--lr", 0.05, *flags, "-p", root, "-q"))
+    test = [{**r, "prompt_tag": t} for t in tasks for r in _rows("test", "reviews" if "reviews" in t else t, 24)]
+    write_jsonl(d / "test.jsonl", test)
+    yield root
+    mp.undo()
+
+
+def _infer(project: Path, *flags: object) -> list[dict]:
+    result = cli("infer", project.parent / "test.jsonl", "-p", project, "-q", *flags)
+    ok(result)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize(("mode", "agree"), [("rank", 0.95), ("generate", 0.8)])
+def test_llamacpp_answers_as_the_torch_path_does(project: Path, mode: str, agree: float) -> None:
+    """Prompts tuned 4 steps leave flat distributions, where 8-bit activations tip near-ties: greedy texts
+    (3 tokens here) drift more than ranked answers. bench/engines.py measures tuned prompts."""
+    flags = ["--mode", mode, "--tokens-to-generate", 3]
+    torch_rows = _infer(project, *flags)
+    lcp_rows = _infer(project, *flags, "--engine", "llama.cpp")
+    assert [r["text"] for r in lcp_rows] == [r["text"] for r in torch_rows]  # input order
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(torch_rows, lcp_rows))
+    assert same >= agree * len(torch_rows), (same, len(torch_rows))
+
+
+def test_ranked_scores_match_to_a_fraction_of_a_nat(project: Path) -> None:
+    """Every candidate's summed log-likelihood, llama.cpp against torch, for prefix, suffix and ensemble rows."""
+    import torch
+
+    from ptcli.config import BaseOptions
+    from ptcli.enums import Backend, Mode
+    from ptcli.inference.engine import Item, Prompt
+    from ptcli.inference.infer import open_engine, records_of
+    from ptcli.lm.answers import run_rows
+    from ptcli.project import bank
+    from ptcli.project import manifest as proj
+
+    p = proj.load(project)
+    lcp = open_engine(p, BaseOptions(engine=Backend.LLAMACPP), 1, "cpu", lambda _: None)
+    ref = open_engine(p, BaseOptions(), 1, "cpu", lambda _: None)
+    for tag in ("reviews", "reviews_suffix"):
+        prompt = Prompt.of(tag, *bank.get(p, tag))
+        rows = [r for r in records_of(project.parent / "test.jsonl") if r.tag == tag][:12]
+        items = [Item(prompt, r.text, Mode.RANK, 0, tuple(prompt.record.choices)) for r in rows]
+        seqs = ref.rows(items)
+        got = torch.stack(lcp.scores(items, seqs))  # (B, K, C)
+        with torch.inference_mode():
+            out = run_rows(ref.model, ref.tok, [prompt.members], seqs, [0] * len(seqs), choices=list(items[0].choices))
+        assert out.scores is not None
+        want = torch.stack(out.scores)
+        assert got.shape == want.shape == (len(items), prompt.members.shape[0], len(prompt.record.choices))
+        diff = (got - want).abs()
+        assert diff.max() < 0.75 and diff.mean() < 0.3, (tag, diff.max(), diff.mean())
+
+
+def test_what_llamacpp_cannot_do_is_refused_by_name(project: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt_tag": "reviews", "text": "great"}])
+    err = failed(cli("infer", rows, "-p", project, "--engine", "llama.cpp", "--devices", 2), 2)
+    assert "llama.cpp runs in one process" in err
+    err = failed(cli("infer", rows, "-p", project, "--engine", "llama.cpp", "--dtype", "bfloat16"), 2)
+    assert "--dtype applies to --engine torch" in err
+    err = failed(cli("infer", rows, "-p", project, "--engine", "llama.cpp", "--device-map", "auto"), 2)
+    assert "llama.cpp runs in one process" in err
+    hf = tmp_path / "hf"
+    ok(cli("init", hf, "--base", tiny_llama, "--num-prompt-tokens", 4, "-q"))
+    err = failed(cli("infer", rows, "-p", hf, "--engine", "llama.cpp"), 2)
+    assert "--engine llama.cpp runs a GGUF base" in err and str(tiny_llama) in err
+
+
+def test_a_late_prompt_is_refused_not_answered_by_torch(project: Path, tmp_path: Path) -> None:
+    late = [{**r, "prompt_tag": "late"} for r in _rows("train", "reviews", 8)]
+    train = write_jsonl(tmp_path / "late.jsonl", late)
+    flags = ["--max-steps", 1, "--val-check-interval", 1, "--batch-size", 4, "--prompt-layer", 20]
+    ok(cli("tune", "--tag", "late", "--train", train, "--valid", train, *flags, "-p", project, "-q"))
+    try:
+        err = failed(cli("infer", train, "-p", project, "--engine", "llama.cpp", "-q"), 2)
+        assert "takes prompts at the input embeddings; 'late' enters before block 20" in err
+    finally:
+        ok(cli("remove-tag", "late", "-p", project, "-q"))
+
+
+def test_serve_with_llamacpp_answers_the_openai_client(project: Path) -> None:
+    """Each request alone (a batch of one), against the engine given that row alone: llama.cpp's sums depend on a
+    batch's shape, so a near-tie may tip otherwise in a batch of other rows."""
+    from openai import OpenAI
+
+    from ptcli.config import BaseOptions
+    from ptcli.enums import Backend
+    from ptcli.inference.engine import Item, Prompt
+    from ptcli.inference.infer import open_engine
+    from ptcli.project import bank
+    from ptcli.project import manifest as proj
+
+    rows = [json.loads(line) for line in (project.parent / "test.jsonl").read_text().splitlines()][::12]
+    p = proj.load(project)
+    engine = open_engine(p, BaseOptions(engine=Backend.LLAMACPP), 1, "cpu", lambda _: None)
+    prompts = {t: Prompt.of(t, *bank.get(p, t)) for t in {r["prompt_tag"] for r in rows}}
+    want = [engine([Item(prompts[r["prompt_tag"]], r["text"], max_new=4)])[0] for r in rows]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ptcli", "serve", "-p", str(project), "--port", str(port), "--engine", "llama.cpp"]
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        for r, w in zip(rows, want):
+            got = client.completions.create(model=r["prompt_tag"], prompt=r["text"], max_tokens=4, temperature=0)
+            assert got.choices[0].text.strip() == w.text
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -16,9 +16,14 @@ while the request was in flight (before, after the first overwrite, after the se
 dropped tag must answer until its removal and 404 after it; the server's VmRSS is sampled.
 Reports requests/s, p50/p95 latency, 5xx, mismatches, 404s after removal, RSS start/end.
 
+Section engines: the batching server with `--engine torch` and with `--engine llama.cpp`, 1, 8 and
+32 clients each, and each server's peak RSS (VmHWM).
+
     python bench/serve.py                         # full run (~4 min on 2 cores), writes bench/results/serve.json
     python bench/serve.py --sections under-change # adds the under-change row to bench/results/serve.json
+    python bench/serve.py --sections engines      # torch and llama.cpp servers, added to bench/results/serve.json
     python bench/serve.py --table                 # that row as docs/benchmarks.md shows it
+    python bench/serve.py --engines-table         # the engines rows as docs/engines.md shows them
     python bench/serve.py --quick --base DIR      # a short run on another base (the tests use a tiny model)
 """
 
@@ -96,11 +101,12 @@ def answers_of(root: Path, pairs: list[tuple[str, str]], max_tokens: int) -> dic
     return {(r["prompt_tag"], r["text"]): r["prediction"] for r in map(json.loads, out.stdout.splitlines())}
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM), MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 class Server:
@@ -339,6 +345,46 @@ def batching(root: Path, texts: list[tuple[str, str]], seconds: float, max_token
     return results
 
 
+def engines(root: Path, texts: list[tuple[str, str]], seconds: float, max_tokens: int) -> list[dict]:
+    """Section engines: a batching server per engine (torch, llama.cpp), 1, 8 and 32 clients, its peak RSS."""
+    one = root.parent / "one-row.jsonl"
+    one.write_text(json.dumps({"prompt_tag": texts[0][0], "text": texts[0][1]}) + "\n")
+    # llama.cpp's first load fingerprints the base once, through torch; not the peak RSS of the server measured
+    subprocess.run(
+        [sys.executable, "-m", "ptcli", "infer", str(one), "-p", str(root), "--engine", "llama.cpp", "-q"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    runs: list[dict] = []
+    for engine in ("torch", "llama.cpp"):
+        server = Server(root, [*SETTINGS["on"], "--engine", engine])
+        mine = []
+        try:
+            load(server, texts, 4, 0.0, max_tokens)  # warm up: one request per client
+            for clients in (1, 8, 32):
+                mine.append(
+                    {"engine": engine, "concurrency": clients, **load(server, texts, clients, seconds, max_tokens)}
+                )
+                print(f"{engine} {clients:>2} clients: {mine[-1]['req_per_s']:.2f} req/s", file=sys.stderr)
+            peak = rss_mb(server.proc.pid, "VmHWM")
+        finally:
+            server.stop()
+        runs += [{**r, "peak_rss_mb": peak} for r in mine]
+    print(engines_table(runs), end="")
+    return runs
+
+
+def engines_table(runs: list[dict]) -> str:
+    lines = ["| engine | clients | requests | req/s | p50 ms | p99 ms | mean batch | server peak RSS MiB |"]
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in runs:
+        lines.append(
+            f"| {r['engine']} | {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} "
+            f"| {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def under_change_table(r: dict) -> str:
     """The markdown table of the under-change row (docs/benchmarks.md holds it as printed here)."""
     return (
@@ -360,17 +406,22 @@ def main() -> None:
     ap.add_argument(
         "--sections",
         default="batching",
-        help="comma-separated: batching (the table), under-change (a row added to --out's other results)",
+        help="comma-separated: batching (the table), under-change (a row added to --out's other results), "
+        "engines (torch and llama.cpp servers, added likewise)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     ap.add_argument("--table", action="store_true", help="print the under-change table of --out and exit")
+    ap.add_argument("--engines-table", action="store_true", help="print the engines table of --out and exit")
     args = ap.parse_args()
+    if args.engines_table:
+        print(engines_table(json.loads(args.out.read_text())["engines"]["runs"]), end="")
+        return
     if args.table:
         print(under_change_table(json.loads(args.out.read_text())["under_change"]), end="")
         return
     sections = set(args.sections.split(","))
-    if sections - {"batching", "under-change"}:
-        raise SystemExit(f"--sections takes batching and under-change, got {args.sections!r}")
+    if sections - {"batching", "under-change", "engines"}:
+        raise SystemExit(f"--sections takes batching, under-change and engines, got {args.sections!r}")
     seconds, max_tokens = (2.0, 4) if args.quick else (args.seconds, args.max_tokens)
     change_seconds = 10.0 if args.quick else args.change_seconds
     header = {
@@ -395,6 +446,12 @@ def main() -> None:
             row = under_change(root, texts[:48], 32, change_seconds, max_tokens)  # 16 texts a tag
             results["under_change"] = {**header, "settings": SETTINGS["on"], **row}
             print(under_change_table(row), end="")
+        if "engines" in sections:
+            results["engines"] = {
+                **header,
+                "seconds_per_measurement": seconds,
+                "runs": engines(root, texts, seconds, max_tokens),
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

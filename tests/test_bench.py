@@ -163,3 +163,19 @@ def test_the_docs_table_of_serving_under_change_is_the_committed_json() -> None:
         [sys.executable, str(ROOT / "bench" / "serve.py"), "--table"], capture_output=True, text=True, check=True
     )
     assert r.stdout.count("\n") == 3 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+
+
+def test_engines_table_in_the_docs_is_the_committed_json() -> None:
+    """docs/engines.md shows bench/results/engines.json as `engines.py --table` renders it."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "engines.py"), "--table"], capture_output=True, text=True, check=True
+    )
+    doc = (ROOT / "docs" / "engines.md").read_text(encoding="utf-8")
+    assert r.stdout.count("\n") >= 4 and all(f"  {line}" in doc for line in r.stdout.splitlines())
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--engines-table"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout.count("\n") == 8 and all(f"  {line}" in doc for line in r.stdout.splitlines())

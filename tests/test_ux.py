@@ -340,6 +340,7 @@ def _peft_export(root: Path, tag: str, out: Path) -> Path:
     assert json.loads(result.stdout)["files"] == [
         str(out / "adapter_config.json"),
         str(out / "adapter_model.safetensors"),
+        str(out / "README.md"),  # the model card (tests/test_card.py)
     ]
     return out
 

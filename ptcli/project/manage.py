@@ -22,7 +22,7 @@ from ptcli.errors import InputError, ProjectError, UsageError, WriteError, unkno
 from ptcli.project import bank
 from ptcli.project import manifest as proj
 from ptcli.project.manifest import ProjectDir
-from ptcli.project.storage import atomic_write, project_lock
+from ptcli.project.storage import atomic_write, project_lock, write_folder
 
 
 @dataclass
@@ -132,13 +132,26 @@ def export_bytes(project: ProjectDir, tag: str) -> bytes:
 
 
 def export_file(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exported:
-    """Copy a tag's bank file to `out` (a file, or a directory that gets TAG.safetensors)."""
-    blob = export_bytes(project, tag)
-    target = out / f"{tag}{bank.SUFFIX}" if out.is_dir() else out
-    if target.exists() and not force:
-        raise UsageError(f"{target} already exists", hint="pass --force to overwrite it, or choose another path")
-    atomic_write(target, blob)
-    return Exported(tag, "ptcli", str(target), [str(target)])
+    """Copy a tag's bank file to `out`: a file, or a folder that gets TAG.safetensors and a model card (README.md)."""
+    from ptcli.project.card import card
+
+    blob, record = bank.read_verified(project, check_tag(tag))
+    if not out.is_dir():
+        if out.exists() and not force:
+            raise UsageError(f"{out} already exists", hint="pass --force to overwrite it, or choose another path")
+        atomic_write(out, blob)
+        return Exported(tag, "ptcli", str(out), [str(out)])
+    files = {
+        f"{tag}{bank.SUFFIX}": blob,
+        "README.md": card(project, record, "ptcli", str(out / f"{tag}{bank.SUFFIX}")).encode(),
+    }
+    taken = [str(out / n) for n in files if (out / n).exists()]
+    if taken and not force:
+        raise UsageError(
+            f"{', '.join(taken)} already exist(s)", hint="pass --force to overwrite, or choose another path"
+        )
+    write_folder(out, files)
+    return Exported(tag, "ptcli", str(out / f"{tag}{bank.SUFFIX}"), [str(out / n) for n in files])
 
 
 def read_source(source: str) -> tuple[str, bytes]:

@@ -27,6 +27,7 @@ from ptcli.config import TaskConfig, check_tag
 from ptcli.data.template import NAMED, PREFIX
 from ptcli.errors import CompatibilityError, InputError, UsageError
 from ptcli.project import bank
+from ptcli.project.card import card
 from ptcli.project.manage import Exported, Imported, new_tag_slot
 from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.record import PromptRecord
@@ -85,7 +86,7 @@ def adapter_config(project: ProjectDir, base_source: str) -> dict[str, Any]:
 
 
 def export(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exported:
-    """Write `out/adapter_config.json` and `out/adapter_model.safetensors` for a tag's prompt."""
+    """Write `out/adapter_config.json`, `out/adapter_model.safetensors` and a model card for a tag's prompt."""
     from safetensors.torch import save as st_save
 
     prompt, record = bank.get(project, check_tag(tag))  # (P, H) float32, checksum and base checked
@@ -116,7 +117,7 @@ def export(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exp
         raise UsageError(
             f"{out} is a file; a PEFT adapter is a folder", hint="pass a folder path (it is created if missing)"
         )
-    present = [str(out / n) for n in (CONFIG, WEIGHTS) if (out / n).exists()]
+    present = [str(out / n) for n in (CONFIG, WEIGHTS, "README.md") if (out / n).exists()]
     if present and not force:
         raise UsageError(
             f"{out} already holds an adapter ({', '.join(present)})",
@@ -125,8 +126,12 @@ def export(project: ProjectDir, tag: str, out: Path, force: bool = False) -> Exp
     config = adapter_config(project, _base_source(project))
     # The tensor bytes are the bank file's own, so the record's sha256 still covers them.
     weights = st_save({KEY: prompt.contiguous()}, metadata={"format": "pt", "ptcli": json.dumps(record.to_json())})
-    write_folder(out, {WEIGHTS: weights, CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()})
-    return Exported(tag, "peft", str(out), [str(out / CONFIG), str(out / WEIGHTS)])
+    readme = card(project, record, "peft", str(out)).encode()
+    write_folder(
+        out,
+        {WEIGHTS: weights, CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), "README.md": readme},
+    )
+    return Exported(tag, "peft", str(out), [str(out / CONFIG), str(out / WEIGHTS), str(out / "README.md")])
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

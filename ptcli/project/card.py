@@ -63,11 +63,12 @@ def card(project: ProjectDir, record: PromptRecord, fmt: str, where: str) -> str
 
 
 def _body(project: ProjectDir, record: PromptRecord, fmt: str, where: str, base: str | None) -> list[str]:
+    """The card below its front matter: what the prompt is, how it was tuned and scored, how to use it."""
     cfg, tag, P = record.config, str(record.tag), record.num_prompt_tokens
     init = f"{record.init} ({record.init_text!r})" if record.init_text else str(record.init)
     depth = "" if record.depth == 1 else f", at each of {record.depth} blocks from block {record.prompt_layer}"
     late = f", entering before block {record.prompt_layer}" if record.prompt_layer and record.depth == 1 else ""
-    lines = [
+    return [
         f"# {tag}: a soft prompt for {base or project.base.ref}",
         "",
         f"{P} prompt vectors (hidden size {record.hidden_size}{late}{depth}) tuned with "
@@ -96,6 +97,14 @@ def _body(project: ProjectDir, record: PromptRecord, fmt: str, where: str, base:
             if isinstance(v, (int, float))
         ),
         "",
+        *_usage(project, record, fmt, where, base),
+    ]
+
+
+def _usage(project: ProjectDir, record: PromptRecord, fmt: str, where: str, base: str | None) -> list[str]:
+    """How to load the export: ptcli's commands, and PEFT's for a PEFT export."""
+    tag, P = str(record.tag), record.num_prompt_tokens
+    lines = [
         "## Use it",
         "",
         "```bash",

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ptcli.enums import Backend, Dtype, Init, Loss, Reparam
+from ptcli.enums import Backend, Dtype, Init, Loss, Reparam, Tracker
 from ptcli.errors import UsageError
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -97,6 +97,16 @@ class TaskConfig:
     max_minutes: float | None = _setting(
         "Stop training after this much wall time; the decay then runs over the time budget.", None, shown="no limit"
     )
+    log_with: str | None = _setting(
+        "Experiment trackers the run logs to through accelerate, comma-separated: "
+        + ", ".join(t.value for t in Tracker)
+        + " (settings once, then loss, lr and tokens/s per step, each tag's metrics per validation).",
+        None,
+        shown="none",
+    )
+    log_dir: str | None = _setting(
+        "Where file-writing trackers (tensorboard, ...) log.", None, shown="the project's runs/trackers"
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,8 +131,16 @@ class TaskConfig:
                 problems.append(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             problems.append(f"{flag_of('min_lr')} must be between 0 and {flag_of('lr')} ({self.lr}), got {self.min_lr}")
+        unknown = [n for n in self.trackers() if n not in {t.value for t in Tracker}]
+        if unknown:  # '' logs nowhere: it turns off a recorded tracker for one run
+            allowed = ", ".join(t.value for t in Tracker)
+            problems.append(f"{flag_of('log_with')} takes trackers among {allowed}, got {', '.join(unknown)}")
         if problems:
             raise UsageError("; ".join(problems))
+
+    def trackers(self) -> list[str]:
+        """The --log-with names, in order, each once."""
+        return list(dict.fromkeys(n.strip() for n in (self.log_with or "").split(",") if n.strip()))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,7 +174,16 @@ RUN_SETTINGS = (
     "prompt_layer",
     "deep",
     "loss",
+    "log_with",
+    "log_dir",
 )
+# Where a run is watched from, not what it computes: a resumed or --auto-resume run may change them.
+WATCHING = ("log_with", "log_dir")
+
+
+def computed_settings(cfg: TaskConfig) -> dict[str, Any]:
+    """The settings that shape a tag's prompt: all but WATCHING."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in WATCHING}
 
 
 def check_run_together(cfgs: dict[str, TaskConfig]) -> None:
@@ -181,7 +208,7 @@ def merge_task(recorded: dict[str, Any] | None, given: dict[str, Any]) -> TaskCo
     """Flags given on the command line override what `add-task` recorded; None means not given."""
     merged = dict(recorded or {})
     merged.update({k: v.value if isinstance(v, Enum) else v for k, v in given.items() if v is not None})
-    for name in ("train", "valid"):  # recorded paths must still work from another directory
+    for name in ("train", "valid", "log_dir"):  # recorded paths must still work from another directory
         value = given.get(name)
         if value and value != "-" and not value.startswith(("/dev/", "/proc/")):  # keep `<(cmd)` pipes as typed
             merged[name] = str(Path(value).expanduser().resolve())

@@ -71,3 +71,17 @@ class Backend(Choice):
 
     TORCH = "torch"
     LLAMACPP = "llama.cpp"
+
+
+class Tracker(Choice):
+    """An experiment tracker of --log-with: the ones accelerate implements (`accelerate.utils.LoggerType`)."""
+
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"
+    MLFLOW = "mlflow"
+    COMETML = "comet_ml"
+    AIM = "aim"
+    CLEARML = "clearml"
+    DVCLIVE = "dvclive"
+    SWANLAB = "swanlab"
+    TRACKIO = "trackio"

@@ -191,7 +191,8 @@ def test_help_shows_every_setting_default_and_that_a_recorded_value_wins(command
     shown = {"train": "[required unless recorded]", "valid": "[required unless recorded]"}
     shown |= {"init_text": "[default: the task's answers]", "max_minutes": "[default: no limit]"}
     shown |= {"answer_only": "[default: --answer-only]", "group_by_length": "[default: --group-by-length]"}
-    shown |= {"deep": "[default: --no-deep]"}
+    shown |= {"deep": "[default: --no-deep]", "log_with": "[default: none]"}
+    shown |= {"log_dir": "[default: the project's runs/trackers]"}
     for f in dataclasses.fields(TaskConfig):
         expected = shown.get(f.name, f"[default: {f.default}]")
         assert f"{f.metadata['help']} {expected}" in text, f.name
@@ -403,6 +404,8 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
         "prompt_layer": 0,
         "deep": False,
         "loss": "answer",
+        "log_with": None,
+        "log_dir": None,
     }
     assert json.loads(result.stdout) == {"tag": "sent", "config": expected}
     assert json.loads((root / "ptcli.json").read_text())["tasks"] == {"sent": expected}

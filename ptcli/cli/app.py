@@ -124,11 +124,12 @@ def tune(
     from ptcli.cli.console import TuneReporter
     from ptcli.project import manifest as proj
     from ptcli.project.storage import is_main_process
+    from ptcli.tuning import trackers
 
     tags = list(dict.fromkeys(check_tag(t) for t in tag))
     p = proj.load(project)
     check_tune_flags(p.num_prompt_tokens, num_prompt_tokens, devices, shard_base, dist.in_launched_run())
-    Project(p).task_configs(tags, settings)  # bad settings are refused before any relaunch
+    trackers.require(Project(p).task_configs(tags, settings))  # bad settings are refused before any relaunch
     if _relaunched_tune(devices):
         return
     reporter = TuneReporter("+".join(tags), quiet or not is_main_process())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ptcli.config import TaskConfig
+from ptcli.config import TaskConfig, computed_settings
 from ptcli.errors import ProjectError
 from ptcli.project import runs, sealed
 from ptcli.project.storage import atomic_write
@@ -97,7 +97,7 @@ def load(
     record = runs.verify_checkpoint(source)
     record.pop("sha256", None)
     tensors = st_load(source.read_bytes())
-    given = {tag: cfg.to_dict() for tag, cfg in cfgs.items()}
+    given = {tag: computed_settings(cfg) for tag, cfg in cfgs.items()}  # a resumed run may log elsewhere
     changed = sorted({k for t, c in given.items() for k in c if record["config"].get(t, {}).get(k) != c[k]})
     if "inputs" in record:  # older checkpoints recorded the settings only
         changed += [k for k, v in (inputs or {}).items() if record["inputs"].get(k) != v]

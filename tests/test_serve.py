@@ -464,3 +464,125 @@ def test_the_docs_client_snippet_runs(server: Server) -> None:
     assert proc.returncode == 0, proc.stderr
     tags, texts = proc.stdout.splitlines()
     assert tags == "['sent', 'topic']" and len(ast.literal_eval(texts)) == 2
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_server(project: Path, lively_llama: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The module's project on a copy of its base whose tokenizer has a chat template (the tiny one has none)."""
+    d = tmp_path_factory.mktemp("chat")
+    base, root = Path(shutil.copytree(lively_llama, d / "base")), Path(shutil.copytree(project, d / "p"))
+    config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = CHAT_TEMPLATE
+    (base / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    manifest = json.loads((root / "ptcli.json").read_text(encoding="utf-8"))
+    manifest["base"]["ref"] = str(base)  # same weights, so the same fingerprint
+    (root / "ptcli.json").write_text(json.dumps(manifest), encoding="utf-8")
+    s = Server(root, "--max-wait-ms", "20")
+    yield s, root
+    assert s.stop() == 0
+    assert not [line for line in s.lines if "Traceback" in line or "failed" in line], "".join(s.lines)
+
+
+def _metrics(server: Server) -> dict:
+    """/metrics parsed by Prometheus's own text parser: {family name: family}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with http.open(urllib.request.Request(server.url + "/metrics"), timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/plain")
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def _count(families: dict, name: str, sample: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for s in families[name].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_chat_completions_answer_as_infer_does_on_the_rendered_conversation(chat_server) -> None:
+    server, root = chat_server
+    client = _client(server)
+    conversations = [
+        [{"role": "user", "content": "the team won the game"}],
+        [
+            {"role": "system", "content": "answer with a topic"},
+            {"role": "user", "content": [{"type": "text", "text": t} for t in ("fresh bread", "downtown")]},
+        ],
+    ]
+    rendered = [
+        "user: the team won the game\nassistant:",
+        "system: answer with a topic\nuser: fresh bread\ndowntown\nassistant:",
+    ]
+    for tag in ("topic", "sent"):  # the soft prompt after the text (suffix template), and before it (an ensemble)
+        rows = [{"prompt_tag": tag, "text": t} for t in rendered]
+        want = [r["prediction"] for r in infer(root, rows, "--mode", "generate", "--tokens-to-generate", "6")]
+        for messages, expected in zip(conversations, want):
+            got = client.chat.completions.create(model=tag, messages=messages, max_tokens=6, temperature=0)
+            choice = got.choices[0]
+            assert (choice.message.role, choice.message.content) == ("assistant", expected)
+            assert got.object == "chat.completion" and got.model == tag and len(got.choices) == 1
+            assert choice.finish_reason in ("stop", "length") and got.usage.completion_tokens > 0
+
+
+def test_chat_refusals_get_400(server: Server, chat_server) -> None:
+    chatty, _ = chat_server
+    user = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"stream": True}, "`stream`"),
+        ({"n": 2}, "`n`"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "tools"),
+        ({"logprobs": True}, "log-probabilities"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text parts"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "role"),
+        ({"messages": []}, "`messages`"),
+    ]
+    for extra, words in cases:
+        status, _, body = chatty.call("/v1/chat/completions", {"model": "sent", "messages": user, **extra})
+        assert (status, words in body["error"]["message"]) == (400, True), (extra, body)
+    status, _, body = chatty.call("/v1/chat/completions", {"model": "ghost", "messages": user})
+    assert status == 404 and body["error"]["known_tags"] == ["sent", "topic"]
+    status, _, body = server.call("/v1/chat/completions", {"model": "sent", "messages": user})  # the tiny base: none
+    assert status == 400 and "no chat template" in body["error"]["message"], body
+    accepted = chatty.call("/v1/chat/completions", {"model": "sent", "messages": user, "logprobs": False, "tools": []})
+    assert accepted[0] == 200, accepted  # fields that ask for nothing are accepted
+
+
+def test_metrics_count_the_requests_sent(chat_server) -> None:
+    server, _ = chat_server
+    before = _metrics(server)
+    assert {before[n].type for n in ("ptcli_batch_size", "ptcli_request_duration_seconds")} == {"histogram"}
+    sent = {"sent": 3, "topic": 2}
+    for tag, n in sent.items():
+        for _ in range(n):
+            assert server.call("/v1/completions", {"model": tag, "prompt": "i love it", "max_tokens": 3})[0] == 200
+    chat = {"model": "topic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    assert server.call("/v1/chat/completions", chat)[0] == 200
+    assert server.call("/v1/chat/completions", {**chat, "n": 2})[0] == 400
+    assert server.call("/v1/completions", {"model": "ghost", "prompt": "x"})[0] == 404
+    after = _metrics(server)
+
+    def moved(name: str, sample: str, **labels: str) -> float:
+        return _count(after, name, sample, **labels) - _count(before, name, sample, **labels)
+
+    for tag, n in sent.items():
+        assert moved("ptcli_requests", "ptcli_requests_total", endpoint="/v1/completions", tag=tag, status="200") == n
+        assert moved("ptcli_rows", "ptcli_rows_total", tag=tag) == n + (tag == "topic")
+        assert moved("ptcli_generated_tokens", "ptcli_generated_tokens_total", tag=tag) > 0
+    chats = dict(endpoint="/v1/chat/completions", tag="topic")
+    assert moved("ptcli_requests", "ptcli_requests_total", **chats, status="200") == 1
+    assert moved("ptcli_requests", "ptcli_requests_total", **chats, status="400") == 0  # refused before the tag
+    assert moved("ptcli_requests", "ptcli_requests_total", endpoint="/v1/chat/completions", tag="", status="400") == 1
+    assert moved("ptcli_requests", "ptcli_requests_total", endpoint="/v1/completions", tag="", status="404") == 1
+    assert moved("ptcli_request_duration_seconds", "ptcli_request_duration_seconds_count", **chats) == 1
+    assert moved("ptcli_batch_size", "ptcli_batch_size_count") >= 1
+    assert _count(after, "ptcli_batch_size", "ptcli_batch_size_count") > 0
+    assert "ghost" not in {s.labels.get("tag") for f in after.values() for s in f.samples}

@@ -56,6 +56,7 @@ class Batcher:
         max_wait_s: float = 0.005,
         max_queue: int = 1024,
         status: Callable[[str], None] = lambda _: None,
+        observe: Callable[[list[Any], list[Any]], None] = lambda items, results: None,
     ):
         self.run, self.max_batch, self.max_wait_s, self.max_queue, self.status = (
             run,
@@ -64,6 +65,7 @@ class Batcher:
             max_queue,
             status,
         )
+        self.observe = observe  # (items, results) of every model pass, on the worker thread: metrics.py
         self._queue: deque[tuple[Job, int, float]] = deque()  # (job, row index, time queued)
         self._cond = threading.Condition()
         self._closing = False
@@ -124,5 +126,9 @@ class Batcher:
         except Exception as e:  # noqa: BLE001  (a failed batch fails its requests, never the server)
             self.status(f"a batch of {len(live)} rows failed: {type(e).__name__}: {e}")
             results = [ServeError(f"the model failed on this batch ({type(e).__name__}: {e})", status=500)] * len(live)
+        try:
+            self.observe([job.items[i] for job, i in live], results)
+        except Exception as e:  # noqa: BLE001  (a metric never costs a request its answer)
+            self.status(f"metrics: {type(e).__name__}: {e}")
         for (job, i), result in zip(live, results):
             job.settle(i, result)

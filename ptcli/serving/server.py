@@ -1,8 +1,10 @@
 """`ptcli serve`: the frozen base loaded once, every tag of the bank served over HTTP.
 
     GET  /health           liveness (no API key needed)
+    GET  /metrics          Prometheus text format: requests, latency, batch sizes, rows, tokens (metrics.py)
     GET  /v1/models        the served tags, OpenAI style
     POST /v1/completions   OpenAI completions; `model` is a tag (see openai_api.py)
+    POST /v1/chat/completions  OpenAI chat: the base's chat template renders the messages (chat.py)
     POST /v1/ptcli/infer   ptcli rows of any tags, answered as `ptcli infer` answers them
 
 Requests are parsed on the event loop, queued as rows, and answered by the batcher's one
@@ -14,15 +16,14 @@ are answered, the worker drains, and `serve` returns (ptcli exits 0).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -33,11 +34,12 @@ from starlette.routing import Route
 from ptcli.config import BaseOptions
 from ptcli.errors import PtcliError, ServeError, UsageError
 from ptcli.project.manifest import ProjectDir
-from ptcli.serving import openai_api
+from ptcli.serving import chat, openai_api
 from ptcli.serving.batcher import Batcher
+from ptcli.serving.http_io import answers as _answers
+from ptcli.serving.http_io import json_body as _json_body
 from ptcli.serving.live_bank import LiveBank
-
-DRAIN_LIMIT = 64 << 20  # an oversized body is read and dropped up to this much, so the 413 reaches the client
+from ptcli.serving.metrics import CONTENT_TYPE, Metrics
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Service:
     batcher: Batcher
     api_key: str | None = None
     max_body_bytes: int = 1_000_000
+    render: chat.Render | None = None  # the base's chat template; None: /v1/chat/completions refuses
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 def _error(
@@ -104,75 +108,26 @@ def endpoint(handler: Callable[[Request, Service], Awaitable[Response]], public:
 
     async def route(request: Request) -> Response:
         service: Service = request.app.state.service
+        start = time.perf_counter()
+        response: Response = _error(500, "internal error")  # what an exception that escapes becomes
+        request.state.tag = ""  # a handler names its tag once the bank knows it (metrics.py)
         try:
             if not public:
                 _authorize(request, service.api_key)
             service.bank.refresh()
-            return await handler(request, service)
+            response = await handler(request, service)
         except ServeError as e:
-            return _error(e.status, e.message, e.headers, e.extra)
+            response = _error(e.status, e.message, e.headers, e.extra)
         except ClientDisconnect:  # gone while sending its body: nobody reads the answer
-            return _error(499, "the client closed the connection")
+            response = _error(499, "the client closed the connection")
         except PtcliError as e:
-            return _error(400, e.message)
+            response = _error(400, e.message)
+        finally:
+            seconds = time.perf_counter() - start
+            service.metrics.request(request.url.path, request.state.tag, response.status_code, seconds)
+        return response
 
     return route
-
-
-async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object: 413 past `limit` bytes (declared or sent), 400 if it is not JSON."""
-    declared = request.headers.get("content-length", "")
-    too_big = declared.isdigit() and int(declared) > limit
-    size, chunks = 0, []
-    async for (
-        chunk
-    ) in request.stream():  # read to the end even when too big (up to DRAIN_LIMIT), so the client hears 413
-        size += len(chunk)
-        too_big = too_big or size > limit
-        if size > DRAIN_LIMIT:
-            break
-        if not too_big:
-            chunks.append(chunk)
-    if too_big:
-        raise ServeError(f"the body is larger than this server's limit of {limit} bytes (--max-body-bytes)", status=413)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, RecursionError) as e:
-        raise ServeError(f"malformed JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ServeError(f"the body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-async def _answers(request: Request, service: Service, items: list) -> list:
-    """Queue the items and wait for their answers; if the client leaves first, its rows not yet run are dropped."""
-    loop = asyncio.get_running_loop()
-    finished: asyncio.Future = loop.create_future()
-
-    def done(job) -> None:  # runs on the worker thread
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(lambda: None if finished.done() else finished.set_result(job))
-
-    job = service.batcher.submit(items, done)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        job.cancelled = True
-        raise
-    finally:
-        gone.cancel()
-    if not finished.done():
-        job.cancelled = True
-        raise ServeError("the client closed the connection", status=499)
-    if job.error:
-        raise job.error
-    return job.results
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def health(request: Request, service: Service) -> Response:
@@ -196,8 +151,8 @@ async def models(request: Request, service: Service) -> Response:
 async def completions(request: Request, service: Service) -> Response:
     body = await _json_body(request, service.max_body_bytes)
     items, stop, stream = openai_api.completion_request(body, service.bank)
-    answers = await _answers(request, service, items)
-    tag = items[0].prompt.tag
+    request.state.tag = tag = items[0].prompt.tag
+    answers = await _answers(request, service.batcher, items)
     if not stream:
         return JSONResponse(openai_api.completion_body(tag, answers, stop))
     head = openai_api.completion_head(tag)
@@ -206,9 +161,22 @@ async def completions(request: Request, service: Service) -> Response:
     return StreamingResponse(iter(lines), media_type="text/event-stream")
 
 
+async def chat_completions(request: Request, service: Service) -> Response:
+    body = await _json_body(request, service.max_body_bytes)
+    items, stop = chat.chat_request(body, service.bank, service.render)
+    request.state.tag = tag = items[0].prompt.tag
+    return JSONResponse(chat.chat_body(tag, await _answers(request, service.batcher, items), stop))
+
+
 async def rows(request: Request, service: Service) -> Response:
     items, records = openai_api.rows_request(await _json_body(request, service.max_body_bytes), service.bank)
-    return JSONResponse(openai_api.rows_body(records, await _answers(request, service, items)))
+    tags = {it.prompt.tag for it in items}
+    request.state.tag = tags.pop() if len(tags) == 1 else "(mixed)"
+    return JSONResponse(openai_api.rows_body(records, await _answers(request, service.batcher, items)))
+
+
+async def metrics(request: Request, service: Service) -> Response:
+    return Response(service.metrics.exposition(), media_type=None, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -224,8 +192,10 @@ def build_app(service: Service) -> Starlette:
     app = Starlette(
         routes=[
             Route("/health", endpoint(health, public=True), methods=["GET"]),
+            Route("/metrics", endpoint(metrics), methods=["GET"]),
             Route("/v1/models", endpoint(models), methods=["GET"]),
             Route("/v1/completions", endpoint(completions), methods=["POST"]),
+            Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
             Route("/v1/ptcli/infer", endpoint(rows), methods=["POST"]),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _crash},
@@ -274,7 +244,9 @@ def serve(project: ProjectDir, cfg: ServeConfig, status: Callable[[str], None] =
     bank = LiveBank(project, status)
     bank.refresh()
     batcher = Batcher(engine, cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, status)
-    app = build_app(Service(bank, batcher, cfg.api_key, cfg.max_body_bytes))
+    meters = Metrics(batcher.queued)
+    batcher.observe = meters.batch
+    app = build_app(Service(bank, batcher, cfg.api_key, cfg.max_body_bytes, chat.renderer(engine.tok), meters))
     server = uvicorn.Server(
         uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=cfg.graceful_timeout_s

@@ -68,3 +68,21 @@ def test_a_replaced_prompt_takes_its_calibration_with_it(lively_llama) -> None:
         gc.collect()
     assert len(engine._biases) == 0
     assert not torch.equal(biases[0], biases[1])
+
+
+def test_the_engine_remembers_a_bounded_number_of_answer_sets(lively_llama, monkeypatch) -> None:
+    """A server's clients may send any --choices: the engine keeps the room of the newest MAX_ROOMS sets only."""
+    from ptcli.config import TaskConfig
+    from ptcli.inference import engine as eng
+    from ptcli.inference.engine import Engine, Item, Prompt
+    from ptcli.lm.base import load_base
+    from ptcli.project.record import PromptRecord
+
+    monkeypatch.setattr(eng, "MAX_ROOMS", 3)
+    model, tok = load_base(str(lively_llama))
+    e = Engine(model, tok)
+    record = PromptRecord(config={**TaskConfig().to_dict(), "max_seq_length": 64}, mode="rank", init="random")
+    prompt = Prompt.of("t", torch.zeros(4, model.get_input_embeddings().weight.shape[1]), record)
+    for i in range(5):
+        assert isinstance(e.rows([Item(prompt, "x", "rank", 0, (f"yes{i}", "no"))])[0], list)
+    assert [k[2] for k in e._rooms] == [("yes2", "no"), ("yes3", "no"), ("yes4", "no")]

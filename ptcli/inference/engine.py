@@ -58,6 +58,7 @@ class Prediction:
     stopped: bool = True  # generation ended at end-of-sequence, not at max_new
 
 
+MAX_ROOMS = 1024  # answer sets whose room an engine remembers
 PassKey = tuple[str, int, bool, int, int]  # mode, generation length (0 if ranked), prefix placement, layer, depth
 
 
@@ -107,6 +108,8 @@ class Engine:
             try:
                 key = (it.mode, it.max_new, it.choices)
                 if key not in self._rooms:  # tokenize an answer set once, not once a row
+                    if len(self._rooms) >= MAX_ROOMS:  # clients may send any answer sets: keep the newest
+                        del self._rooms[next(iter(self._rooms))]
                     self._rooms[key] = room(self.tok, *key)
                 after = self._rooms[key]
                 budget = text_budget(it.prompt.tag, it.prompt.record.config["max_seq_length"], layout, after)

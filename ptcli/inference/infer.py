@@ -112,11 +112,9 @@ def infer(
 def open_engine(project: ProjectDir, base: BaseOptions, world: int, device, status: Callable[[str], None]) -> Engine:
     """The engine that answers: ptcli's torch forward on the project's base, or llama.cpp on its GGUF file."""
     if base.engine == Backend.LLAMACPP:
-        from ptcli.inference.llama_context import check_engine
         from ptcli.inference.llamacpp import load_engine
 
-        check_engine(project, base, world)
-        return load_engine(project, base, status)
+        return load_engine(project, base, status, world)
     model, tok = load_project_base(project.base, base, status)
     if base.device_map is None:
         model.to(device)

@@ -225,11 +225,14 @@ class LlamaCppEngine(Engine):
                     batch += [(copy, seq.pos + j, t) for j, t in enumerate(ids[:-1])]
         got = self.llama.tokens(batch, {(copy, p) for copy, p, _ in batch})
         out = [torch.zeros(len(mine), len(cs)) for mine, cs in zip(rows, choices)]
+        after_row: dict[tuple[int, int], np.ndarray] = {}  # (row, member) -> log-probabilities after its text (V,)
         for i, k, c, copy, seq in jobs:
             ids = cands[choices[i]][c]
             assert seq.last is not None  # the row was read
-            logits = [seq.last] + [got[(copy, seq.pos + j)] for j in range(len(ids) - 1)]
-            out[i][k, c] = float(sum(_log_softmax(lg)[t] for lg, t in zip(logits, ids)))
+            if (i, k) not in after_row:  # every candidate of the row starts from these: normalised once
+                after_row[(i, k)] = _log_softmax(seq.last)
+            rest = [_log_softmax(got[(copy, seq.pos + j)])[t] for j, t in enumerate(ids[1:])]
+            out[i][k, c] = float(after_row[(i, k)][ids[0]] + sum(rest))
         return out
 
 
@@ -251,13 +254,15 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum())
 
 
-def load_engine(project: ProjectDir, base: BaseOptions, status: Callable[[str], None] = lambda _: None) -> Engine:
+def load_engine(
+    project: ProjectDir, base: BaseOptions, status: Callable[[str], None] = lambda _: None, world: int = 1
+) -> Engine:
     """The project's GGUF base in llama.cpp, with the torch path's tokenizer (so the token ids agree)."""
     from transformers import AutoTokenizer
 
     from ptcli.lm.base import resolve
 
-    gguf = check_engine(project, base, 1)
+    gguf = check_engine(project, base, world)
     source = Path(resolve(project.base.ref, status))  # the converted copy: its tokenizer and its fingerprint
     check_fingerprint(project, source, status)
     tok = AutoTokenizer.from_pretrained(source)

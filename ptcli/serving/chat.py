@@ -97,7 +97,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if m.get("tool_calls") or m.get("function_call"):
             raise ServeError(f"`{where}` holds tool calls, which are not supported")
         text = _content(m.get("content"), where)
-        openai_api._strings(text or " ", f"{where}.content")  # valid Unicode (an empty assistant turn is allowed)
+        openai_api.strings(text or " ", f"{where}.content")  # valid Unicode (an empty assistant turn is allowed)
         messages.append({"role": ROLES[role], "content": text})
     return messages
 
@@ -105,10 +105,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
 def chat_request(body: dict[str, Any], bank: LiveBank, render: Render | None) -> tuple[list[Item], list[str]]:
     """One item (the rendered conversation, answered by the tag) and the stop strings."""
     _refuse_unsupported(body)
-    tag = body.get("model")
-    if not isinstance(tag, str):
-        raise ServeError("`model` must be the tag of a prompt in the bank (GET /v1/models lists them)")
-    prompt = bank.prompt(tag)
+    prompt = openai_api.served_prompt(body, bank)
     if "messages" not in body:
         raise ServeError("`messages` is required")
     messages = _messages(body["messages"])
@@ -121,9 +118,9 @@ def chat_request(body: dict[str, Any], bank: LiveBank, render: Render | None) ->
         text = render(messages)
     except Exception as e:  # noqa: BLE001  (the template's own refusal, e.g. roles that do not alternate)
         raise ServeError(f"the base's chat template refused these messages: {e}") from None
-    stop = [] if body.get("stop") is None else openai_api._strings(body["stop"], "stop", most=4)
+    stop = openai_api.stops(body)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return [Item(prompt, text, Mode.GENERATE, openai_api._int(body, key, 16))], stop
+    return [Item(prompt, text, Mode.GENERATE, openai_api.integer(body, key, 16))], stop
 
 
 def chat_body(tag: str, answers: list[Prediction], stop: list[str]) -> dict[str, Any]:

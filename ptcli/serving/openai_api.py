@@ -16,7 +16,7 @@ from typing import Any
 from ptcli.data.jsonl import Record, check_inference_row
 from ptcli.enums import Mode
 from ptcli.errors import ServeError, unknown_tags
-from ptcli.inference.engine import Item, Prediction
+from ptcli.inference.engine import Item, Prediction, Prompt
 from ptcli.inference.infer import accuracy
 from ptcli.serving.live_bank import LiveBank
 
@@ -24,7 +24,7 @@ MAX_PROBLEMS = 20
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None}  # field -> the only value served
 
 
-def _int(body: dict[str, Any], key: str, default: int) -> int:
+def integer(body: dict[str, Any], key: str, default: int) -> int:
     value = body.get(key, default)
     if value is None:
         return default
@@ -33,7 +33,7 @@ def _int(body: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
-def _strings(value: Any, key: str, *, most: int | None = None) -> list[str]:
+def strings(value: Any, key: str, *, most: int | None = None) -> list[str]:
     """A string or a non-empty list of non-empty strings that are valid Unicode."""
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
@@ -50,23 +50,33 @@ def _strings(value: Any, key: str, *, most: int | None = None) -> list[str]:
     return values
 
 
+def served_prompt(body: dict[str, Any], bank: LiveBank) -> Prompt:
+    """The prompt of the request's `model` (a tag of the bank); 404 naming the known tags otherwise."""
+    tag = body.get("model")
+    if not isinstance(tag, str):
+        raise ServeError("`model` must be the tag of a prompt in the bank (GET /v1/models lists them)")
+    return bank.prompt(tag)
+
+
+def stops(body: dict[str, Any]) -> list[str]:
+    """The request's stop strings (at most 4)."""
+    return [] if body.get("stop") is None else strings(body["stop"], "stop", most=4)
+
+
 def completion_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list[str], bool]:
     """Items (one per prompt), stop strings, and whether to stream."""
     for key, served in UNSUPPORTED.items():
         if body.get(key, served) not in (served, None):
             raise ServeError(f"`{key}` = {body[key]!r} is not supported: ptcli gives one greedy answer per prompt")
-    tag = body.get("model")
-    if not isinstance(tag, str):
-        raise ServeError("`model` must be the tag of a prompt in the bank (GET /v1/models lists them)")
-    prompt = bank.prompt(tag)
+    prompt = served_prompt(body, bank)
     if "prompt" not in body:
         raise ServeError("`prompt` is required")
-    texts = _strings(body["prompt"], "prompt")
-    stop = [] if body.get("stop") is None else _strings(body["stop"], "stop", most=4)
+    texts = strings(body["prompt"], "prompt")
+    stop = stops(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ServeError(f"`stream` must be true or false, got {stream!r}")
-    max_tokens = _int(body, "max_tokens", 16)
+    max_tokens = integer(body, "max_tokens", 16)
     return [Item(prompt, t, Mode.GENERATE, max_tokens) for t in texts], stop, stream
 
 
@@ -113,7 +123,7 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
     mode = body.get("mode")
     if mode is not None and mode not in Mode.values():
         raise ServeError(f"`mode` must be one of {', '.join(Mode.values())}, got {mode!r}")
-    choices = None if body.get("choices") is None else [c.strip() for c in _strings(body["choices"], "choices")]
+    choices = None if body.get("choices") is None else [c.strip() for c in strings(body["choices"], "choices")]
     if choices is not None and len(choices) < 2:
         raise ServeError("`choices` needs at least two answers")
     problems = [f"rows[{i}]: {p}" for i, row in enumerate(rows) for p in check_inference_row(row)]
@@ -137,7 +147,7 @@ def rows_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item], list
         raise ServeError(
             f"mode rank needs an answer set: {', '.join(map(repr, missing))} had none in training; pass `choices`"
         )
-    tokens = _int(body, "tokens_to_generate", 32)
+    tokens = integer(body, "tokens_to_generate", 32)
     items = [Item(prompts[t], r["text"], modes[t], tokens, options[t]) for r in rows for t in [r["prompt_tag"]]]
     return items, [Record(i + 1, r["prompt_tag"], r["text"], r.get("answer"), r) for i, r in enumerate(rows)]
 

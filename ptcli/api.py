@@ -111,6 +111,35 @@ class Project:
                 base=base,
             )
 
+    def distill(
+        self,
+        tag: str,
+        teacher: str,
+        inputs: str | Path,
+        *,
+        valid: str | Path | None = None,
+        max_new_tokens: int = 16,
+        top_k: int = 64,
+        reporter: Reporter | None = None,
+        resume: bool | str = False,
+        overwrite: bool = False,
+        base: BaseOptions = BaseOptions(),
+        **settings: Any,
+    ) -> TuneResult:
+        """Distill the `teacher` text into `tag`'s soft prompt from unlabelled `inputs` (jsonl: prompt_tag, text).
+
+        valid: held-out inputs (default: the last tenth of `inputs`, at most 200 rows). settings: TaskConfig fields
+        (lr, max_steps, template, ...) over the recorded task's. See tuning/distill.py.
+        """
+        from ptcli.tuning.distill import Teaching, distill
+
+        teaching = Teaching(teacher, max_new_tokens, top_k)
+        cfg = self.task_configs([tag], {**settings, "train": str(inputs), "valid": str(valid or inputs)})[tag]
+        with project_lock(self.root, f"ptcli distill --tag {tag}") if is_main_process() else nullcontext():
+            return distill(
+                self.dir, tag, cfg, teaching, reporter or Silent(), resume=resume, overwrite=overwrite, base=base
+            )
+
     def infer(self, source: str | Path | Iterable[dict[str, Any]], **options: Any) -> InferResult:
         """Answers for rows given as dicts ({"prompt_tag", "text"[, "answer"], ...}) or a jsonl path ('-': stdin).
 

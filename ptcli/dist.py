@@ -148,6 +148,23 @@ def gather_objects(obj) -> list:
     return out
 
 
+def relaunched(devices: int, argv: list[str]) -> bool:
+    """With --devices N > 1 outside a launched run, run this same command (`argv`) as N processes; True when they
+    ran. A failed run is a PtcliError: the bank is unchanged."""
+    from ptcli import preempt
+    from ptcli.errors import PtcliError
+
+    if devices < 2 or in_launched_run():
+        return False
+    with preempt.on_sigterm():
+        code = relaunch(devices, argv)
+    if code:
+        raise PtcliError(
+            f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above"
+        )
+    return True
+
+
 def exit_launched_worker() -> None:
     """End a finished worker of a multi-process run at once, skipping interpreter teardown.
 

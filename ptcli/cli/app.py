@@ -10,7 +10,6 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -121,7 +120,7 @@ def tune(
     """Tune a soft prompt with the base model and every other prompt frozen; keep the best by validation."""
     from ptcli import dist, preempt
     from ptcli.api import Project
-    from ptcli.cli.console import TuneReporter
+    from ptcli.cli.console import TuneReporter, report_tuned
     from ptcli.project import manifest as proj
     from ptcli.project.storage import is_main_process
     from ptcli.tuning import trackers
@@ -130,7 +129,7 @@ def tune(
     p = proj.load(project)
     check_tune_flags(p.num_prompt_tokens, num_prompt_tokens, devices, shard_base, dist.in_launched_run())
     trackers.require(Project(p).task_configs(tags, settings))  # bad settings are refused before any relaunch
-    if _relaunched_tune(devices):
+    if dist.relaunched(devices, sys.argv[1:]):
         return
     reporter = TuneReporter("+".join(tags), quiet or not is_main_process())
     with preempt.on_sigterm():
@@ -145,42 +144,8 @@ def tune(
     if not is_main_process():
         dist.exit_launched_worker()
         return
-    _report_tuned(results, as_json, quiet)
+    report_tuned(results, as_json, quiet)
     dist.exit_launched_worker()
-
-
-def _relaunched_tune(devices: int) -> bool:
-    """With --devices N > 1 outside a launched run, run this same command as N processes; True when they ran."""
-    from ptcli import dist, preempt
-
-    if devices < 2 or dist.in_launched_run():
-        return False
-    with preempt.on_sigterm():
-        code = dist.relaunch(devices, sys.argv[1:])
-    if code:
-        raise PtcliError(
-            f"the {devices}-process run failed (exit {code}); the bank is unchanged", hint="see the messages above"
-        )
-    return True
-
-
-def _report_tuned(results: list, as_json: bool, quiet: bool) -> None:
-    """The records on stdout (--json), and for people one line per tag: headline metric before -> after."""
-    from ptcli.cli.console import emit_json, say
-
-    if as_json:
-        records = [{k: v for k, v in dataclasses.asdict(r).items() if k != "history"} for r in results]
-        emit_json(records[0] if len(records) == 1 else records)
-    from ptcli.project.record import headline
-
-    for r in results:
-        m, m0 = r.metrics, r.initial_metrics
-        key = headline(m)
-        say(
-            f"tuned {r.tag!r}: {key} {m0.get(key, float('nan')):.3f} -> {m[key]:.3f} "
-            f"(best at step {r.best_step} of {r.steps}), {r.seconds:.0f} s; saved {r.path}",
-            quiet,
-        )
 
 
 @app.command()
@@ -257,6 +222,7 @@ def _show_accuracy(accuracy: dict[str, dict[str, float]], modes: dict[str, str],
 # The bank, check and serve commands come after the core ones in --help.
 from ptcli.cli import bank as cli_bank  # noqa: E402
 from ptcli.cli import check as cli_check  # noqa: E402
+from ptcli.cli import distill as cli_distill  # noqa: E402
 from ptcli.cli import embed as cli_embed  # noqa: E402
 from ptcli.cli import serve as cli_serve  # noqa: E402
 
@@ -264,6 +230,8 @@ app.registered_commands += (
     cli_bank.app.registered_commands + cli_check.app.registered_commands + cli_serve.app.registered_commands
 )
 app.registered_commands += cli_embed.app.registered_commands
+_after_tune = [c.callback for c in app.registered_commands].index(tune) + 1
+app.registered_commands[_after_tune:_after_tune] = cli_distill.app.registered_commands
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -118,6 +119,20 @@ class TuneReporter:
             say(line, self.quiet)
 
 
+def _distilled_row(d: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """`show`'s line for a prompt `ptcli distill` made: what its teacher was, and what its metrics mean."""
+    if not d:
+        return []
+    return [
+        (
+            "distilled",
+            f"from a {d.get('teacher_tokens')}-token text (sha256 {str(d.get('teacher_sha256'))[:12]}), "
+            f"{d.get('tokens_saved_per_row')} tokens fewer a row; val_acc is agreement with the teacher's "
+            "answers, val_loss the KL to it",
+        )
+    ]
+
+
 def show_prompt(shown: Any) -> None:
     """`ptcli show` for people (stderr): the prompt's record as a table, then its curves as sparklines."""
     from rich.table import Table
@@ -146,6 +161,7 @@ def show_prompt(shown: Any) -> None:
         rows.append(("trained", f"{r.train_seconds:.1f} s on {r.world_size or 1} process(es)"))
     if r.imported_from:
         rows.append(("imported from", str(r.imported_from.get("path"))))
+    rows += _distilled_row(r.distilled)
     rows += [
         ("created", str(r.created)),
         ("updated", str(r.updated)),
@@ -177,3 +193,20 @@ def show_prompt(shown: Any) -> None:
     err.print(grid)
     if c.skipped:
         say(f"skipped {c.skipped} unreadable line(s) in {c.source}", style="yellow")
+
+
+def report_tuned(results: list, as_json: bool, quiet: bool, verb: str = "tuned") -> None:
+    """The records on stdout (--json), and for people one line per tag: headline metric before -> after."""
+    if as_json:
+        records = [{k: v for k, v in dataclasses.asdict(r).items() if k != "history"} for r in results]
+        emit_json(records[0] if len(records) == 1 else records)
+    from ptcli.project.record import headline
+
+    for r in results:
+        m, m0 = r.metrics, r.initial_metrics
+        key = headline(m)
+        say(
+            f"{verb} {r.tag!r}: {key} {m0.get(key, float('nan')):.3f} -> {m[key]:.3f} "
+            f"(best at step {r.best_step} of {r.steps}), {r.seconds:.0f} s; saved {r.path}",
+            quiet,
+        )

@@ -211,14 +211,15 @@ def _task_option(f: dataclasses.Field[Any], hint: Any) -> inspect.Parameter:
     )
 
 
-def task_options(command: Callable[..., None]) -> Callable[..., None]:
+def task_options(command: Callable[..., None], skip: tuple[str, ...] = ()) -> Callable[..., None]:
     """Give a command one option per TaskConfig field, in place of its `**settings` and right after its first
     parameter (the tag). The dataclass is the schema (name, type, help, default), so a tuning flag is spelled once,
-    in config.py; typer reads the signature set here, and the command receives the fields in `settings`."""
+    in config.py; typer reads the signature set here, and the command receives the fields in `settings`.
+    skip: fields the command does not take (distill's inputs are its own flag; its init is the teacher text)."""
     sig = inspect.signature(command, eval_str=True)
     first, *rest = (p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD)
     hints = typing.get_type_hints(TaskConfig)
-    settings = [_task_option(f, hints[f.name]) for f in dataclasses.fields(TaskConfig)]
+    settings = [_task_option(f, hints[f.name]) for f in dataclasses.fields(TaskConfig) if f.name not in skip]
     rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in rest]
     command.__signature__ = sig.replace(parameters=[first, *settings, *rest])  # type: ignore[attr-defined]
     command.__doc__ = f"{command.__doc__}\n\n{RECORDED_WINS}"

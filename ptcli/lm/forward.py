@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ptcli.lm.arch import shared_prefix_exact
 from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
 from ptcli.lm.depth import forward_with, prompt_depth
-from ptcli.lm.placed import has_slots, placed_logprobs, placed_read
+from ptcli.lm.placed import has_slots, placed_hidden, placed_read
 
 
 def read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, extra: int = 0) -> Read:
@@ -107,18 +107,18 @@ def pads_first(r: Read) -> Read:
     return Read(hidden, r.prompt_end, r.tok_mask.gather(1, tok_src), r.mask.gather(1, src), r.pos, r.cache)
 
 
-def token_logprobs(
+def labelled_hidden(
     model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None
 ):
-    """Log-probability of every labelled token, and the row it belongs to: (N,), (N,).
+    """The final hidden state that predicts each labelled token, the token, and its row: (N, H), (N,), (N,).
 
-    labels[i] is aligned with seqs[i] (IGNORE where nothing is scored). The vocabulary
-    projection runs only at the positions that predict a labelled token. Rows are padded on
-    the right, behind the shared prompt: nothing is appended to them, so no pad sits inside
-    a row and the fast path is exact under any attention window.
+    labels[i] is aligned with seqs[i] (IGNORE where nothing is scored); rows come in order and,
+    within a row, its labelled positions in order (a row's first token, predicted by the
+    prompt's end, last). Rows are padded on the right, behind the shared prompt: nothing is
+    appended to them, so no pad sits inside a row and the fast path is exact under any window.
     """
     if has_slots(seqs):
-        return placed_logprobs(model, prompts, seqs, labels, pad_id, which)
+        return placed_hidden(model, prompts, seqs, labels, pad_id, which)
     r = prefixed(model, prompts, seqs, pad_id, which, right=True)
     hidden = r.hidden  # (B, T, H)
     lab = right_pad(labels, IGNORE).to(hidden.device)  # (B, T)
@@ -130,6 +130,17 @@ def token_logprobs(
     t = torch.cat([targets[sel], firsts[first_sel]])  # (N,)
     rows = torch.arange(len(seqs), device=hidden.device)
     row_of = torch.cat([rows.unsqueeze(1).expand_as(sel)[sel], rows[first_sel]])  # (N,)
+    return h, t, row_of
+
+
+def token_logprobs(
+    model, prompts: torch.Tensor, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None
+):
+    """Log-probability of every labelled token, and the row it belongs to: (N,), (N,).
+
+    The vocabulary projection runs only at the positions that predict a labelled token (`labelled_hidden`).
+    """
+    h, t, row_of = labelled_hidden(model, prompts, seqs, labels, pad_id, which)
     logp = -F.cross_entropy(to_logits(model, h).float(), t, reduction="none")  # (N,)
     return logp, row_of
 

@@ -12,10 +12,9 @@ a full one (a window's own cache would drop slots the posts still need to line u
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ptcli.lm.arch import window_of
-from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
+from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, with_cache
 from ptcli.lm.depth import forward_with
 
 
@@ -76,11 +75,10 @@ def placed_read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int
     return Read(hidden, hidden[:, 0], real, mask, pos[:, -1:], cache_of(out))
 
 
-def placed_logprobs(model, prompts, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):
-    """Log-probability of every labelled token of template rows, and its row: (N,), (N,). Labels sit in the posts."""
+def placed_hidden(model, prompts, seqs: list[list[int]], labels: list[list[int]], pad_id: int, which=None):
+    """`forward.labelled_hidden` for template rows: (N, H), (N,), (N,). Labels sit in the posts."""
     r = placed_read(model, prompts, seqs, pad_id, which, train=True)
     lab = right_pad([lab[c:] for lab, c in zip(labels, first_slots(seqs))], IGNORE).to(r.hidden.device)  # (B, T2)
     sel = lab[:, 1:] != IGNORE  # (B, T2-1): position t predicts token t+1
     rows = torch.arange(len(seqs), device=r.hidden.device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
-    logp = -F.cross_entropy(to_logits(model, r.hidden[:, :-1][sel]).float(), lab[:, 1:][sel], reduction="none")  # (N,)
-    return logp, rows
+    return r.hidden[:, :-1][sel], lab[:, 1:][sel], rows

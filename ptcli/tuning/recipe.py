@@ -26,16 +26,16 @@ from ptcli import preempt
 from ptcli.config import TaskConfig
 from ptcli.enums import Reparam
 from ptcli.errors import UsageError, WriteError
-from ptcli.lm.depth import depth_of, entering, num_blocks
+from ptcli.lm.depth import depth_of, num_blocks
 from ptcli.project.manifest import ProjectDir, now
 from ptcli.project.runs import EvalRow, StepRow
 from ptcli.tuning import checkpoint
 from ptcli.tuning.batches import MixedBatches
-from ptcli.tuning.loss import batch_loss, step_rows
+from ptcli.tuning.objective import Answers, Objective
 from ptcli.tuning.soft_prompt import SoftPrompt, make_prompt
 from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
-from ptcli.tuning.validate import agreed, better, evaluate
+from ptcli.tuning.validate import agreed
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -93,6 +93,7 @@ class Recipe:
     ckpt_path: Path
     inputs: dict[str, Any]  # checkpoint.inputs_of: the data and base this run was set up with
     started: float  # time.perf_counter() when the run began
+    objective: Objective  # what a step minimises and validation keeps by
     states: FrozenStates | None = None  # a late prompt's rows below its block, kept across steps
     depth: int = 1  # blocks each prompt gives vectors to (a deep prompt: all from --prompt-layer up)
     prior_seconds: float = 0.0  # time the interrupted run spent, when resuming
@@ -111,10 +112,7 @@ class Recipe:
         with torch.no_grad():
             self.state.best_prompt = self.prompt().detach().clone()  # (S, P, H)
         for t in self.tasks:
-            with entering(self.model, self.run.prompt_layer, self.depth):
-                metrics = evaluate(
-                    self.model, self.tok, self.state.best_prompt[t.slots], t, self.run.batch_size, self.acc
-                )
+            metrics = self.objective.evaluate(self, self.state.best_prompt[t.slots], t)
             self.state.initial[t.tag] = self.state.best[t.tag] = metrics
             self.state.best_step[t.tag] = 0
             self.reporter.evaluated(0, metrics, t.tag)
@@ -124,11 +122,10 @@ class Recipe:
         with torch.no_grad():
             current = self.prompt().detach()  # (S, P, H)
         for t in self.tasks:
-            with entering(self.model, self.run.prompt_layer, self.depth):
-                metrics = evaluate(self.model, self.tok, current[t.slots], t, self.run.batch_size, self.acc)
+            metrics = self.objective.evaluate(self, current[t.slots], t)
             self.reporter.evaluated(self.state.step, metrics, t.tag)
             self.state.history.append(EvalRow(self.state.step, t.tag, metrics))
-            if better(metrics, self.state.best[t.tag]):
+            if self.objective.better(metrics, self.state.best[t.tag]):
                 assert self.state.best_prompt is not None  # set by validate_initial, or restored by resume
                 self.state.best[t.tag], self.state.best_step[t.tag] = metrics, self.state.step
                 self.state.best_prompt[t.slots] = current[t.slots]
@@ -151,16 +148,12 @@ class Recipe:
 
     def step(self, step: int, elapsed: float) -> None:
         """One optimizer step on the global batch of `step`; this process computes its share."""
-        acc, run, model = self.acc, self.run, self.model
+        acc, run = self.acc, self.run
         picks = self.batches.picks(step, acc.process_index, acc.num_processes)
         lr = lr_at(step, run, elapsed)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["peak"] / run.lr
-        rows = step_rows(picks, run.loss)
-        with entering(model, run.prompt_layer, self.depth):
-            loss_sum, n = batch_loss(
-                model, self.prompt(), rows, run.loss, self.tok.pad_token_id, self.states, run.prompt_layer, self.depth
-            )
+        loss_sum, n, positions = self.objective.loss(self, picks)
         n_global = int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
         (loss_sum / n_global).backward()
         if acc.num_processes > 1:
@@ -169,8 +162,6 @@ class Recipe:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
-        P = self.prompt.weight.shape[-2] // self.depth
-        positions = sum(len(row) + P * (min(row) >= 0) for row in rows.seqs)  # template rows hold their slots
         self.reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         self.state.step = step + 1
         self.state.history.append(StepRow(self.state.step, loss, lr))
@@ -220,8 +211,11 @@ def setup(
     resuming: bool,
     shard_base: bool,
     started: float,
+    objective: Objective | None = None,
 ) -> Recipe:
-    """Prompts, optimizer and state on the run's device: restored from the checkpoint, or validated at step 0."""
+    """Prompts, optimizer and state on the run's device: restored from the checkpoint, or validated at step 0.
+
+    objective: tune's `Answers` unless given (distill's teacher)."""
     model, tok = base
     layer, blocks = tasks[0].cfg.prompt_layer, num_blocks(model)
     if layer >= blocks:
@@ -239,16 +233,12 @@ def setup(
     opt = make_optimizer(prompt, tasks[0].cfg)
     state = checkpoint.State(config={t.tag: t.cfg.to_dict() for t in tasks}, started=now(), inputs=inputs)
     batches = MixedBatches.of(tasks, tasks[0].cfg)
-    recipe = Recipe(tasks, reporter, acc, model, tok, prompt, opt, batches, state, ckpt_path, inputs, started)
+    parts = (tasks, reporter, acc, model, tok, prompt, opt, batches, state, ckpt_path, inputs, started)
+    recipe = Recipe(*parts, objective or Answers())
     recipe.depth = depth_of(model, layer, tasks[0].cfg.deep)
     if layer and not (shard_base and acc.num_processes > 1):  # a sharded stack runs whole: no block may be skipped
-        spill = ckpt_path.with_name(f"frozen-states.{acc.process_index}.bin")
-        bound = _states_bound()
-        recipe.states = FrozenStates(model, layer, bound, spill)
-        reporter.status(
-            f"the prompt enters before block {layer} of {blocks}: each row's states below it are computed once and "
-            f"kept, up to {bound / 2**30:.1f} GiB in memory (PTCLI_STATES_GIB), beyond that in {spill.name} "
-            "in the run directory until the run ends"
+        recipe.states = _kept_states(
+            model, layer, blocks, ckpt_path.with_name(f"frozen-states.{acc.process_index}.bin"), reporter
         )
     if resuming:
         recipe.state = checkpoint.load(ckpt_path, prompt, opt, {t.tag: t.cfg for t in tasks}, inputs)
@@ -258,3 +248,14 @@ def setup(
         recipe.validate_initial()
     recipe.prior_seconds = recipe.state.seconds
     return recipe
+
+
+def _kept_states(model, layer: int, blocks: int, spill: Path, reporter: Reporter) -> FrozenStates:
+    """A late prompt's rows below its block, computed once and kept: in memory up to the bound, then in `spill`."""
+    bound = _states_bound()
+    reporter.status(
+        f"the prompt enters before block {layer} of {blocks}: each row's states below it are computed once and "
+        f"kept, up to {bound / 2**30:.1f} GiB in memory (PTCLI_STATES_GIB), beyond that in {spill.name} "
+        "in the run directory until the run ends"
+    )
+    return FrozenStates(model, layer, bound, spill)

@@ -9,6 +9,7 @@ before and after it: the preconditions (resume, overwrite), the shortcut of a fi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,12 @@ def tune_many(
     return write_results(project, recipe)
 
 
-def write_results(project: ProjectDir, recipe: Recipe) -> list[TuneResult]:
-    """Each tag's best prompts into the bank with their record, its run log and history line; the checkpoint goes."""
+def write_results(
+    project: ProjectDir, recipe: Recipe, amend: Callable[[PromptRecord], PromptRecord] | None = None
+) -> list[TuneResult]:
+    """Each tag's best prompts into the bank with their record, its run log and history line; the checkpoint goes.
+
+    amend: what a run other than tune's says in each record (distill's teacher)."""
     seconds = recipe.elapsed()
     state = recipe.state
     results = [
@@ -136,7 +141,8 @@ def write_results(project: ProjectDir, recipe: Recipe) -> list[TuneResult]:
     ]
     recipe.acc.wait_for_everyone()  # every process has finished training; the main one writes
     if recipe.acc.is_main_process:
-        save_run(project, recipe, {t.tag: record_of(recipe, t, seconds) for t in recipe.tasks})
+        records = {t.tag: record_of(recipe, t, seconds) for t in recipe.tasks}
+        save_run(project, recipe, {tag: amend(r) if amend else r for tag, r in records.items()})
     return results
 
 

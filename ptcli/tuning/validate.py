@@ -24,7 +24,7 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     it covers the answer only and every answer is a candidate. prompts: (K, P, H).
     """
     enc, K, choices = task.valid, prompts.shape[0], task.choices or []
-    batches = _batches(enc, batch_size, acc)
+    batches = batches_of(enc, batch_size, acc)
     max_new = max(
         len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts)
     )  # longest answer + eos, already tokenized
@@ -77,7 +77,7 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     return metrics
 
 
-def _batches(enc: Encoded, batch_size: int, acc) -> list[list[int]]:
+def batches_of(enc: Encoded, batch_size: int, acc) -> list[list[int]]:
     """This process's share of the rows in batches of similar lengths; as many batches on every process."""
     shard = list(range(acc.process_index, len(enc.ids), acc.num_processes))
     shard.sort(key=lambda i: len(enc.ids[i]))  # similar lengths together: less padding

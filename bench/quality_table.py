@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ["quality_late_rte.json", "quality_deep_rte.json", "quality_deep_sst2.json"]
+PEERS = {"peft": "prompt tuning", "peft_ptuning": "P-tuning", "peft_prefix": "prefix tuning", "peft_lora": "LoRA r8"}
+COMMITTED = ["quality_late_rte.json", "quality_deep_rte.json", "quality_deep_sst2.json", "quality_peers_rte.json"]
 
 
 def table(paths: list[Path]) -> str:
@@ -34,7 +35,9 @@ def table(paths: list[Path]) -> str:
                 flags = " ".join(r.get("recipe", [])) or ("class ratio of val" if name == "majority" else "")
                 curve = " ".join(f"{a:.3f}" for _, a in r.get("dev_curve", []))
                 kept = f"{r.get('steps', 0)} ({r['best_step']})" if "best_step" in r else str(r.get("steps", 0))
-                shown = f"`{flags}`" if name != "majority" else flags
+                if name.startswith("peft") and "lr" in r:  # a peer: PEFT's method at its own learning rate
+                    flags = f"PEFT {PEERS.get(name, name)}, lr {r['lr']:g}"
+                shown = f"`{flags}`" if name.startswith("ptcli") else flags
                 md.append(f"| {task} | {name} | {shown} | {r['val_acc']:.3f} | {kept} | {curve} |")
     return "\n".join(md) + "\n"
 

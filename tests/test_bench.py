@@ -179,3 +179,25 @@ def test_engines_table_in_the_docs_is_the_committed_json() -> None:
         check=True,
     )
     assert r.stdout.count("\n") == 8 and all(f"  {line}" in doc for line in r.stdout.splitlines())
+
+
+def test_distill_bench_quick_configuration_runs(default_cache):
+    """bench/distill.py end to end on the default base, briefly: teacher, student and zero-shot each answer."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "distill.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PTCLI_CACHE": str(default_cache), "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| reviews |"))
+    assert row.count("|") == 12 and "x) |" in row
+
+
+def test_the_docs_table_of_distill_is_the_committed_json() -> None:
+    """docs/distill.md shows bench/results/distill.json as `distill.py --table` renders it."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "distill.py"), "--table"], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.count("\n") >= 3 and r.stdout in (ROOT / "docs" / "distill.md").read_text(encoding="utf-8")

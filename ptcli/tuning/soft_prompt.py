@@ -85,7 +85,7 @@ def init_prompt(
 ) -> torch.Tensor:
     """Initial soft prompt (P, H), float32.
 
-    text:   tokenize without special tokens, tile or clip to P, the base's input embeddings of those tokens.
+    text:   tokenize without special tokens, tile or clip to P, copy those vocabulary embeddings.
     labels: one token per class label (the mean embedding of its tokens, as the answer is
             written), then sampled vocabulary for the rest: Lester et al.'s class-label init.
     vocab:  embeddings of P tokens drawn from the 5000 lowest ids (early BPE merges: frequent tokens).
@@ -98,9 +98,7 @@ def init_prompt(
         if not ids:
             raise ModelError(f"--init-text {text!r} produced no tokens")
         ids = (ids * (n // len(ids) + 1))[:n]
-        with torch.no_grad():  # the embedding module, not its table: a family may scale (Gemma), and the text is
-            emb = model.get_input_embeddings()  # what the base makes of its tokens
-            return emb(torch.tensor(ids, device=emb.weight.device)).float().cpu()
+        return table[torch.tensor(ids)].clone()
     if method == Init.RANDOM:
         return table.mean(0) + table.std(0) * torch.randn(n, table.shape[1], generator=g)
     sampled = table[torch.randint(0, min(5000, table.shape[0]), (n,), generator=g)].clone()  # (P, H)

@@ -38,7 +38,7 @@ from ptcli.tuning.recipe import Reporter, setup
 from ptcli.tuning.task import Splits, Task
 from ptcli.tuning.teacher import Said, ask, kl, said_logprobs, teacher_ids, teacher_prompt
 from ptcli.tuning.tune import TuneResult, check_start, finished, write_results
-from ptcli.tuning.validate import agreed, batches_of
+from ptcli.tuning.validate import agreed, batches_of, better
 
 HELD_OUT = 200  # rows held out for validation when no --valid is given: a tenth of the inputs, at most this
 
@@ -159,8 +159,8 @@ class Imitation:
         return {"val_loss": kl_sum / max(count, 1), "val_acc": same / len(enc.ids)}
 
     def better(self, new: dict[str, float], best: dict[str, float] | None) -> bool:
-        """More answers agree; equal agreement goes to the lower KL."""
-        return best is None or (new["val_acc"], -new["val_loss"]) > (best["val_acc"], -best["val_loss"])
+        """More answers agree; equal agreement goes to the lower KL (tune's rule over val_acc and val_loss)."""
+        return better(new, best)
 
 
 def teach(

@@ -155,7 +155,7 @@ def test_one_pass_decodes_and_scores_like_two(base) -> None:
     texts = tok(TEXTS, add_special_tokens=False).input_ids
     options = answer_tokens(tok, CHOICES)
     which = [0, 1, 0, 1]
-    outs, scores = decode_or_score(
+    outs, scores, _ = decode_or_score(
         model, prompts, texts, tok.pad_token_id, tok.eos_token_id, which=which, max_new=3, choices=options
     )
     assert outs == greedy(model, prompts, texts, tok.pad_token_id, tok.eos_token_id, 3, which=which)

@@ -132,6 +132,36 @@ def test_a_late_prompt_is_refused_not_answered_by_torch(project: Path, tmp_path:
         ok(cli("remove-tag", "late", "-p", project, "-q"))
 
 
+def test_logprobs_match_the_torch_paths_to_a_fraction_of_a_nat(project: Path) -> None:
+    """The generated tokens' log-probabilities (what `serve` returns as logprobs), llama.cpp against torch, on the
+    rows where both engines generate the same tokens; every listed token is its step's likeliest."""
+    from ptcli.config import BaseOptions
+    from ptcli.enums import Backend, Mode
+    from ptcli.inference.engine import Item, Prompt
+    from ptcli.inference.infer import open_engine, records_of
+    from ptcli.project import bank
+    from ptcli.project import manifest as proj
+
+    p = proj.load(project)
+    lcp = open_engine(p, BaseOptions(engine=Backend.LLAMACPP), 1, "cpu", lambda _: None)
+    ref = open_engine(p, BaseOptions(), 1, "cpu", lambda _: None)
+    diffs, rows = [], 0
+    for tag in ("reviews", "reviews_suffix", "topic"):  # a prefix prompt, a suffix ensemble, another task
+        prompt = Prompt.of(tag, *bank.get(p, tag))
+        texts = [r.text for r in records_of(project.parent / "test.jsonl") if r.tag == tag][:8]
+        items = [Item(prompt, t, Mode.GENERATE, 4, logprobs=2) for t in texts]
+        seqs = ref.rows(items)
+        for a, b in zip(lcp.run(items, seqs), ref.run(items, seqs)):
+            for answer in (a, b):
+                assert answer.logprobs is not None and len(answer.logprobs) == answer.tokens
+                assert all(s.top[0] == (s.token, s.logprob) and len(s.top) == 2 for s in answer.logprobs)
+            if [s.token for s in a.logprobs] == [s.token for s in b.logprobs]:
+                rows += 1
+                diffs += [abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)]
+    assert rows >= 12 and diffs, rows  # of 24
+    assert max(diffs) < 0.75 and sum(diffs) / len(diffs) < 0.3, (max(diffs), sum(diffs) / len(diffs))
+
+
 def test_serve_with_llamacpp_answers_the_openai_client(project: Path) -> None:
     """Each request alone (a batch of one), against the engine given that row alone: llama.cpp's sums depend on a
     batch's shape, so a near-tie may tip otherwise in a batch of other rows."""

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from clihelp import cli, ok
 from clihelp import write_jsonl as _jsonl
 
@@ -539,7 +540,9 @@ def test_chat_refusals_get_400(server: Server, chat_server) -> None:
         ({"n": 2}, "`n`"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"functions": [{"name": "f"}]}, "tools"),
-        ({"logprobs": True}, "log-probabilities"),
+        ({"top_logprobs": 2}, "needs `logprobs`"),
+        ({"logprobs": True, "top_logprobs": 21}, "`top_logprobs`"),
+        ({"logprobs": 3}, "`logprobs` must be true or false"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text parts"),
         ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "role"),
@@ -586,3 +589,89 @@ def test_metrics_count_the_requests_sent(chat_server) -> None:
     assert moved("ptcli_batch_size", "ptcli_batch_size_count") >= 1
     assert _count(after, "ptcli_batch_size", "ptcli_batch_size_count") > 0
     assert "ghost" not in {s.labels.get("tag") for f in after.values() for s in f.samples}
+
+
+def _plain_steps(root: Path, tag: str, text: str, max_new: int, top: int) -> list[list[tuple[str, float, list[float]]]]:
+    """Each member's greedy tokens by full forwards of the whole row, no cache, no padding: per step the
+    token (decoded alone), its log-probability and the `top` best log-probabilities."""
+    from ptcli.api import Project
+    from ptcli.enums import Mode
+    from ptcli.inference.engine import Engine, Item, Prompt
+    from ptcli.lm.base import load_project_base
+    from ptcli.project import bank
+
+    project = Project.open(root)
+    model, tok = load_project_base(project.dir.base)
+    prompt = Prompt.of(tag, *bank.get(project.dir, tag))
+    engine = Engine(model, tok)
+    seq = engine.rows([Item(prompt, text, Mode.GENERATE, max_new)])[0]
+    assert isinstance(seq, list)
+    emb, out = model.get_input_embeddings(), []
+    with torch.no_grad():
+        for members in prompt.members:  # (P, H) each
+            ids: list[int] = []
+            steps = []
+            for _ in range(max_new):
+                row = seq + ids  # prompt slots are -(j+1); a prefix layout has the prompt in front
+                vectors = [members[-t - 1] if t < 0 else emb(torch.tensor(t)) for t in row]
+                x = torch.stack([*members, *vectors] if engine.layout(prompt).prefix else vectors)  # (S, H)
+                logp = model(inputs_embeds=x.unsqueeze(0)).logits[0, -1].float().log_softmax(-1)  # (V,)
+                nxt = int(logp.argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                steps.append((tok.decode([nxt]), float(logp[nxt]), logp.topk(top).values.tolist()))
+                ids.append(nxt)
+            out.append(steps)
+    return out
+
+
+def _same_steps(served: list[tuple[str, float, list[float]]], plain: list[tuple[str, float, list[float]]]) -> bool:
+    return len(served) == len(plain) and all(
+        a[0] == b[0] and abs(a[1] - b[1]) < 1e-4 and torch.allclose(torch.tensor(a[2]), torch.tensor(b[2]), atol=1e-4)
+        for a, b in zip(served, plain)
+    )
+
+
+def test_completion_logprobs_are_the_models_own(server: Server, project: Path) -> None:
+    client = _client(server)
+    for tag, text in (("topic", "the team won the game"), ("sent", "i love it")):  # after the text; an ensemble
+        got = client.completions.create(model=tag, prompt=text, max_tokens=6, logprobs=3).choices[0]
+        lp = got.logprobs
+        served = [
+            (t, v, sorted(alts.values(), reverse=True))
+            for t, v, alts in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)
+        ]
+        assert served and all(len(alts) == 3 for alts in lp.top_logprobs)
+        assert any(
+            _same_steps(served, plain) for plain in _plain_steps(project, tag, text, 6, 3)
+        )  # the member that answered
+        assert "".join(lp.tokens).strip() == got.text and lp.text_offset[0] == 0
+        assert all(a <= b for a, b in zip(lp.text_offset, lp.text_offset[1:]))
+        cut = client.completions.create(model=tag, prompt=text, max_tokens=6, logprobs=0, stop=[got.text[1:]]).choices[
+            0
+        ]
+        assert cut.text == got.text[:1] and cut.logprobs.tokens == lp.tokens[: len(cut.logprobs.tokens)]
+        assert len(cut.logprobs.tokens) < len(lp.tokens) and cut.logprobs.top_logprobs[0] == {}
+    plain = client.completions.create(model="topic", prompt="a", max_tokens=2).choices[0]
+    assert plain.logprobs is None
+    for bad in (6, -1, True, "3"):
+        status, _, body = server.call("/v1/completions", {"model": "topic", "prompt": "a", "logprobs": bad})
+        assert status == 400 and "`logprobs`" in body["error"]["message"], body
+
+
+def test_chat_logprobs_are_the_models_own(chat_server) -> None:
+    server, root = chat_server
+    messages = [{"role": "user", "content": "the team won the game"}]
+    rendered = "user: the team won the game\nassistant:"
+    got = (
+        _client(server)
+        .chat.completions.create(model="topic", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2)
+        .choices[0]
+    )
+    content = got.logprobs.content
+    served = [(c.token, c.logprob, [a.logprob for a in c.top_logprobs]) for c in content]
+    assert _same_steps(served, _plain_steps(root, "topic", rendered, 6, 2)[0])
+    assert "".join(c.token for c in content).strip() == got.message.content
+    assert all(c.bytes == list(c.token.encode()) and c.top_logprobs[0].logprob == c.logprob for c in content)
+    bare = _client(server).chat.completions.create(model="topic", messages=messages, max_tokens=6, logprobs=True)
+    assert [c.top_logprobs for c in bare.choices[0].logprobs.content] == [[] for _ in content]

@@ -19,7 +19,8 @@ import torch
 from ptcli.data.template import Layout
 from ptcli.enums import Mode
 from ptcli.errors import PtcliError
-from ptcli.lm.answers import content_free_bias, ranked, room, run_rows, text_budget, vote
+from ptcli.lm.answers import content_free_bias, means, room, run_rows, text_budget, vote
+from ptcli.lm.batch import Step
 from ptcli.lm.depth import entering
 from ptcli.project.record import PromptRecord
 
@@ -48,6 +49,16 @@ class Item:
     max_new: int = 32
     choices: tuple[str, ...] = ()
     calibrated: bool = False  # rank: contextual calibration of the scores
+    logprobs: int | None = None  # generate: each token's log-probability and this many likeliest tokens
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A generated token (decoded alone), its log-probability, and the likeliest tokens at its step, best first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class Prediction:
     prompt_tokens: int  # text tokens the model read (after any cut from the left)
     tokens: int = 0  # tokens generated (generate)
     stopped: bool = True  # generation ended at end-of-sequence, not at max_new
+    logprobs: tuple[Logprob, ...] | None = None  # the generated tokens' (when the item asked), eos excluded
+    scores: tuple[float, ...] = ()  # rank: each candidate's members' mean score (calibrated if asked), in item order
 
 
 MAX_ROOMS = 1024  # answer sets whose room an engine remembers
@@ -141,13 +154,25 @@ class Engine:
 
     def _generate(self, items: list[Item], seqs: list[list[int]], max_new: int) -> list[Prediction]:
         prompts, owner = self._prompts(items)
-        out = run_rows(self.model, self.tok, prompts, seqs, owner, max_new=max_new)
+        top = max((it.logprobs for it in items if it.logprobs is not None), default=None)
+        out = run_rows(self.model, self.tok, prompts, seqs, owner, max_new=max_new, top=top)
         assert out.tokens is not None and out.texts is not None  # max_new > 0 asks for tokens
         answers = []
-        for s, tokens, texts in zip(seqs, out.tokens, out.texts):
+        for i, (it, s, tokens, texts) in enumerate(zip(items, seqs, out.tokens, out.texts)):
             k = vote(texts)
-            answers.append(Prediction(texts[k], len(s), len(tokens[k]), len(tokens[k]) < max_new))
+            steps = self.logprobs(it, out.steps[i][k]) if out.steps is not None else None
+            answers.append(Prediction(texts[k], len(s), len(tokens[k]), len(tokens[k]) < max_new, steps))
         return answers
+
+    def logprobs(self, item: Item, steps: list[Step]) -> tuple[Logprob, ...] | None:
+        """The steps of the member that answered, as text, with the item's own number of likeliest tokens."""
+        if item.logprobs is None:
+            return None
+        word = self.tok.decode
+        return tuple(
+            Logprob(word([s.token]), s.logprob, tuple((word([t]), lp) for t, lp in s.top[: item.logprobs]))
+            for s in steps
+        )
 
     def _rank(self, items: list[Item], seqs: list[list[int]]) -> list[Prediction]:
         prompts, owner = self._prompts(items)
@@ -157,8 +182,8 @@ class Engine:
         answers = []
         for it, s, scores in zip(items, seqs, out.scores):
             cols = [union.index(c) for c in it.choices]
-            bias = self._bias(it) if it.calibrated else None
-            answers.append(Prediction(it.choices[ranked(scores[:, cols], bias)], len(s)))  # (K, C_item)
+            mean = means(scores[:, cols], self._bias(it) if it.calibrated else None)  # (K, C_item) -> (C_item,)
+            answers.append(Prediction(it.choices[int(mean.argmax())], len(s), scores=tuple(mean.tolist())))
         return answers
 
     def _bias(self, item: Item) -> torch.Tensor:

@@ -27,7 +27,8 @@ from ptcli.enums import Mode
 from ptcli.errors import PtcliError, UsageError
 from ptcli.inference.engine import Engine, Item, Prediction
 from ptcli.inference.llama_context import MAX_SEQ, Context, check_engine, check_fingerprint
-from ptcli.lm.answers import CONTENT_FREE, ranked, vote
+from ptcli.lm.answers import CONTENT_FREE, means, vote
+from ptcli.lm.batch import Step
 from ptcli.project.manifest import ProjectDir
 
 
@@ -96,18 +97,21 @@ class LlamaCppEngine(Engine):
         answers = []
         if any(it.mode == Mode.GENERATE for it in items):
             gen = [i for i, it in enumerate(items) if it.mode == Mode.GENERATE]
-            tokens = self._greedy([rows[i] for i in gen], max(items[i].max_new for i in gen))
-            for i, toks in zip(gen, tokens):
+            top = max((n for i in gen if (n := items[i].logprobs) is not None), default=None)
+            tokens, steps = self._greedy([rows[i] for i in gen], max(items[i].max_new for i in gen), top)
+            for i, toks, mine in zip(gen, tokens, steps):
                 texts = [self.tok.decode(t[: items[i].max_new], skip_special_tokens=True).strip() for t in toks]
                 k = vote(texts)
                 n = len(toks[k][: items[i].max_new])
-                answers.append((i, Prediction(texts[k], len(seqs[i]), n, n < items[i].max_new)))
+                said = self.logprobs(items[i], mine[k][:n])
+                answers.append((i, Prediction(texts[k], len(seqs[i]), n, n < items[i].max_new, said)))
         ranked_rows = [i for i, it in enumerate(items) if it.mode == Mode.RANK]
         if ranked_rows:
             scores = self._scores([rows[i] for i in ranked_rows], [items[i].choices for i in ranked_rows])
             for i, s in zip(ranked_rows, scores):
-                bias = self._bias(items[i]) if items[i].calibrated else None
-                answers.append((i, Prediction(items[i].choices[ranked(s, bias)], len(seqs[i]))))
+                mean = means(s, self._bias(items[i]) if items[i].calibrated else None)  # (K, C) -> (C,)
+                choice = items[i].choices[int(mean.argmax())]
+                answers.append((i, Prediction(choice, len(seqs[i]), scores=tuple(mean.tolist()))))
         return [p for _, p in sorted(answers, key=lambda a: a[0])]
 
     def _bias(self, item: Item):
@@ -179,10 +183,12 @@ class LlamaCppEngine(Engine):
                 seq.last = got[(sid, seq.pos - 1)]
         return rows
 
-    def _greedy(self, rows: list[list[tuple[int, _Seq]]], max_new: int) -> list[list[list[int]]]:
-        """Greedy tokens of every row's members, eos excluded, up to `max_new`: [row][member] -> tokens."""
+    def _greedy(self, rows: list[list[tuple[int, _Seq]]], max_new: int, top: int | None = None):
+        """Greedy tokens of every row's members, eos excluded, up to `max_new`: [row][member] -> tokens,
+        and [row][member] -> each token's `Step` (log-probability, `top` likeliest) when `top` is given."""
         eos = self.tok.eos_token_id
         out: list[list[list[int]]] = [[[] for _ in mine] for mine in rows]
+        steps: list[list[list[Step]]] = [[[] for _ in mine] for mine in rows]
         live = [(i, k, sid, seq) for i, mine in enumerate(rows) for k, (sid, seq) in enumerate(mine)]
         for step in range(max_new):
             batch = []
@@ -192,6 +198,8 @@ class LlamaCppEngine(Engine):
                 if nxt == eos:
                     continue
                 out[i][k].append(nxt)
+                if top is not None:
+                    steps[i][k].append(_step(seq.last, nxt, top))
                 if step < max_new - 1:
                     batch.append((i, k, sid, seq, nxt))
             if not batch:
@@ -203,7 +211,7 @@ class LlamaCppEngine(Engine):
                 seq.last = got[(sid, seq.pos)]
                 seq.pos += 1
             live = [(i, k, sid, seq) for i, k, sid, seq, _ in batch]
-        return out
+        return out, steps
 
     def _scores(self, rows: list[list[tuple[int, _Seq]]], choices: list[tuple[str, ...]]):
         """(K, C) summed log-likelihoods of each row's candidates (as training saw them: prefix, tokens, eos)."""
@@ -246,6 +254,13 @@ def _segments(row: list[int]) -> list[tuple[str, list[int]]]:
         else:
             segs.append((kind, [v]))
     return segs
+
+
+def _step(logits: np.ndarray, token: int, top: int) -> Step:
+    """A greedy token's log-probability and the `top` likeliest tokens after `logits` (V,), best first."""
+    logp = _log_softmax(logits)
+    best = np.argsort(-logp, kind="stable")[:top]
+    return Step(token, float(logp[token]), tuple((int(t), float(logp[t])) for t in best))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from ptcli.data.encode import answer_tokens
 from ptcli.data.template import Layout
 from ptcli.enums import Mode
 from ptcli.errors import UsageError
+from ptcli.lm.batch import Step
 from ptcli.lm.forward import decode_or_score
 
 CONTENT_FREE = ("N/A",)  # Zhao et al. (2021)'s content-free input, in place of the text
@@ -54,6 +55,7 @@ class Outputs:
     tokens: list[list[list[int]]] | None  # [row][member]: greedy tokens, eos excluded (when max_new > 0)
     texts: list[list[str]] | None  # [row][member]: those tokens decoded and stripped
     scores: list[torch.Tensor] | None  # [row]: (K, C) summed log-likelihoods of the candidates (when given)
+    steps: list[list[list[Step]]] | None = None  # [row][member]: each greedy token's log-probability (when `top`)
 
 
 def run_rows(
@@ -66,10 +68,14 @@ def run_rows(
     max_new: int = 0,
     choices: list[str] | None = None,
     agree=None,
+    top: int | None = None,
+    pick=None,
 ) -> Outputs:
     """One pass: row i runs behind every member of prompts[owner[i]] ((K, P, H) or (P, H)).
 
-    `agree(flag)` makes the decoding's stop decision common to all processes (a sharded base).
+    `agree(flag)` makes the decoding's stop decision common to all processes (a sharded base);
+    `top` asks for the greedy tokens' log-probabilities and the `top` likeliest tokens at each step;
+    `pick` chooses each next token from the logits in place of the argmax (forward.decode_or_score).
     """
     stacks = [p if p.dim() == 3 else p.unsqueeze(0) for p in prompts]  # each (K_j, P, H)
     first = [sum(len(s) for s in stacks[:j]) for j in range(len(stacks))]  # each prompt's first slot in the stack
@@ -81,7 +87,7 @@ def run_rows(
         spans.append(range(len(rows), len(rows) + K))
         rows += [s] * K  # member-minor
         which += [first[j] + k for k in range(K)]
-    outs, scores = decode_or_score(
+    outs, scores, steps = decode_or_score(
         model,
         torch.cat(stacks),  # (M, P, H)
         rows,
@@ -91,11 +97,14 @@ def run_rows(
         max_new=max_new,
         choices=answer_tokens(tok, choices) if choices else None,
         agree=agree,
+        top=top,
+        pick=pick,
     )
     tokens = [[outs[r] for r in span] for span in spans] if outs is not None else None
     texts = [[tok.decode(t, skip_special_tokens=True).strip() for t in row] for row in tokens] if tokens else None
     per_row = [scores[list(span)] for span in spans] if scores is not None else None  # (R, C) -> [(K, C)]
-    return Outputs(tokens, texts, per_row)
+    per_step = [[steps[r] for r in span] for span in spans] if steps is not None else None
+    return Outputs(tokens, texts, per_row, per_step)
 
 
 def vote(texts: list[str]) -> int:
@@ -103,9 +112,14 @@ def vote(texts: list[str]) -> int:
     return texts.index(Counter(texts).most_common(1)[0][0])
 
 
+def means(scores: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The members' mean score of each candidate (K, C) -> (C,), after calibration (`bias`, (K, C))."""
+    return (scores if bias is None else scores - bias).mean(0)
+
+
 def ranked(scores: torch.Tensor, bias: torch.Tensor | None = None) -> int:
     """The candidate with the best members' mean score (K, C), after calibration (`bias`, (K, C))."""
-    return int((scores if bias is None else scores - bias).mean(0).argmax())
+    return int(means(scores, bias).argmax())
 
 
 def calibration_bias(content_free: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ptcli.lm.arch import shared_prefix_exact
-from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
+from ptcli.lm.batch import IGNORE, Read, Step, cache_of, left_pad, right_pad, stack, to_logits, with_cache
 from ptcli.lm.depth import forward_with, prompt_depth
 from ptcli.lm.placed import has_slots, placed_hidden, placed_read
 
@@ -163,11 +163,15 @@ def decode_or_score(
     max_new: int = 0,
     choices: list[list[int]] | None = None,
     agree=None,
-) -> tuple[list[list[int]] | None, torch.Tensor | None]:
+    top: int | None = None,
+    pick=None,
+) -> tuple[list[list[int]] | None, torch.Tensor | None, list[list[Step]] | None]:
     """Read each row once, then decode greedily from it, score candidate answers after it, or both.
 
-    Returns (greedy tokens per row, stopping at eos, not included) when max_new > 0, and
-    (B, C) summed log-likelihoods of the candidates when choices are given. Candidates are
+    Returns (greedy tokens per row, stopping at eos, not included) when max_new > 0, (B, C)
+    summed log-likelihoods of the candidates when choices are given, and, when `top` is given
+    with max_new, each greedy token's log-probability and the `top` likeliest at its step; `pick(logits)`
+    (B, V) -> (B,) chooses each next token in place of the argmax (a sampling teacher). Candidates are
     token lists as training saw them (answer prefix and end-of-sequence included) and run
     as a short continuation of each row's cache, so ranking C answers costs one pass over
     the texts, not C. `agree(flag)` makes the stop decision common to all processes (a
@@ -185,7 +189,10 @@ def decode_or_score(
         scores = _score_choices(
             model, copy.deepcopy(r.cache) if max_new else r.cache, last, r.mask, r.pos, choices, pad_id
         )
-    return (_decode(model, r.cache, last, r.mask, r.pos, eos_id, max_new, agree or bool) if max_new else None), scores
+    if not max_new:
+        return None, scores, None
+    tokens, steps = _decode(model, r.cache, last, r.mask, r.pos, eos_id, max_new, agree or bool, top, pick)
+    return tokens, scores, steps
 
 
 def _score_choices(
@@ -218,16 +225,21 @@ def _score_choices(
 
 
 def _decode(
-    model, cache, last: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, eos_id: int, max_new: int, agree
-) -> list[list[int]]:
+    model, cache, last, mask: torch.Tensor, pos: torch.Tensor, eos_id: int, max_new: int, agree, top: int | None, pick
+) -> tuple[list[list[int]], list[list[Step]] | None]:
     B = last.shape[0]
     results: list[list[int]] = [[] for _ in range(B)]
+    steps: list[list[Step]] | None = None if top is None else [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=mask.device)
     for step in range(max_new):
-        nxt = to_logits(model, last).argmax(-1)  # (B,)
+        logits = to_logits(model, last)  # (B, V)
+        nxt = logits.argmax(-1) if pick is None else pick(logits)  # (B,)
         done |= nxt == eos_id
-        for i in (~done).nonzero().flatten().tolist():
+        live = (~done).nonzero().flatten().tolist()
+        for i in live:
             results[i].append(int(nxt[i]))
+        if steps is not None:
+            _record(steps, live, logits, nxt, top or 0)
         if agree(bool(done.all())) or step == max_new - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)  # (B, S+step+1)
@@ -240,7 +252,17 @@ def _decode(
             **with_cache(model, cache),
         )
         last, cache = out.last_hidden_state[:, -1], cache_of(out)
-    return results
+    return results, steps
+
+
+def _record(steps: list[list[Step]], live: list[int], logits: torch.Tensor, nxt: torch.Tensor, top: int) -> None:
+    """Append each live row's greedy token, its log-probability and the `top` likeliest tokens (best first)."""
+    logp = logits.float().log_softmax(-1)  # (B, V)
+    best, ids = logp.topk(max(top, 1), dim=-1)  # (B, top)
+    for i in live:
+        t = int(nxt[i])
+        alts = tuple(zip(ids[i, :top].tolist(), best[i, :top].tolist()))
+        steps[i].append(Step(t, float(logp[i, t]), alts))
 
 
 def choice_scores(

@@ -4,8 +4,8 @@ The rendered conversation (`apply_chat_template(..., add_generation_prompt=True)
 text, so the tag's soft prompt goes where its own template puts it and the row takes the same
 path as `/v1/completions` and `ptcli infer`: one greedy answer. What a plain text model with a
 soft prompt cannot honour is refused with 400, never silently dropped: streaming, several
-choices, tools and function calls, log-probabilities, non-text content, JSON modes, and any
-chat at all on a base without a chat template.
+choices, tools and function calls, non-text content, JSON modes, and any chat at all on a
+base without a chat template. `logprobs` / `top_logprobs` are served (logprobs.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from ptcli.enums import Mode
 from ptcli.errors import ServeError
 from ptcli.inference.engine import Item, Prediction
-from ptcli.serving import openai_api
+from ptcli.serving import logprobs, openai_api
 from ptcli.serving.live_bank import LiveBank
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # as the template sees it
@@ -27,8 +27,6 @@ REFUSED = {  # field -> why; refused unless absent, null, or the value that asks
     "functions": "tools and function calling",
     "tool_choice": "tools and function calling",
     "function_call": "tools and function calling",
-    "logprobs": "log-probabilities",
-    "top_logprobs": "log-probabilities",
     "audio": "audio output",
 }
 HARMLESS: tuple[Any, ...] = (None, False, "none", [], 0)
@@ -120,12 +118,14 @@ def chat_request(body: dict[str, Any], bank: LiveBank, render: Render | None) ->
         raise ServeError(f"the base's chat template refused these messages: {e}") from None
     stop = openai_api.stops(body)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return [Item(prompt, text, Mode.GENERATE, openai_api.integer(body, key, 16))], stop
+    top = logprobs.chat_asks(body)
+    return [Item(prompt, text, Mode.GENERATE, openai_api.integer(body, key, 16), logprobs=top)], stop
 
 
 def chat_body(tag: str, answers: list[Prediction], stop: list[str]) -> dict[str, Any]:
     """The chat.completion object: one choice, the assistant's message, finish_reason, usage."""
-    (choice,) = openai_api.completion_choices(answers, stop)
+    (answer,) = answers
+    text, cut, steps = openai_api.served(answer, stop)
     usage = openai_api.completion_body(tag, answers, [])["usage"]
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -135,9 +135,9 @@ def chat_body(tag: str, answers: list[Prediction], stop: list[str]) -> dict[str,
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": choice["text"]},
-                "logprobs": None,
-                "finish_reason": choice["finish_reason"],
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None if steps is None else logprobs.chat_shape(steps),
+                "finish_reason": "stop" if cut or answer.stopped else "length",
             }
         ],
         "usage": usage,

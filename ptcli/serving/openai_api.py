@@ -1,10 +1,11 @@
 """What the server's endpoints accept and return, checked field by field.
 
 Two dialects. OpenAI completions (`model` is a tag, `prompt` one string or several):
-greedy answers, as `ptcli infer --mode generate`; sampling settings (temperature, top_p,
-seed...) are accepted and ignored, settings that ask for more than one greedy answer per
-prompt are refused. ptcli rows (`{"rows": [...], "mode": ..., "choices": ..., "tokens_to_generate": ...}`):
-the rows of a `ptcli infer` file, any tags mixed, answered with `prediction` added.
+greedy answers, as `ptcli infer --mode generate`, with their tokens' log-probabilities on
+request (logprobs.py); sampling settings (temperature, top_p, seed...) are accepted and
+ignored, settings that ask for more than one greedy answer per prompt are refused. ptcli rows
+(`{"rows": [...], "mode": ..., "choices": ..., "tokens_to_generate": ...}`): the rows of a
+`ptcli infer` file, any tags mixed, answered with `prediction` added.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 from ptcli.data.jsonl import Record, check_inference_row
 from ptcli.enums import Mode
 from ptcli.errors import ServeError, unknown_tags
-from ptcli.inference.engine import Item, Prediction, Prompt
+from ptcli.inference.engine import Item, Logprob, Prediction, Prompt
 from ptcli.inference.infer import accuracy
+from ptcli.serving import logprobs
 from ptcli.serving.live_bank import LiveBank
 
 MAX_PROBLEMS = 20
-UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None}  # field -> the only value served
+UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None}  # field -> the only value served
 
 
 def integer(body: dict[str, Any], key: str, default: int) -> int:
@@ -76,21 +78,28 @@ def completion_request(body: dict[str, Any], bank: LiveBank) -> tuple[list[Item]
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ServeError(f"`stream` must be true or false, got {stream!r}")
-    max_tokens = integer(body, "max_tokens", 16)
-    return [Item(prompt, t, Mode.GENERATE, max_tokens) for t in texts], stop, stream
+    max_tokens, top = integer(body, "max_tokens", 16), logprobs.completion_asks(body)
+    return [Item(prompt, t, Mode.GENERATE, max_tokens, logprobs=top) for t in texts], stop, stream
 
 
-def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
-    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:at], True) if at >= 0 else (text, False)
+def served(answer: Prediction, stop: list[str]) -> tuple[str, bool, list[tuple[Logprob, int]] | None]:
+    """The answer's text cut at the first stop string, whether it was cut, and the steps behind it (if asked)."""
+    at = min((i for i in (answer.text.find(s) for s in stop) if i >= 0), default=-1)
+    text, cut = (answer.text[:at], True) if at >= 0 else (answer.text, False)
+    return text, cut, None if answer.logprobs is None else logprobs.kept(answer.logprobs, text, cut)
 
 
 def completion_choices(answers: list[Prediction], stop: list[str]) -> list[dict[str, Any]]:
     choices = []
     for i, a in enumerate(answers):
-        text, cut = _cut(a.text, stop)
+        text, cut, steps = served(a, stop)
         choices.append(
-            {"index": i, "text": text, "logprobs": None, "finish_reason": "stop" if cut or a.stopped else "length"}
+            {
+                "index": i,
+                "text": text,
+                "logprobs": None if steps is None else logprobs.completion_shape(steps),
+                "finish_reason": "stop" if cut or a.stopped else "length",
+            }
         )
     return choices
 

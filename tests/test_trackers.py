@@ -152,3 +152,87 @@ def test_a_run_interrupted_without_a_tracker_resumes_logging_to_one(
     )
     scalars = _scalars(tmp_path / "tb" / "p-a")
     assert [s for s, _ in scalars["loss"]] == [3, 4] and [s for s, _ in scalars["val_acc"]] == [4]
+
+
+def _same_as_log(got: dict[str, list[tuple[int, float]]], root: Path, tag: str) -> None:
+    """A tracker's scalars ({name: [(step, value)]}) are the run log's: every step's loss and lr, each validation."""
+    log = _log(root, tag)
+    steps, validations = [h for h in log if "lr" in h], [h for h in log if "lr" not in h]
+    for name in ("loss", "lr"):
+        assert got[name] == [(h["step"], pytest.approx(h[name], rel=1e-6)) for h in steps]
+    assert [s for s, _ in got["tokens_per_s"]] == [h["step"] for h in steps]
+    assert got["val_acc"][1:] == [(h["step"], pytest.approx(h["val_acc"])) for h in validations]
+    assert got["val_acc"][0][0] == 0 and [s for s, _ in got["val_loss"]] == [0, 2, 4]
+
+
+def test_mlflow_store_holds_every_step_and_validation(
+    root: Path, data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a = ["--train", data["a"], "--valid", data["a"]]
+    ok(cli(*_tune(root, ["a"], *a, "--log-with", "mlflow", "--log-dir", tmp_path / "ml")))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}")  # the store under --log-dir
+    (experiment,) = [e for e in client.search_experiments() if e.name == "p-a"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["mlflow.runName"] == "p-a" and run.data.params["max_steps"] == "4"
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+    _same_as_log({k: sorted(v) for k, v in history.items()}, root, "a")
+
+
+def test_wandb_offline_run_holds_every_step_and_validation(
+    root: Path, data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    a = ["--train", data["a"], "--valid", data["a"]]
+    ok(cli(*_tune(root, ["a"], *a, "--log-with", "wandb", "--log-dir", tmp_path / "wb")))
+    (run_file,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")  # the run folder under --log-dir
+    got: dict[str, list[tuple[int, float]]] = {}
+    config = {}
+    for record in _wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            for k, v in items.items():
+                if not k.startswith("_"):
+                    got.setdefault(k, []).append((items["_step"], v))
+        elif kind == "config":
+            config |= {i.key: json.loads(i.value_json) for i in record.config.update}
+        elif kind == "run":
+            assert record.run.display_name == "p-a"
+    _same_as_log(got, root, "a")
+    assert config["max_steps"] == 4 and config["tags"] == "a"
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of an offline wandb run file.
+
+    The file is a LevelDB-style log (what wandb's own reader, now inside wandb-core, scans): a 7-byte
+    header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each (crc32, length, type)
+    and its bytes; a record is one FULL chunk or FIRST, MIDDLE..., LAST. A block's tail under 7 bytes is padding.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
+    records, pending, at, block = [], b"", 7, 32768
+    while at + 7 <= len(data):
+        if block - at % block < 7:  # padding at the block's end
+            at += block - at % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[at : at + 7])
+        chunk, at = data[at + 7 : at + 7 + length], at + 7 + length
+        if kind == 0 and length == 0:
+            break  # zeroes: past the last record
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records

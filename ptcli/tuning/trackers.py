@@ -2,15 +2,19 @@
 
 One tracker run per tune, named after the project and its tags: the settings once, then every step's
 loss, lr and tokens/s, and every validation's metrics (`val_acc/TAG` when several tags run together).
+Runs are written under --log-dir: tensorboard's event files, wandb's run folder, and mlflow's SQLite
+store (DIR/mlflow.db, unless MLFLOW_TRACKING_URI names another).
 accelerate logs on the main process only. No torch or accelerate import at module level: the CLI checks
 the trackers' packages before it relaunches or loads anything.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from importlib.util import find_spec
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ptcli.config import RUN_SETTINGS, TaskConfig, computed_settings
@@ -24,7 +28,7 @@ if TYPE_CHECKING:
 
 # The modules accelerate looks for (accelerate.utils.is_*_available); a tracker not named here needs its own name.
 MODULES = {"tensorboard": ("tensorboard", "tensorboardX")}
-EXTRAS = {"tensorboard": "pip install 'ptcli[tensorboard]'"}
+EXTRAS = {name: f"pip install 'ptcli[{name}]'" for name in ("tensorboard", "wandb", "mlflow")}
 
 
 def require(cfgs: dict[str, TaskConfig]) -> None:
@@ -49,7 +53,11 @@ def watched(reporter: Reporter, acc: Accelerator, project: ProjectDir, cfgs: dic
     if not names:
         return reporter
     name = f"{project.root.name}-{'+'.join(cfgs)}"
-    runs = {"wandb": {"name": name}, "mlflow": {"run_name": name}}  # the others take the name as their run's
+    log_dir = Path(accelerator_options(project, cfgs)["project_dir"]).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if "mlflow" in names:  # accelerate takes mlflow's store from the environment: by default, one under the log dir
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{log_dir / 'mlflow.db'}")
+    runs = {"wandb": {"name": name, "dir": str(log_dir)}, "mlflow": {"run_name": name}}  # the others: name = run
     acc.init_trackers(name, config=settings_of(project, cfgs), init_kwargs={n: runs[n] for n in names if n in runs})
     return Tracked(reporter, acc, multi=len(cfgs) > 1)
 

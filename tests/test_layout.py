@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "ptcli"
 FLOORS: list[set[str]] = [
     {"__main__"},
     {"cli"},
-    {"serving"},
+    {"serving", "evaluation"},
     {"api"},
     {"inference", "tuning"},
     {"project"},

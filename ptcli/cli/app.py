@@ -224,12 +224,13 @@ from ptcli.cli import bank as cli_bank  # noqa: E402
 from ptcli.cli import check as cli_check  # noqa: E402
 from ptcli.cli import distill as cli_distill  # noqa: E402
 from ptcli.cli import embed as cli_embed  # noqa: E402
+from ptcli.cli import eval as cli_eval  # noqa: E402
 from ptcli.cli import serve as cli_serve  # noqa: E402
 
 app.registered_commands += (
     cli_bank.app.registered_commands + cli_check.app.registered_commands + cli_serve.app.registered_commands
 )
-app.registered_commands += cli_embed.app.registered_commands
+app.registered_commands += cli_embed.app.registered_commands + cli_eval.app.registered_commands
 _after_tune = [c.callback for c in app.registered_commands].index(tune) + 1
 app.registered_commands[_after_tune:_after_tune] = cli_distill.app.registered_commands
 

@@ -126,8 +126,9 @@ def _distilled_row(d: dict[str, Any] | None) -> list[tuple[str, str]]:
     return [
         (
             "distilled",
-            f"from a {d.get('teacher_tokens')}-token text (sha256 {str(d.get('teacher_sha256'))[:12]}), "
-            f"{d.get('tokens_saved_per_row')} tokens fewer a row; val_acc is agreement with the teacher's "
+            f"from a {d.get('teacher_tokens')}-token text (sha256 {str(d.get('teacher_sha256'))[:12]}"
+            + (f", its answers sampled at temperature {d['temperature']}" if d.get("temperature") else "")
+            + f"), {d.get('tokens_saved_per_row')} tokens fewer a row; val_acc is agreement with the teacher's "
             "answers, val_loss the KL to it",
         )
     ]
@@ -210,3 +211,19 @@ def report_tuned(results: list, as_json: bool, quiet: bool, verb: str = "tuned")
             f"(best at step {r.best_step} of {r.steps}), {r.seconds:.0f} s; saved {r.path}",
             quiet,
         )
+
+
+def show_eval(result: dict[str, Any]) -> None:
+    """lm-eval's metrics, a row per task and metric (`--json` puts the whole result on stdout instead)."""
+    from rich.table import Table
+
+    table = Table("task", "metric", "value", "stderr", "docs", title=f"lm-evaluation-harness: {result['tag']!r}")
+    for task, metrics in sorted(result["results"].items()):
+        docs = result["n_samples"].get(task, {}).get("effective", "")
+        for key, value in sorted(metrics.items()):
+            name, _, _ = key.partition(",")
+            if name == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            spread = metrics.get(key.replace(name, f"{name}_stderr", 1))
+            table.add_row(task, name, f"{value:.4f}", f"{spread:.4f}" if isinstance(spread, float) else "-", str(docs))
+    err.print(table)

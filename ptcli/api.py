@@ -120,6 +120,7 @@ class Project:
         valid: str | Path | None = None,
         max_new_tokens: int = 16,
         top_k: int = 64,
+        temperature: float = 0.0,
         reporter: Reporter | None = None,
         resume: bool | str = False,
         overwrite: bool = False,
@@ -128,12 +129,13 @@ class Project:
     ) -> TuneResult:
         """Distill the `teacher` text into `tag`'s soft prompt from unlabelled `inputs` (jsonl: prompt_tag, text).
 
-        valid: held-out inputs (default: the last tenth of `inputs`, at most 200 rows). settings: TaskConfig fields
+        valid: held-out inputs (default: the last tenth of `inputs`, at most 200 rows). temperature > 0 samples the
+        teacher's answers on the training inputs (validation stays greedy). settings: TaskConfig fields
         (lr, max_steps, template, ...) over the recorded task's. See tuning/distill.py.
         """
         from ptcli.tuning.distill import Teaching, distill
 
-        teaching = Teaching(teacher, max_new_tokens, top_k)
+        teaching = Teaching(teacher, max_new_tokens, top_k, temperature)
         cfg = self.task_configs([tag], {**settings, "train": str(inputs), "valid": str(valid or inputs)})[tag]
         with project_lock(self.root, f"ptcli distill --tag {tag}") if is_main_process() else nullcontext():
             return distill(

@@ -117,6 +117,28 @@ def test_a_student_that_is_the_teacher_text_has_kl_zero(family) -> None:
         assert float(per.abs().max()) < 1e-5
 
 
+def test_a_sampling_teacher_answers_reproducibly_and_keeps_its_distributions(family) -> None:
+    """--temperature: the same seed gives the same answers, a cold teacher is the greedy one, and the kept
+    distributions are the teacher's own along the sampled answers (a student that is the teacher: KL 0)."""
+    name, _, model, tok = family
+    t_ids = teacher_ids(tok, TEACHER)
+    teacher, prompt = Layout(tok, "prefix", len(t_ids)), teacher_prompt(model, t_ids)
+    contexts = [teacher.context(t) for t in tok(TEXTS * 3, add_special_tokens=False).input_ids]
+
+    def answers(temperature: float, seed: int) -> list[list[int]]:
+        return [s.targets for s in ask(model, tok, prompt, contexts, 4, 0, 3, temperature, seed)]
+
+    greedy = answers(0.0, 0)
+    assert answers(1.0, 7) == answers(1.0, 7) and answers(1e-6, 7) == greedy
+    if name in FAST:  # families that react to their input (see above): a hot teacher says other things
+        assert answers(3.0, 7) != greedy and answers(3.0, 7) != answers(3.0, 8)
+    said = ask(model, tok, prompt, contexts, 4, 5, 3, 3.0, 7)
+    logp = said_logprobs(model, prompt, contexts, [s.targets for s in said], 0)  # the teacher as its own student
+    ids = torch.cat([s.ids for s in said if s.ids is not None])
+    per = kl(logp, ids, torch.cat([s.logp for s in said]), torch.cat([s.rest for s in said]))
+    assert float(per.abs().max()) < 1e-5
+
+
 # ---------------------------------------------------------------- the command, end to end
 
 
@@ -329,3 +351,19 @@ def test_two_processes_reach_the_one_process_prompt(setup_dir: Path, tmp_path: P
     assert (a - b).abs().max().item() < 1e-5
     _, meta = bank.get(proj.load(double), "sent")
     assert meta.world_size == 2 and meta.distilled is not None
+
+
+def test_a_sampling_teacher_is_recorded_and_validated_greedily(setup_dir: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(setup_dir, tmp_path / "d"))
+    args = ["distill", "--tag", "sent", "--from-file", root / "teacher.txt", "--inputs", root / "inputs.jsonl", *ARGS]
+    args += ["--max-steps", 2, "--val-check-interval", 2, "-p", root / "p"]
+    err = failed(cli(*args, "--temperature", -1), 2)
+    assert "--temperature must be 0 (greedy) or more, got -1" in err
+    ok(result := cli(*args, "--temperature", 1.5, "--json"))
+    out = json.loads(result.stdout)
+    assert out["initial_metrics"]["val_acc"] == 1.0  # held-out rows: the greedy teacher, which the student is
+    _, meta = bank.get(proj.load(root / "p"), "sent")
+    assert meta.distilled is not None and meta.distilled["temperature"] == 1.5
+    assert meta.inputs is not None and meta.inputs["temperature"] == 1.5  # a resume at another one is refused
+    ok(shown := cli("show", "sent", "-p", root / "p"))
+    assert "sampled at temperature 1.5" in shown.stderr

@@ -64,6 +64,15 @@ TopK = Annotated[
     ),
 ]
 
+Temperature = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        help="Sample the teacher's answers on the inputs at this temperature (seeded by --seed); 0 takes its greedy "
+        "answers. Held-out rows are always answered greedily: agreement is scored against those.",
+    ),
+]
+
 
 def teacher_text(from_text: str | None, from_file: Path | None) -> str:
     """The teacher text from exactly one of --from-text and --from-file."""
@@ -89,6 +98,7 @@ def distill(
     valid: Valid = None,
     max_new_tokens: MaxNew = 16,
     top_k: TopK = 64,
+    temperature: Temperature = 0.0,
     resume: opt.Resume = False,
     auto_resume: opt.AutoResume = False,
     overwrite: opt.Overwrite = False,
@@ -124,6 +134,7 @@ def distill(
             valid=valid,
             max_new_tokens=max_new_tokens,
             top_k=top_k,
+            temperature=temperature,
             reporter=TuneReporter(tag, quiet or not is_main_process()),
             resume="auto" if auto_resume else resume,
             overwrite=overwrite,

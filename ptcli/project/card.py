@@ -143,7 +143,8 @@ def _distilled(record: PromptRecord) -> list[str]:
         return []
     return [
         f"| distilled | from a {d.get('teacher_tokens')}-token text (sha256 `{str(d.get('teacher_sha256'))[:12]}`) "
-        f"with `ptcli distill`: {d.get('tokens_saved_per_row')} tokens fewer a row; the train data is unlabelled "
+        + (f"answered at temperature {d['temperature']} " if d.get("temperature") else "")
+        + f"with `ptcli distill`: {d.get('tokens_saved_per_row')} tokens fewer a row; the train data is unlabelled "
         "inputs, and validation measures agreement with the teacher |"
     ]
 

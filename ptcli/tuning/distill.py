@@ -50,6 +50,7 @@ class Teaching:
     text: str  # --from-text, or the contents of --from-file
     max_new_tokens: int = 16  # --max-new-tokens
     top_k: int = 64  # --top-k (0: the whole vocabulary)
+    temperature: float = 0.0  # --temperature: sample the teacher's training answers (0: greedy)
 
     def __post_init__(self) -> None:
         if not self.text.strip():
@@ -58,6 +59,8 @@ class Teaching:
             raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be 0 (the whole vocabulary) or more, got {self.top_k}")
+        if not self.temperature >= 0:
+            raise UsageError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
 
     @property
     def sha256(self) -> str:
@@ -65,7 +68,8 @@ class Teaching:
 
     def inputs(self) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one besides data and settings."""
-        return {"teacher sha256": self.sha256, "max new tokens": self.max_new_tokens, "top k": self.top_k}
+        asked = {"teacher sha256": self.sha256, "max new tokens": self.max_new_tokens, "top k": self.top_k}
+        return asked | ({"temperature": self.temperature} if self.temperature else {})  # greedy runs: as before
 
 
 def read_inputs(cfg: TaskConfig, tag: str) -> Splits:
@@ -200,6 +204,8 @@ def teach(
             teaching.max_new_tokens,
             teaching.top_k,
             cfg.batch_size,
+            teaching.temperature if split == "train" else 0.0,  # agreement is scored against greedy answers
+            cfg.seed,
         )
         contexts = [student.context(t) for t in texts]
         enc[split] = Encoded(
@@ -224,6 +230,7 @@ def _recorded(teaching: Teaching, teacher_tokens: int, project: ProjectDir) -> C
             "tokens_saved_per_row": teacher_tokens - project.num_prompt_tokens,
             "max_new_tokens": teaching.max_new_tokens,
             "top_k": teaching.top_k,
+            "temperature": teaching.temperature,
             "metrics": "val_acc: greedy answers equal to the teacher's; val_loss: mean KL to the teacher",
         }
         return record

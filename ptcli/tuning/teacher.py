@@ -3,7 +3,8 @@
 The teacher text's token embeddings stand where the soft prompt's vectors stand, so the teacher
 runs on the very path the student runs on (the shared-prompt fast path, templates and all): a
 student whose prompt is the teacher text's embeddings *is* the teacher. For each row the teacher
-answers greedily (up to --max-new-tokens, then end of sequence when it stops) and its next-token
+answers greedily, or sampled with --temperature T > 0 (up to --max-new-tokens, then end of sequence
+when it stops; validation rows are always answered greedily, as agreement is scored) and its next-token
 distribution at each of those positions is kept: the `top_k` likeliest tokens and the probability
 left outside them, or the whole vocabulary with --top-k 0. The student is trained on the KL
 divergence between those distributions, bucketed alike (`kl`): the top k tokens and one bucket for
@@ -25,8 +26,8 @@ from ptcli.lm.forward import labelled_hidden
 class Said:
     """What the teacher said after one row: its continuation, the answer text, its distributions along it."""
 
-    targets: list[int]  # greedy tokens, then eos when the teacher stopped within --max-new-tokens
-    text: str  # the greedy tokens decoded and stripped: the answer `ptcli infer` would give
+    targets: list[int]  # its tokens (greedy, or sampled), then eos when the teacher stopped within --max-new-tokens
+    text: str  # those tokens decoded and stripped: greedy, the answer `ptcli infer` would give
     ids: torch.Tensor | None  # (n, k) the top-k token ids at each target position; None: the whole vocabulary
     logp: torch.Tensor  # (n, k) their log-probabilities (n, V with the whole vocabulary)
     rest: torch.Tensor  # (n,) log-probability outside the top k (-inf with the whole vocabulary)
@@ -89,14 +90,21 @@ def ask(
     max_new: int,
     k: int,
     batch_size: int,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[Said]:
-    """The teacher's answer and distributions after every row; prompt: (P_t, H), contexts laid out for it."""
+    """The teacher's answer and distributions after every row; prompt: (P_t, H), contexts laid out for it.
+
+    temperature > 0 samples the answers (softmax of logits / temperature) instead of taking the greedy
+    ones, from a generator seeded by `seed` and the batch, so the same rows get the same answers again.
+    """
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths together
     out: list[Said | None] = [None] * len(contexts)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         batch = [contexts[i] for i in idx]
-        said = run_rows(model, tok, [prompt], batch, [0] * len(idx), max_new=max_new)
+        pick = _sampler(temperature, seed + s, prompt.device) if temperature > 0 else None
+        said = run_rows(model, tok, [prompt], batch, [0] * len(idx), max_new=max_new, pick=pick)
         assert said.tokens is not None and said.texts is not None  # max_new >= 1
         targets = [t[0] + [tok.eos_token_id] * (len(t[0]) < max_new) for t in said.tokens]
         logp = said_logprobs(model, prompt, batch, targets, tok.pad_token_id)  # (N, V)
@@ -113,3 +121,14 @@ def ask(
             )
             at += n
     return [s for s in out if s is not None]
+
+
+def _sampler(temperature: float, seed: int, device):
+    """pick(logits (B, V)) -> (B,): one token per row from softmax(logits / temperature), reproducibly."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = (logits.float() / temperature).softmax(-1)  # (B, V)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+    return pick

@@ -180,3 +180,13 @@ def test_refusals(project: Path, tasks: Path) -> None:
         lm.generate_until(_instances("generate_until", [("x", {"do_sample": True})]))
     with pytest.raises(UsageError, match="rolling"):
         lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [("x",)]))
+
+
+def test_a_missing_harness_is_exit_2_with_the_extra(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError, as when not installed
+    monkeypatch.delitem(sys.modules, "ptcli.evaluation.harness", raising=False)
+    err = failed(cli("eval", "--tag", "sent", "--tasks", "x", "-p", project), 2)
+    assert "`ptcli eval` needs the lmeval extra (lm_eval is not installed)" in err
+    assert "pip install 'ptcli[lmeval]'" in err

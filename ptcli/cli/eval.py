@@ -50,7 +50,8 @@ def eval_(
         from ptcli.evaluation.harness import evaluate
     except ImportError as e:
         raise UsageError(
-            f"`ptcli eval` needs the lmeval extra ({e.name} is not installed)", hint="pip install 'ptcli[lmeval]'"
+            f"`ptcli eval` needs the lmeval extra ({(e.name or 'lm_eval').split('.')[0]} is not installed)",
+            hint="pip install 'ptcli[lmeval]'",
         ) from None
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:

@@ -207,6 +207,8 @@ def run_tag(tag: str, args: argparse.Namespace, work: Path) -> dict:
         args.val_every,
         "--lr",
         args.lr,
+        "--temperature",
+        args.temperature,
         "-p",
         student,
         "--json",
@@ -277,6 +279,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=6.0, help="distill's --max-minutes per tag")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--max-new", type=int, default=4, help="distill's --max-new-tokens, and infer's")
+    ap.add_argument("--temperature", type=float, default=0.0, help="distill's --temperature (0: greedy teacher)")
     ap.add_argument("--val-every", type=int, default=25)
     ap.add_argument("--test-rows", type=int, default=None, help="first N test rows of each tag (default: all)")
     ap.add_argument("--quick", action="store_true", help="one tag, 2 shots, 0.3 minutes, 8 test rows")

@@ -189,8 +189,11 @@ def test_kept_states_give_the_losses_of_recomputed_ones_and_the_choices_loss_is_
     spilled = FrozenStates(model, K, bound=1, spill=spill)  # past the bound, rows go to the run directory
     assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, spilled, K)[0], first[0])
     assert len(spilled.spilled) == len(rows.seqs) and spill.stat().st_size == spilled.spill_bytes > 0
-    assert torch.equal(batch_loss(model, prompts, rows, Loss.CHOICES, 0, spilled, K)[0], first[0])  # read back
-    assert spilled.computed == len(rows.seqs) + len(whole)  # the texts' keys and values do not spill: run again
+    # read back; the texts' keys and values do not spill, so they run again, in a batch of their own: a family
+    # whose experts sum in an order that depends on the batch's shape (gpt_oss) differs in the last float bits
+    again_spilled = batch_loss(model, prompts, rows, Loss.CHOICES, 0, spilled, K)[0]
+    torch.testing.assert_close(again_spilled, first[0], atol=1e-5, rtol=1e-6)
+    assert spilled.computed == len(rows.seqs) + len(whole)
     spilled.close()
     assert not spill.exists()
 

@@ -185,7 +185,8 @@ def test_refusals(project: Path, tasks: Path) -> None:
 def test_a_missing_harness_is_exit_2_with_the_extra(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError, as when not installed
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing any of them raises ImportError, as when not installed
     monkeypatch.delitem(sys.modules, "ptcli.evaluation.harness", raising=False)
     err = failed(cli("eval", "--tag", "sent", "--tasks", "x", "-p", project), 2)
     assert "`ptcli eval` needs the lmeval extra (lm_eval is not installed)" in err

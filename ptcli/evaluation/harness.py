@@ -28,11 +28,11 @@ from lm_eval.api.registry import register_model
 
 from ptcli import dist
 from ptcli.config import BaseOptions
-from ptcli.data.encode import answer_tokens
 from ptcli.enums import Backend, Mode
-from ptcli.errors import PtcliError, UsageError
+from ptcli.errors import UsageError
 from ptcli.inference.engine import Item, Prediction, Prompt
 from ptcli.inference.infer import open_engine, plan
+from ptcli.lm.answers import room
 from ptcli.project import bank
 from ptcli.project import manifest as proj
 
@@ -72,10 +72,12 @@ class PtcliLM(LM):
             if cont not in sets.setdefault(ctx, []):
                 sets[ctx].append(cont)
         contexts = list(sets)
-        tok = self.engine.tok
         ranked = [Item(self.prompt, c, Mode.RANK, 0, tuple(sets[c]), self.calibrated) for c in contexts]
-        longest = {c: max(map(len, answer_tokens(tok, sets[c]))) for c in contexts}  # tokens with eos: room to stop
-        greedy = [Item(self.prompt, c, Mode.GENERATE, longest[c]) for c in contexts]
+        longest: dict[tuple[str, ...], int] = {}  # answer set -> its longest candidate with eos: room to stop
+        for it in ranked:
+            if it.choices not in longest:  # tokenized once per answer set, not once per context
+                longest[it.choices] = room(self.engine.tok, Mode.RANK, 0, it.choices)
+        greedy = [Item(self.prompt, it.text, Mode.GENERATE, longest[it.choices]) for it in ranked]
         answers = self._answer(ranked + greedy)
         scores = {c: dict(zip(sets[c], a.scores)) for c, a in zip(contexts, answers)}
         said = {c: a.text for c, a in zip(contexts, answers[len(contexts) :])}
@@ -100,11 +102,7 @@ class PtcliLM(LM):
 
     def _answer(self, items: list[Item]) -> list[Prediction]:
         """Answers in item order, batched as `ptcli infer` batches (rows of one pass, sorted by length)."""
-        seqs = self.engine.rows(items)
-        for s in seqs:  # every row is checked before any is answered
-            if isinstance(s, PtcliError):
-                raise s
-        laid = [s for s in seqs if not isinstance(s, PtcliError)]
+        laid = self.engine.laid_out(items)
         out: dict[int, Prediction] = {}
         for idx in plan(self.engine, items, laid, self.batch_size):
             out.update(zip(idx, self.engine.run([items[i] for i in idx], [laid[i] for i in idx])))

@@ -24,7 +24,7 @@ import torch
 from ptcli.config import BaseOptions
 from ptcli.data.jsonl import Record
 from ptcli.enums import Mode
-from ptcli.errors import PtcliError, UsageError, unknown_tags
+from ptcli.errors import UsageError, unknown_tags
 from ptcli.inference.engine import Engine, Item, Prompt
 from ptcli.inference.infer import records_of
 from ptcli.lm.base import load_project_base
@@ -69,11 +69,7 @@ def embed(
     prompts = {t: Prompt.of(t, *bank.get(project, t)) for t in tags}
     items = [Item(prompts[r.tag], r.text, Mode.GENERATE, tokens_to_generate) for r in records]
     texts = tok([r.text for r in records], add_special_tokens=False).input_ids
-    seqs = engine.rows(items, texts)
-    for s in seqs:  # every row is checked before any is written
-        if isinstance(s, PtcliError):
-            raise s
-    laid = [s for s in seqs if not isinstance(s, PtcliError)]  # all of them
+    laid = engine.laid_out(items, texts)  # every row is checked before any is written
     return _rows(engine, records, items, laid, [len(t) for t in texts], tokens_to_generate)
 
 

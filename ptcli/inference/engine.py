@@ -132,6 +132,14 @@ class Engine:
             out.append(layout.context(t[-budget:]))  # texts cut from the left to fit
         return out
 
+    def laid_out(self, items: list[Item], texts: list[list[int]] | None = None) -> list[list[int]]:
+        """`rows` of every item, or the first row's error: every row is checked before any is answered."""
+        seqs = self.rows(items, texts)
+        for s in seqs:
+            if isinstance(s, PtcliError):
+                raise s
+        return [s for s in seqs if not isinstance(s, PtcliError)]  # all of them, as lists of ids
+
     @torch.inference_mode()
     def run(self, items: list[Item], seqs: list[list[int]]) -> list[Prediction]:
         """Answers for rows laid out by `rows`, in order: one pass per pass key."""

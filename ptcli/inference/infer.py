@@ -25,7 +25,7 @@ from ptcli import dist
 from ptcli.config import BaseOptions
 from ptcli.data.jsonl import Record, check_inference_row, read_jsonl
 from ptcli.enums import Backend, Mode
-from ptcli.errors import InputError, PtcliError, UsageError, unknown_tags
+from ptcli.errors import InputError, UsageError, unknown_tags
 from ptcli.inference.engine import Engine, Item, Prompt
 from ptcli.lm.base import load_project_base
 from ptcli.project import bank
@@ -92,11 +92,7 @@ def infer(
         )
         for r in records
     ]
-    seqs = engine.rows(items, tok([r.text for r in records], add_special_tokens=False).input_ids)
-    for s in seqs:  # every row is checked before any is answered
-        if isinstance(s, PtcliError):
-            raise s
-    laid = [s for s in seqs if not isinstance(s, PtcliError)]  # all of them, as lists of ids
+    laid = engine.laid_out(items, tok([r.text for r in records], add_special_tokens=False).input_ids)
     predictions: dict[int, str] = {}  # row index -> answer, for the rows of this process's batches
     for b, idx in enumerate(plan(engine, items, laid, batch_size)):
         if b % world == rank:  # process r answers batches r, r+N, ...: the plan one process would run

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ptcli.enums import Backend, Dtype, Init, Loss, Reparam, Tracker
+from ptcli.enums import Backend, Dtype, Init, LlamaWeights, Loss, Reparam, Tracker
 from ptcli.errors import UsageError
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -25,6 +25,11 @@ class BaseOptions:
     device_map: str | None = None  # --device-map (infer): accelerate's big-model placement, e.g. "auto"
     shard: bool = False  # --shard-base (tune): FSDP2 over the processes of a launched run
     engine: Backend = Backend.TORCH  # --engine (infer, serve): torch, or llama.cpp on the base's GGUF file
+    llama_weights: LlamaWeights = LlamaWeights.FILE  # --llama-weights: the GGUF's own types, or a re-encoding
+
+    def __post_init__(self) -> None:
+        if self.llama_weights != LlamaWeights.FILE and self.engine != Backend.LLAMACPP:
+            raise UsageError(f"--llama-weights {self.llama_weights} applies to --engine llama.cpp only")
 
 
 def _setting(help: str, default: Any, **cli: Any) -> Any:

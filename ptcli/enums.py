@@ -73,6 +73,17 @@ class Backend(Choice):
     LLAMACPP = "llama.cpp"
 
 
+class LlamaWeights(Choice):
+    """What weights --engine llama.cpp computes with (--llama-weights): the GGUF file's own types, or the file
+    re-encoded once by llama.cpp's own quantizer (bf16: fastest where the CPU has AVX512-BF16; f32: closest to
+    the torch path)."""
+
+    FILE = "file"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    F32 = "f32"
+
+
 class Tracker(Choice):
     """An experiment tracker of --log-with: the ones accelerate implements (`accelerate.utils.LoggerType`)."""
 

@@ -20,7 +20,7 @@ from ptcli import __version__
 from ptcli.cli import options as opt
 from ptcli.cli.options import handled, task_options
 from ptcli.config import BaseOptions, check_infer_flags, check_prompt_length, check_tag, check_tune_flags
-from ptcli.enums import Backend, Dtype
+from ptcli.enums import Backend, Dtype, LlamaWeights
 from ptcli.errors import PtcliError, UsageError
 
 app = typer.Typer(
@@ -159,6 +159,7 @@ def infer(
     batch_size: opt.InferBatch = 16,
     dtype: opt.DtypeOpt = Dtype.FLOAT32,
     engine: opt.EngineOpt = Backend.TORCH,
+    llama_weights: opt.LlamaWeightsOpt = LlamaWeights.FILE,
     device_map: opt.DeviceMap = None,
     devices: opt.InferDevices = 1,
     trust_remote_code: opt.TrustOpt = False,
@@ -191,7 +192,7 @@ def infer(
         calibrated=calibrate,
         tokens_to_generate=tokens_to_generate,
         batch_size=batch_size,
-        base=BaseOptions(dtype, trust_remote_code, device_map, engine=engine),
+        base=BaseOptions(dtype, trust_remote_code, device_map, engine=engine, llama_weights=llama_weights),
         status=lambda m: say(m, quiet or not is_main_process()),
     )
     if not is_main_process():

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ptcli.config import TaskConfig, flag_of
-from ptcli.enums import Backend, Dtype, Mode
+from ptcli.enums import Backend, Dtype, LlamaWeights, Mode
 from ptcli.errors import PtcliError
 
 ProjectOpt = Annotated[
@@ -123,6 +123,14 @@ EngineOpt = Annotated[
         "--engine",
         help="torch: ptcli's own forward. llama.cpp: the base's GGUF file in llama.cpp "
         "(pip install 'ptcli[llamacpp]'; prompts at the input only).",
+    ),
+]
+LlamaWeightsOpt = Annotated[
+    LlamaWeights,
+    typer.Option(
+        "--llama-weights",
+        help="--engine llama.cpp: the GGUF file's own types, or the file re-encoded once by llama.cpp "
+        "(bf16: fastest on CPUs with AVX512-BF16; f32: closest to torch).",
     ),
 ]
 InferDevices = Annotated[int, devices_flag("Processes (GPUs, or CPU workers) that share the rows; output as with one.")]

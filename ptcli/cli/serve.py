@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ptcli.cli.options import DtypeOpt, EngineOpt, ProjectOpt, QuietOpt, TrustOpt, handled
+from ptcli.cli.options import DtypeOpt, EngineOpt, LlamaWeightsOpt, ProjectOpt, QuietOpt, TrustOpt, handled
 from ptcli.config import BaseOptions
-from ptcli.enums import Backend, Dtype
+from ptcli.enums import Backend, Dtype, LlamaWeights
 from ptcli.errors import UsageError
 
 app = typer.Typer()  # cli/app.py copies this command onto its app
@@ -59,6 +59,7 @@ def serve(
     api_key: ApiKey = None,
     dtype: DtypeOpt = Dtype.FLOAT32,
     engine: EngineOpt = Backend.TORCH,
+    llama_weights: LlamaWeightsOpt = LlamaWeights.FILE,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -82,6 +83,6 @@ def serve(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         api_key=api_key,
-        base=BaseOptions(dtype, trust_remote_code, engine=engine),
+        base=BaseOptions(dtype, trust_remote_code, engine=engine, llama_weights=llama_weights),
     )
     run(proj.load(project), cfg, status=lambda m: say(m, quiet))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ptcli.config import BaseOptions
-from ptcli.enums import Dtype
+from ptcli.enums import Dtype, LlamaWeights
 from ptcli.errors import ModelError, UsageError
 from ptcli.project.manifest import ProjectDir
 
@@ -76,6 +76,44 @@ def check_fingerprint(project: ProjectDir, source: Path, status: Callable[[str],
             f"the base model at {project.base.ref!r} has changed since `ptcli init` (fingerprint mismatch)",
             hint="its prompts would not fit it; init a new project for the new weights",
         )
+
+
+FTYPES = {  # --llama-weights -> llama.cpp's llama_ftype
+    LlamaWeights.BF16: "LLAMA_FTYPE_MOSTLY_BF16",
+    LlamaWeights.Q8_0: "LLAMA_FTYPE_MOSTLY_Q8_0",
+    LlamaWeights.F32: "LLAMA_FTYPE_ALL_F32",
+}
+
+
+def weights_of(gguf: Path, source: Path, kind: LlamaWeights, status: Callable[[str], None]) -> Path:
+    """The GGUF llama.cpp loads for --llama-weights: the file itself, or its re-encoding by llama.cpp's quantizer,
+    made once and kept in the converted copy's folder (keyed by the file's path, size and mtime: a changed file
+    gets a new folder). The re-encoding is of the file's dequantized values, so it holds the weights the
+    fingerprint checked, rounded to `kind`."""
+    if kind == LlamaWeights.FILE:
+        return gguf
+    dest = source / f"ptcli-{kind}.gguf"
+    if dest.is_file():
+        return dest
+    import llama_cpp as L
+
+    status(f"re-encoding {gguf.name} as {kind} once (llama.cpp's quantizer); kept as {dest}")
+    L.llama_log_set(_QUIET, ctypes.c_void_p())
+    params = L.llama_model_quantize_default_params()
+    params.ftype = getattr(L, FTYPES[kind])
+    params.allow_requantize = True  # the file's blocks are dequantized, then written as `kind`
+    params.nthread = os.cpu_count() or 1
+    tmp = source / f".ptcli-{kind}-{os.getpid()}.gguf.tmp"
+    try:
+        if L.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise ModelError(
+                f"llama.cpp could not re-encode {gguf} as {kind}; nothing was kept",
+                hint=f"check the free space in {source}, or use --llama-weights file",
+            )
+        os.replace(tmp, dest)  # another process may have finished first: its copy is the same
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 class Context:

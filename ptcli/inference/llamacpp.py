@@ -26,7 +26,7 @@ from ptcli.config import BaseOptions
 from ptcli.enums import Mode
 from ptcli.errors import PtcliError, UsageError
 from ptcli.inference.engine import Engine, Item, Prediction
-from ptcli.inference.llama_context import MAX_SEQ, Context, check_engine, check_fingerprint
+from ptcli.inference.llama_context import MAX_SEQ, Context, check_engine, check_fingerprint, weights_of
 from ptcli.lm.answers import CONTENT_FREE, means, vote
 from ptcli.lm.batch import Step
 from ptcli.project.manifest import ProjectDir
@@ -280,8 +280,9 @@ def load_engine(
     gguf = check_engine(project, base, world)
     source = Path(resolve(project.base.ref, status))  # the converted copy: its tokenizer and its fingerprint
     check_fingerprint(project, source, status)
+    weights = weights_of(gguf, source, base.llama_weights, status)
     tok = AutoTokenizer.from_pretrained(source)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    status(f"answering with llama.cpp on {gguf}")
-    return LlamaCppEngine(tok, gguf)
+    status(f"answering with llama.cpp on {weights}")
+    return LlamaCppEngine(tok, weights)

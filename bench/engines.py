@@ -1,4 +1,4 @@
-"""The torch path against `--engine llama.cpp`: the same bank, the same rows, the same batches.
+"""The torch path against `--engine llama.cpp` (its GGUF file, and `--llama-weights bf16`): same bank, rows, batches.
 
     python bench/engines.py                    # tunes the prompts (~10 min), runs; bench/results/engines.json
     python bench/engines.py --project DIR      # a project that already holds the tags below
@@ -8,10 +8,10 @@ The project is the default base with four prompts tuned briefly (`--max-minutes`
 tasks `reviews` and `topic` (examples/data) and SST2 and RTE (their train files less 64 rows kept
 for validation). Agreement only needs prompts that steer the model, not the best prompts. Each
 (engine, file) is one worker process: it loads the engine, answers the file in the plan `ptcli
-infer` makes (rows of a pass sorted by length, batches of --batch-size, both engines alike), and
+infer` makes (rows of a pass sorted by length, batches of --batch-size, every engine alike), and
 reports rows/s over the answering alone, the load time and its peak RSS. Files: the example test
 file (mixed tags), SST-2's val_sentences and RTE's val, in each tag's default mode (rank), and
-the example file in generate mode. Agreement is the share of rows whose answers are identical.
+the example file in generate mode. Agreement is the share of rows whose answers are the torch path's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import datadir
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "data"
-ENGINES = ("torch", "llama.cpp")
+ENGINES = ("torch", "llama.cpp", "llama.cpp-bf16")  # llama.cpp on the GGUF file, and on its bf16 re-encoding
 
 
 def files(data: Path) -> dict[str, tuple[Path, str]]:
@@ -76,7 +75,7 @@ def setup(root: Path, data: Path, minutes: float) -> None:
 def worker(engine: str, project: Path, path: Path, mode: str, batch_size: int, out: Path) -> None:
     """One engine on one file, timed as `ptcli infer` answers it (the plan of infer.infer)."""
     from ptcli.config import BaseOptions
-    from ptcli.enums import Backend, Mode
+    from ptcli.enums import Backend, LlamaWeights, Mode
     from ptcli.inference.engine import Item, Prompt
     from ptcli.inference.infer import open_engine, plan, records_of, tag_modes
     from ptcli.project import bank
@@ -84,7 +83,9 @@ def worker(engine: str, project: Path, path: Path, mode: str, batch_size: int, o
 
     p = proj.load(project)
     t0 = time.perf_counter()
-    eng = open_engine(p, BaseOptions(engine=Backend(engine)), 1, "cpu", lambda _: None)
+    name, _, weights = engine.partition("-")
+    base = BaseOptions(engine=Backend(name), llama_weights=LlamaWeights(weights or "file"))
+    eng = open_engine(p, base, 1, "cpu", lambda _: None)
     loaded = time.perf_counter() - t0
     records = records_of(path)
     modes = tag_modes(p, sorted({r.tag for r in records}), mode, None)
@@ -98,25 +99,34 @@ def worker(engine: str, project: Path, path: Path, mode: str, batch_size: int, o
     seconds = time.perf_counter() - t0
     predictions = [answers[i] for i in range(len(records))]
     correct = sum(pr == (r.answer or "").strip() for pr, r in zip(predictions, records))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    peak = peak_rss_mib()
     result = {"rows": len(records), "seconds": seconds, "rows_per_s": len(records) / seconds, "load_s": loaded}
     result.update(accuracy=correct / len(records), peak_rss_mib=peak, predictions=predictions)
     out.write_text(json.dumps(result))
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries it over from the parent across fork and exec,
+    so a worker would report at least its parent's size (the llama.cpp rows of 2026-12-02 did: 691-709 MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def table(results: dict) -> str:
     lines = [
-        "| rows | mode | n | agreement | torch acc | llama.cpp acc | torch rows/s | llama.cpp rows/s | "
-        "torch peak RSS MiB | llama.cpp peak RSS MiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rows | mode | n | engine | agreement with torch | accuracy | rows/s | peak RSS MiB |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results["runs"].items():
-        t, lc = r["torch"], r["llama.cpp"]
-        lines.append(
-            f"| {name.removesuffix('_generate')} | {r['mode']} | {t['rows']} | {r['agreement']:.3f} | "
-            f"{t['accuracy']:.3f} | {lc['accuracy']:.3f} | {t['rows_per_s']:.1f} | {lc['rows_per_s']:.1f} | "
-            f"{t['peak_rss_mib']:.0f} | {lc['peak_rss_mib']:.0f} |"
-        )
+        for engine in [e for e in ENGINES if e in r]:
+            e = r[engine]
+            agree = "" if engine == "torch" else f"{r['agreement'][engine]:.3f}"
+            lines.append(
+                f"| {name.removesuffix('_generate')} | {r['mode']} | {e['rows']} | {engine} | {agree} | "
+                f"{e['accuracy']:.3f} | {e['rows_per_s']:.1f} | {e['peak_rss_mib']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -142,11 +152,12 @@ def main() -> None:
     import llama_cpp  # noqa: F401  (the extra must be there before the runs)
 
     from ptcli.config import BaseOptions
-    from ptcli.enums import Backend
+    from ptcli.enums import Backend, LlamaWeights
     from ptcli.inference.infer import open_engine
     from ptcli.project import manifest as proj
 
-    open_engine(proj.load(root), BaseOptions(engine=Backend.LLAMACPP), 1, "cpu", print)  # fingerprinted once, here
+    bf16 = BaseOptions(engine=Backend.LLAMACPP, llama_weights=LlamaWeights.BF16)
+    open_engine(proj.load(root), bf16, 1, "cpu", print)  # fingerprinted and re-encoded once, here, not in a timed run
     runs = {}
     for name, (path, mode) in files(data).items():
         got = {}
@@ -155,8 +166,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--batch-size", str(args.batch_size), "--worker", engine, str(root)]
             subprocess.run([*cmd, str(path), mode, str(out)], check=True, env={**os.environ})
             got[engine] = json.loads(out.read_text())
-        a, b = got["torch"].pop("predictions"), got["llama.cpp"].pop("predictions")
-        runs[name] = {"mode": mode, "agreement": sum(x == y for x, y in zip(a, b)) / len(a), **got}
+        said = {e: got[e].pop("predictions") for e in ENGINES}
+        agreement = {e: sum(x == y for x, y in zip(said["torch"], said[e])) / len(said[e]) for e in ENGINES[1:]}
+        runs[name] = {"mode": mode, "agreement": agreement, **got}
         print(name, json.dumps(runs[name]), flush=True)
     import platform
 

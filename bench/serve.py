@@ -16,8 +16,8 @@ while the request was in flight (before, after the first overwrite, after the se
 dropped tag must answer until its removal and 404 after it; the server's VmRSS is sampled.
 Reports requests/s, p50/p95 latency, 5xx, mismatches, 404s after removal, RSS start/end.
 
-Section engines: the batching server with `--engine torch` and with `--engine llama.cpp`, 1, 8 and
-32 clients each, and each server's peak RSS (VmHWM).
+Section engines: the batching server with `--engine torch`, `--engine llama.cpp` and `--engine llama.cpp
+--llama-weights bf16`, 1, 8 and 32 clients each, and each server's peak RSS (VmHWM).
 
     python bench/serve.py                         # full run (~4 min on 2 cores), writes bench/results/serve.json
     python bench/serve.py --sections under-change # adds the under-change row to bench/results/serve.json
@@ -346,18 +346,22 @@ def batching(root: Path, texts: list[tuple[str, str]], seconds: float, max_token
 
 
 def engines(root: Path, texts: list[tuple[str, str]], seconds: float, max_tokens: int) -> list[dict]:
-    """Section engines: a batching server per engine (torch, llama.cpp), 1, 8 and 32 clients, its peak RSS."""
+    """Section engines: a batching server per engine (torch, llama.cpp on the GGUF file and on its bf16
+    re-encoding), 1, 8 and 32 clients, its peak RSS."""
     one = root.parent / "one-row.jsonl"
     one.write_text(json.dumps({"prompt_tag": texts[0][0], "text": texts[0][1]}) + "\n")
-    # llama.cpp's first load fingerprints the base once, through torch; not the peak RSS of the server measured
+    # llama.cpp's first load fingerprints the base once, through torch, and re-encodes it as bf16 once: neither
+    # counts in the peak RSS of the servers measured
     subprocess.run(
-        [sys.executable, "-m", "ptcli", "infer", str(one), "-p", str(root), "--engine", "llama.cpp", "-q"],
+        [sys.executable, "-m", "ptcli", "infer", str(one), "-p", str(root), "--engine", "llama.cpp", "-q"]
+        + ["--llama-weights", "bf16"],
         check=True,
         stdout=subprocess.DEVNULL,
     )
     runs: list[dict] = []
-    for engine in ("torch", "llama.cpp"):
-        server = Server(root, [*SETTINGS["on"], "--engine", engine])
+    for engine in ("torch", "llama.cpp", "llama.cpp-bf16"):
+        name, _, weights = engine.partition("-")
+        server = Server(root, [*SETTINGS["on"], "--engine", name, *(["--llama-weights", weights] if weights else [])])
         mine = []
         try:
             load(server, texts, 4, 0.0, max_tokens)  # warm up: one request per client

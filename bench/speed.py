@@ -163,33 +163,69 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     }
 
 
-def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
+INFER_TOOLS = ("ptcli", "ptcli-llama.cpp", "ptcli-llama.cpp-bf16", "peft")  # torch, llama.cpp on the GGUF, PEFT
+
+
+def text_prompt(source: Path, tok, text: str, P: int):
+    """(P, H): the embedding rows of `text`'s tokens, tiled to P, read from the converted base's safetensors (every
+    tool gets the same prompts, and a llama.cpp worker loads no torch model for them)."""
     import torch
+    from safetensors import safe_open
+
+    ids = tok(text, add_special_tokens=False).input_ids
+    with safe_open(str(source / "model.safetensors"), "pt") as f:
+        table = f.get_slice("model.embed_tokens.weight")
+        return torch.cat([table[i : i + 1] for i in (ids * P)[:P]])
+
+
+def infer_engine(tool: str, tok, source: Path):
+    """ptcli's engine for `tool`: the torch path, or llama.cpp on the GGUF file (or its bf16 re-encoding)."""
+    from ptcli.enums import LlamaWeights
+    from ptcli.inference.engine import Engine
+    from ptcli.lm.base import default_gguf, load_base
+
+    if tool == "ptcli":
+        return Engine(*load_base("default"))
+    from ptcli.inference.llama_context import weights_of
+    from ptcli.inference.llamacpp import LlamaCppEngine
+
+    kind = LlamaWeights.BF16 if tool.endswith("-bf16") else LlamaWeights.FILE
+    return LlamaCppEngine(tok, weights_of(default_gguf(), source, kind, lambda m: print(m, file=sys.stderr)))
+
+
+def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
+    """Greedy answers of mixed SST2 and RTE rows. Every tool batches the same way: each tag's rows sorted by
+    length, in batches of `batch` (ptcli's plan mixes tags in a batch, PEFT runs one adapter at a time)."""
+    import torch
+    from transformers import AutoTokenizer
 
     from ptcli.enums import Mode
-    from ptcli.inference.engine import Engine, Item, Prompt
+    from ptcli.inference.engine import Item, Prompt
     from ptcli.inference.infer import plan
-    from ptcli.lm.base import load_base
+    from ptcli.lm.base import DEFAULT_REF, resolve
     from ptcli.project.record import PromptRecord
-    from ptcli.tuning.soft_prompt import init_prompt
 
-    model, tok = load_base("default")
+    source = Path(resolve(DEFAULT_REF, lambda _: None))
+    tok = AutoTokenizer.from_pretrained(source)
     tags = {"SST2": "positive negative", "RTE": "True False"}
     rows = [r for task in tags for r in load_rows(task, "val", n_per_tag)]
     rows = [rows[i] for i in sorted(range(len(rows)), key=lambda i: (i * 7919) % len(rows))]  # mixed order
-    prompts = {t: init_prompt(model, tok, prompt_len, "text", txt, 0) for t, txt in tags.items()}
+    prompts = {t: text_prompt(source, tok, txt, prompt_len) for t, txt in tags.items()}
     texts = tok([r["text"] for r in rows], add_special_tokens=False).input_ids
-    t0 = time.perf_counter()
-    if tool == "ptcli":  # `ptcli infer`'s path: both tags in length-sorted mixed batches, through the engine
-        engine, record = Engine(model, tok), PromptRecord(config={"max_seq_length": 512})
+    if tool.startswith("ptcli"):  # `ptcli infer`'s path: both tags in length-sorted mixed batches, through the engine
+        engine, record = infer_engine(tool, tok, source), PromptRecord(config={"max_seq_length": 512})
         loaded = {t: Prompt(t, p.unsqueeze(0), record) for t, p in prompts.items()}
         items = [Item(loaded[r["prompt_tag"]], r["text"], Mode.GENERATE, new_tokens) for r in rows]
         seqs = engine.rows(items, texts)
+        t0 = time.perf_counter()
         for idx in plan(engine, items, seqs, batch):
             engine.run([items[i] for i in idx], [seqs[i] for i in idx])
     else:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
+        from ptcli.lm.base import load_base
+
+        model, tok = load_base("default")
         pm = get_peft_model(
             model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len), adapter_name="SST2"
         )
@@ -198,10 +234,11 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
             with torch.no_grad():
                 pm.prompt_encoder[tag].embedding.weight.copy_(prompts[tag])
         tok.padding_side = "left"
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            for tag in tags:  # PEFT: one adapter at a time, in file order within the tag
+            for tag in tags:  # PEFT: one adapter at a time, the tag's rows sorted by length as ptcli's plan sorts
                 pm.set_adapter(tag)
-                idx = [i for i, r in enumerate(rows) if r["prompt_tag"] == tag]
+                idx = sorted((i for i, r in enumerate(rows) if r["prompt_tag"] == tag), key=lambda i: len(texts[i]))
                 for s in range(0, len(idx), batch):
                     enc = tok(
                         [rows[i]["text"] for i in idx[s : s + batch]],
@@ -278,12 +315,15 @@ def main() -> None:
         "--sections",
         nargs="+",
         default=["all"],
-        choices=["all", "late"],
-        help="late: only the late-prompt rows, merged into --out's other results",
+        choices=["all", "late", "infer"],
+        help="late, infer: only the late-prompt or the inference rows, merged into --out's other results",
     )
+    ap.add_argument("--infer-table", action="store_true", help="print --out's inference rows as docs show them")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     datadir.add_flag(ap)
     args = ap.parse_args()
+    if args.infer_table:
+        return print(infer_table(json.loads(args.out.read_text())), end="")
     global DATA
     needs = (
         [] if args.worker else ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/train.jsonl", "RTE/val.jsonl"]
@@ -343,7 +383,10 @@ def main() -> None:
     if "all" not in args.sections:
         if args.out.exists():
             results = {**json.loads(args.out.read_text()), **{k: results[k] for k in ("machine", "date", "batch")}}
-        late_rows(train, results)
+        if "late" in args.sections:
+            late_rows(train, results)
+        if "infer" in args.sections:
+            infer_rows(args.quick, reps, args.batch, results, rows)
         rows_done(rows, results, args.out)
         return
     late_rows(train, results)
@@ -354,22 +397,63 @@ def main() -> None:
         tps = train(f"{task} P=20", f"layout_{task}", ("ptcli", "ptcli-suffix", "peft"), 20, task)
         results[f"suffix_vs_prefix_ratio_{task}"] = tps["ptcli-suffix"] / tps["ptcli"]
         results[f"suffix_vs_peft_ratio_{task}"] = tps["ptcli-suffix"] / tps["peft"]
-    infer_P = 20 if args.quick else 100
-    n_per_tag = 16 if args.quick else 48
-    inf: dict[str, list[float]] = {"ptcli": [], "peft": []}
-    for _ in range(reps):
-        for tool in ("ptcli", "peft"):
-            r = run_worker("infer", tool, str(infer_P), str(n_per_tag), str(args.batch), "3")
-            inf[tool].append(r["examples"] / r["seconds"])
-    for tool, xs in inf.items():
-        results[f"infer_p{infer_P}_{tool}_examples_per_s"] = statistics.median(xs)
-        rows.append((f"infer P={infer_P} mixed", tool, f"{statistics.median(xs):.1f} ex/s", "", "", ""))
-    results[f"infer_ratio_p{infer_P}"] = statistics.median(inf["ptcli"]) / statistics.median(inf["peft"])
+    infer_rows(args.quick, reps, args.batch, results, rows)
     P0 = lengths[-1]
     results["train_peak_fraction"] = results[f"train_p{P0}_ptcli"]["flops_fraction"]
     results["rss_ratio"] = results[f"train_p{P0}_ptcli"]["peak_rss_mb"] / results[f"train_p{P0}_peft"]["peak_rss_mb"]
     results["list_tags_seconds"] = list_tags_seconds()
     rows_done(rows, results, args.out)
+
+
+def infer_rows(quick: bool, reps: int, batch: int, results: dict, rows: list) -> None:
+    """Mixed-tag greedy inference, every tool of INFER_TOOLS alternating `reps` times: examples/s and peak RSS."""
+    import importlib.util
+
+    P, n_per_tag = (20, 16) if quick else (100, 48)
+    tools = [t for t in INFER_TOOLS if "llama.cpp" not in t or importlib.util.find_spec("llama_cpp")]
+    if len(tools) < len(INFER_TOOLS):
+        print("llama-cpp-python is not installed (pip install 'ptcli[llamacpp]'): no llama.cpp rows", file=sys.stderr)
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+    for _ in range(reps):
+        for tool in tools:
+            runs[tool].append(run_worker("infer", tool, str(P), str(n_per_tag), str(batch), "3"))
+    speed = {}
+    for tool, rs in runs.items():
+        speed[tool] = statistics.median(r["examples"] / r["seconds"] for r in rs)
+        rss = max(r["peak_rss_mb"] for r in rs)
+        results[f"infer_p{P}_{tool}_examples_per_s"] = speed[tool]
+        results[f"infer_p{P}_{tool}_peak_rss_mb"] = rss
+        rows.append((f"infer P={P} mixed", tool, f"{speed[tool]:.1f} ex/s", "", f"{rss:,.0f} MB", ""))
+    results[f"infer_ratio_p{P}"] = speed["ptcli"] / speed["peft"]
+    for tool in tools[1:-1]:  # the llama.cpp ones
+        name = tool.removeprefix("ptcli-").replace(".", "").replace("-", "_")
+        results[f"infer_{name}_vs_torch_ratio_p{P}"] = speed[tool] / speed["ptcli"]
+        results[f"infer_{name}_vs_torch_rss_ratio_p{P}"] = (
+            results[f"infer_p{P}_{tool}_peak_rss_mb"] / results[f"infer_p{P}_ptcli_peak_rss_mb"]
+        )
+
+
+def infer_table(results: dict) -> str:
+    """The mixed-tag inference rows of `results` as docs/benchmarks.md shows them."""
+    P = 100 if "infer_p100_ptcli_examples_per_s" in results else 20
+    torch_speed, torch_rss = results[f"infer_p{P}_ptcli_examples_per_s"], results[f"infer_p{P}_ptcli_peak_rss_mb"]
+    lines = [
+        f"| P={P}, greedy, 3 tokens | examples/s | peak RSS | speed against the torch path | RSS against it |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for tool in [t for t in INFER_TOOLS if f"infer_p{P}_{t}_examples_per_s" in results]:
+        speed, rss = results[f"infer_p{P}_{tool}_examples_per_s"], results[f"infer_p{P}_{tool}_peak_rss_mb"]
+        ratios = f"{speed / torch_speed:.2f}x | {rss / torch_rss:.2f}x"
+        lines.append(f"| {INFER_NAMES[tool]} | {speed:.1f} | {rss:,.0f} MB | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
+INFER_NAMES = {
+    "ptcli": "ptcli, torch",
+    "ptcli-llama.cpp": "ptcli, llama.cpp (the GGUF file)",
+    "ptcli-llama.cpp-bf16": "ptcli, llama.cpp (`--llama-weights bf16`)",
+    "peft": "PEFT",
+}
 
 
 def late_rows(train, results: dict) -> None:

@@ -36,6 +36,8 @@ def test_speed_bench_quick_configuration_runs(tmp_path, monkeypatch, default_cac
         "list_tags_seconds",
         "suffix_vs_prefix_ratio_RTE",
         "suffix_vs_peft_ratio_SST2",
+        "infer_llamacpp_vs_torch_ratio_p20",
+        "infer_llamacpp_bf16_vs_torch_rss_ratio_p20",
     ):
         assert results[key] > 0, key
     assert "train_ratio_p20" in r.stdout  # the table is printed
@@ -165,6 +167,14 @@ def test_the_docs_table_of_serving_under_change_is_the_committed_json() -> None:
     assert r.stdout.count("\n") == 3 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
 
 
+def test_the_docs_table_of_inference_engines_is_the_committed_json() -> None:
+    """docs/benchmarks.md shows bench/results/speed.json's mixed-tag inference rows as `speed.py --infer-table` does."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "speed.py"), "--infer-table"], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.count("\n") == 6 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+
+
 def test_engines_table_in_the_docs_is_the_committed_json() -> None:
     """docs/engines.md shows bench/results/engines.json as `engines.py --table` renders it."""
     r = subprocess.run(
@@ -178,7 +188,7 @@ def test_engines_table_in_the_docs_is_the_committed_json() -> None:
         text=True,
         check=True,
     )
-    assert r.stdout.count("\n") == 8 and all(f"  {line}" in doc for line in r.stdout.splitlines())
+    assert r.stdout.count("\n") == 11 and all(f"  {line}" in doc for line in r.stdout.splitlines())
 
 
 def test_distill_bench_quick_configuration_runs(default_cache):

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import datadir
+from speed import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "data"
@@ -99,19 +100,12 @@ def worker(engine: str, project: Path, path: Path, mode: str, batch_size: int, o
     seconds = time.perf_counter() - t0
     predictions = [answers[i] for i in range(len(records))]
     correct = sum(pr == (r.answer or "").strip() for pr, r in zip(predictions, records))
-    peak = peak_rss_mib()
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec, so a worker
+    # reported at least its parent's size (the llama.cpp rows of 2026-12-02 did: 691-709 MiB)
+    peak = peak_rss_mb()
     result = {"rows": len(records), "seconds": seconds, "rows_per_s": len(records) / seconds, "load_s": loaded}
     result.update(accuracy=correct / len(records), peak_rss_mib=peak, predictions=predictions)
     out.write_text(json.dumps(result))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries it over from the parent across fork and exec,
-    so a worker would report at least its parent's size (the llama.cpp rows of 2026-12-02 did: 691-709 MiB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def table(results: dict) -> str:

@@ -164,6 +164,12 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
 
 
 INFER_TOOLS = ("ptcli", "ptcli-llama.cpp", "ptcli-llama.cpp-bf16", "peft")  # torch, llama.cpp on the GGUF, PEFT
+INFER_NAMES = {
+    "ptcli": "ptcli, torch",
+    "ptcli-llama.cpp": "ptcli, llama.cpp (the GGUF file)",
+    "ptcli-llama.cpp-bf16": "ptcli, llama.cpp (`--llama-weights bf16`)",
+    "peft": "PEFT",
+}
 
 
 def text_prompt(source: Path, tok, text: str, P: int):
@@ -425,7 +431,7 @@ def infer_rows(quick: bool, reps: int, batch: int, results: dict, rows: list) ->
         results[f"infer_p{P}_{tool}_peak_rss_mb"] = rss
         rows.append((f"infer P={P} mixed", tool, f"{speed[tool]:.1f} ex/s", "", f"{rss:,.0f} MB", ""))
     results[f"infer_ratio_p{P}"] = speed["ptcli"] / speed["peft"]
-    for tool in tools[1:-1]:  # the llama.cpp ones
+    for tool in [t for t in tools if "llama.cpp" in t]:
         name = tool.removeprefix("ptcli-").replace(".", "").replace("-", "_")
         results[f"infer_{name}_vs_torch_ratio_p{P}"] = speed[tool] / speed["ptcli"]
         results[f"infer_{name}_vs_torch_rss_ratio_p{P}"] = (
@@ -446,14 +452,6 @@ def infer_table(results: dict) -> str:
         ratios = f"{speed / torch_speed:.2f}x | {rss / torch_rss:.2f}x"
         lines.append(f"| {INFER_NAMES[tool]} | {speed:.1f} | {rss:,.0f} MB | {ratios} |")
     return "\n".join(lines) + "\n"
-
-
-INFER_NAMES = {
-    "ptcli": "ptcli, torch",
-    "ptcli-llama.cpp": "ptcli, llama.cpp (the GGUF file)",
-    "ptcli-llama.cpp-bf16": "ptcli, llama.cpp (`--llama-weights bf16`)",
-    "peft": "PEFT",
-}
 
 
 def late_rows(train, results: dict) -> None:

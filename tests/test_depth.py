@@ -32,9 +32,10 @@ from test_train import Reporter, small_run
 from ptcli.config import TaskConfig
 from ptcli.data.template import Layout
 from ptcli.enums import Loss
+from ptcli.lm.batch import to_logits
 from ptcli.lm.depth import entering
 from ptcli.lm.forward import IGNORE, choice_scores, token_logprobs
-from ptcli.lm.frozen import logprobs_above, states_below
+from ptcli.lm.frozen import hidden_above, states_below
 from ptcli.project import bank
 from ptcli.project import manifest as proj
 from ptcli.tuning.loss import StepRows, batch_loss
@@ -44,6 +45,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 P, K = 4, 1  # the tiny families have 2 blocks: the prompt enters before the second
 ROWS = [(t, "positive" if i % 2 == 0 else "negative") for i, t in enumerate(TEXTS + ["i love it", "i hate it"])]
+
+
+def logprobs_above(model, *args, **kwargs):
+    """frozen.hidden_above's labelled tokens' log-probabilities (N,) and rows (N,), as training scores them."""
+    h, t, row_of = hidden_above(model, *args, **kwargs)
+    return -F.cross_entropy(to_logits(model, h).float(), t, reduction="none"), row_of
 
 
 def _reference_logits(model, prompt: torch.Tensor, ids: list[int], layer: int, depth: int = 1) -> torch.Tensor:
@@ -337,3 +344,59 @@ def test_a_lifted_init_is_the_init_rows_states_after_a_leading_token(three_block
         got = lifted(model, layer, init, depth)  # (depth*P, H)
         want = [init if layer + d == 0 else states[layer + d][0, 1:] for d in range(depth)]
         torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("depth", "template"), [(1, "prefix"), (1, "suffix"), (2, "prefix"), (2, "suffix")])
+def test_validation_from_kept_states_gives_the_whole_bases_metrics(three_blocks, depth: int, template: str) -> None:
+    """A late prompt's validation from the rows' kept states (first from fresh ones, then from kept ones) gives what
+    validation through the whole base gives; its greedy hit rule reads the token greedy decoding writes first."""
+    from types import SimpleNamespace
+
+    from ptcli.data.encode import answer_tokens, closed_answers, encode
+    from ptcli.data.jsonl import Record
+    from ptcli.lm.answers import run_rows
+    from ptcli.tuning.loss import labelled
+    from ptcli.tuning.task import Task
+    from ptcli.tuning.validate import evaluate, evaluate_kept, keeps_states
+
+    model, tok = three_blocks
+    records = [Record(i, "tag", t, a, {}) for i, (t, a) in enumerate(ROWS)]
+    enc = encode(tok, records, P, 64, True, template=template)
+    choices = closed_answers(records)
+    assert choices == ["negative", "positive"]
+    cfg = SimpleNamespace(answer_only=True)
+    task = Task("tag", cfg, enc, enc, choices, "", [0], answer_tokens(tok, choices))  # type: ignore[arg-type]
+
+    class One:
+        process_index, num_processes, device = 0, 1, "cpu"
+
+        def reduce(self, t, op):
+            return t
+
+    prompts = _prompts(model, k=1, n=depth * P) * 4  # (1, D*P, H): large enough to move the answers
+    assert keeps_states(task, prompts) and not keeps_states(task, torch.cat([prompts, prompts]))  # no ensembles
+    states = FrozenStates(model, 1, bound=1 << 30)
+    with entering(model, 1, depth):
+        whole = evaluate(model, tok, prompts, task, 3, One())
+        fresh = evaluate_kept(model, prompts, task, states, 1, depth, 3, One())
+        computed = states.computed
+        kept = evaluate_kept(model, prompts, task, states, 1, depth, 3, One())
+        assert states.computed == computed == len(ROWS) * len(choices)  # every row ran below K once
+        for got in (fresh, kept):
+            assert got.keys() == whole.keys()
+            assert got["val_acc_rank"] == whole["val_acc_rank"] and got["val_acc"] == whole["val_acc"]
+            assert got["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+
+        # the hit rule's first token is the token greedy decoding writes first, row by row
+        gold = [choices.index(a) for a in enc.answers]
+        rows = StepRows([], [], [], [], [], [])
+        for b, (context, g) in enumerate(zip(enc.prompts, gold)):
+            rows.seqs.append(context + task.candidates[g])
+            rows.labels.append([IGNORE] * len(context) + task.candidates[g])
+            rows.which.append(0)
+            rows.keys.append(("gold", b))
+            rows.example.append(b)
+        h, t, row_of = labelled(model, prompts, rows, 0, FrozenStates(model, 1, bound=1 << 30), 1, depth)
+        firsts = to_logits(model, h).argmax(-1)[[list(row_of).index(b) for b in range(len(ROWS))]]  # (B,)
+        greedy = run_rows(model, tok, [prompts], enc.prompts, [0] * len(ROWS), max_new=1)
+    assert [row[0][0] if row[0] else tok.eos_token_id for row in greedy.tokens] == firsts.tolist()

@@ -2,7 +2,7 @@
 
 Nothing below a late prompt's block K depends on it (depth.py), so tuning computes each
 row's states entering block K once (`states_below`) and each step runs only the blocks from
-K up (`logprobs_above`). Blocks are skipped by standing in for them (`_Skip`), not by slicing
+K up (`hidden_above`). Blocks are skipped by standing in for them (`_Skip`), not by slicing
 the stack, because some models pick each block's mask by its index.
 """
 
@@ -12,10 +12,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ptcli.lm.batch import IGNORE, left_pad, right_pad, stack, to_logits, with_cache
+from ptcli.lm.batch import IGNORE, left_pad, right_pad, stack, with_cache
 from ptcli.lm.depth import blocks_of, deeper, replacing, vectors_at
 from ptcli.lm.placed import first_slots
 
@@ -137,7 +136,7 @@ def first_rows(example: list[int]) -> dict[int, int]:
 TextKV = list[tuple[torch.Tensor, torch.Tensor]]  # one text's keys and values (heads, T1, d), a block from K up
 
 
-def logprobs_above(
+def hidden_above(
     model,
     layer: int,
     prompts: torch.Tensor,
@@ -149,7 +148,8 @@ def logprobs_above(
     depth: int = 1,
     texts: list[TextKV] | None = None,
 ):
-    """Log-probability of every labelled token (N,) and its row (N,), running only the blocks from `layer` up.
+    """The final hidden state that predicts each labelled token, the token, and its row: (N, H), (N,), (N,),
+    running only the blocks from `layer` up (forward.labelled_hidden's numbers for a late prompt).
 
     states[i] (T_i, H) are row i's states entering block `layer` (`states_below`); its prompt
     slots take the vectors of prompts[which[i]] ((K, depth*P, H)). The same numbers as
@@ -182,9 +182,7 @@ def logprobs_above(
         lab = right_pad([lab[c:] for lab, c in zip(labels, cut)], IGNORE).to(device)  # (B, T2)
     sel = lab[:, 1:] != IGNORE  # position t predicts token t+1
     row_of = torch.arange(len(seqs), device=device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
-    h = out[:, :-1][sel]  # (N, H)
-    logp = -F.cross_entropy(to_logits(model, h).float(), lab[:, 1:][sel], reduction="none")  # (N,)
-    return logp, row_of
+    return out[:, :-1][sel], lab[:, 1:][sel], row_of  # (N, H), (N,), (N,)
 
 
 @torch.no_grad()

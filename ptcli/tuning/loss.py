@@ -6,9 +6,9 @@
                   is the cross-entropy of those scores against the gold answer (T-Few's, without its
                   unlikelihood term). Training then optimises what validation and infer rank by.
 
-A prompt that enters at block 0 runs its rows through the whole base (forward.token_logprobs).
+A prompt that enters at block 0 runs its rows through the whole base (forward.labelled_hidden).
 One that enters at block K > 0 runs them from their states entering block K, computed once
-a row and kept (states.py), through the blocks above K only (frozen.logprobs_above).
+a row and kept (states.py), through the blocks above K only (frozen.hidden_above).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ptcli.enums import Loss
-from ptcli.lm.batch import IGNORE
-from ptcli.lm.forward import token_logprobs
-from ptcli.lm.frozen import first_rows, logprobs_above
+from ptcli.lm.batch import IGNORE, to_logits
+from ptcli.lm.forward import labelled_hidden
+from ptcli.lm.frozen import first_rows, hidden_above
 from ptcli.lm.placed import first_slots, has_slots
 from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
@@ -67,6 +67,27 @@ def _explicit(seq: list[int], labels: list[int], P: int) -> tuple[list[int], lis
     return [-(j + 1) for j in range(P)] + seq, [IGNORE] * P + labels
 
 
+def labelled(
+    model, prompts: torch.Tensor, rows: StepRows, pad_id: int, states: FrozenStates | None, layer: int, depth: int
+):
+    """The final hidden state that predicts each labelled token of `rows`, the token, and its row: (N, H), (N,), (N,).
+
+    With kept `states` a late prompt's rows run from block `layer` up (the texts of the suffix
+    layout kept as keys and values); without, through the whole base.
+    """
+    if not (layer and states is not None):  # the whole base (a sharded stack must run every block)
+        return labelled_hidden(model, prompts, rows.seqs, rows.labels, pad_id, rows.which)
+    whole = [_explicit(s, lab, prompts.shape[-2] // depth) for s, lab in zip(rows.seqs, rows.labels)]
+    seqs, labels = [s for s, _ in whole], [lab for _, lab in whole]
+    cut = first_slots(seqs)
+    texts = None
+    if min(cut) > 0:  # the prompt after the text: kept texts never run again
+        below, texts = states.split(rows.keys, rows.example, seqs, cut)
+    else:
+        below = states.get(rows.keys, seqs)
+    return hidden_above(model, layer, prompts, below, seqs, labels, rows.which, rows.example, depth, texts)
+
+
 def batch_loss(
     model,
     prompts: torch.Tensor,
@@ -82,20 +103,8 @@ def batch_loss(
     Called inside `entering(model, layer, depth)`. With kept `states` a late prompt's rows run
     from block `layer` up; without, through the whole base.
     """
-    if layer and states is not None:
-        whole = [_explicit(s, lab, prompts.shape[-2] // depth) for s, lab in zip(rows.seqs, rows.labels)]
-        seqs, labels = [s for s, _ in whole], [lab for _, lab in whole]
-        cut = first_slots(seqs)
-        texts = None
-        if min(cut) > 0:  # the prompt after the text: kept texts never run again
-            below, texts = states.split(rows.keys, rows.example, seqs, cut)
-        else:
-            below = states.get(rows.keys, seqs)
-        logp, row_of = logprobs_above(
-            model, layer, prompts, below, seqs, labels, rows.which, rows.example, depth, texts
-        )
-    else:  # the whole base (a sharded stack must run every block)
-        logp, row_of = token_logprobs(model, prompts, rows.seqs, rows.labels, pad_id, rows.which)
+    h, t, row_of = labelled(model, prompts, rows, pad_id, states, layer, depth)
+    logp = -F.cross_entropy(to_logits(model, h).float(), t, reduction="none")  # (N,)
     if loss == Loss.ANSWER:
         return -logp.sum(), int(logp.numel())
     per_row = torch.zeros(len(rows.seqs), device=logp.device).index_add(0, row_of, logp)  # (R,) candidates' scores

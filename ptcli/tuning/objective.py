@@ -18,7 +18,7 @@ from ptcli.tuning.loss import batch_loss, step_rows
 from ptcli.tuning.soft_prompt import SoftPrompt
 from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
-from ptcli.tuning.validate import better, evaluate
+from ptcli.tuning.validate import better, evaluate, evaluate_kept, keeps_states
 
 
 class Running(Protocol):
@@ -71,8 +71,13 @@ class Answers:
         return loss_sum, n, positions
 
     def evaluate(self, recipe: Running, prompts: torch.Tensor, task: Task) -> dict[str, float]:
-        with entering(recipe.model, recipe.run.prompt_layer, recipe.depth):
-            return evaluate(recipe.model, recipe.tok, prompts, task, recipe.run.batch_size, recipe.acc)
+        run, model = recipe.run, recipe.model
+        with entering(model, run.prompt_layer, recipe.depth):
+            if recipe.states is not None and run.prompt_layer and keeps_states(task, prompts):
+                return evaluate_kept(
+                    model, prompts, task, recipe.states, run.prompt_layer, recipe.depth, run.batch_size, recipe.acc
+                )
+            return evaluate(model, recipe.tok, prompts, task, run.batch_size, recipe.acc)
 
     def better(self, new: dict[str, float], best: dict[str, float] | None) -> bool:
         return better(new, best)

@@ -1,4 +1,4 @@
-"""A late prompt's frozen states: each training row's states entering block K, computed once and kept.
+"""A late prompt's frozen states: each training and validation row's states entering block K, computed once and kept.
 
 Nothing below block K depends on a late prompt (lm/depth.py), so a row's states there are the
 same every epoch. They are computed the first time the row is drawn and kept in memory up to

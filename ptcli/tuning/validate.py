@@ -3,16 +3,24 @@
 The kept prompt is the one with the best accuracy (ranked, where the task has an answer set),
 ties going to the lower loss. Every process scores its share of the rows and the totals are
 reduced, so N processes agree with one.
+
+A late prompt over a closed answer set validates from its rows' kept states (`evaluate_kept`):
+the rows' states below its block, and the suffix layout's texts, are computed at the first
+validation and reused at every later one, as training reuses its rows'.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ptcli.data.encode import Encoded
 from ptcli.lm.answers import ranked, run_rows, vote
+from ptcli.lm.batch import IGNORE, to_logits
 from ptcli.lm.forward import lm_loss
 from ptcli.project.record import headline
+from ptcli.tuning.loss import StepRows, labelled
+from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
 
 
@@ -75,6 +83,57 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     if choices:
         metrics["val_acc_rank"] = right / len(enc.ids)
     return metrics
+
+
+def keeps_states(task: Task, prompts: torch.Tensor) -> bool:
+    """Whether `evaluate_kept` gives this tag's metrics: one prompt (no ensemble), a closed answer set holding
+    every validation answer, and the loss on the answer only."""
+    enc, choices = task.valid, task.choices or []
+    return prompts.shape[0] == 1 and bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
+
+
+def evaluate_kept(
+    model, prompts: torch.Tensor, task: Task, states: FrozenStates, layer: int, depth: int, batch_size: int, acc
+) -> dict[str, float]:
+    """`evaluate`'s metrics of a late prompt (1, D*P, H), each row run from its kept states above block `layer`.
+
+    Called inside `entering(model, layer, depth)`, where `keeps_states` holds. Every row runs
+    once per candidate, teacher-forced, as --loss choices trains: val_acc_rank and val_loss are
+    evaluate's numbers (the candidates' summed log-likelihoods), and val_acc counts the rows
+    whose gold answer is the argmax at each of its tokens, eos included, which is when greedy
+    decoding writes it (one difference: a greedy answer that spells the gold text in other
+    tokens counts in evaluate and not here).
+    """
+    enc, choices, candidates = task.valid, task.choices or [], task.candidates or []
+    C = len(candidates)
+    loss_sum, count, correct, right = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for idx in [b for b in batches_of(enc, batch_size, acc) if b]:  # no collective forward: the base is whole
+            rows = StepRows([], [], [], [], [], [])
+            for b, i in enumerate(idx):
+                context = enc.prompts[i]
+                for n, c in enumerate(candidates):
+                    rows.seqs.append(context + c)
+                    rows.labels.append([IGNORE] * len(context) + c)
+                    rows.which.append(0)
+                    rows.keys.append(((task.tag, "valid"), i, n))  # [:2] names the row's text, as for training rows
+                    rows.example.append(b)
+            h, t, row_of = labelled(model, prompts, rows, 0, states, layer, depth)
+            logits = to_logits(model, h).float()  # (N, V)
+            R = len(rows.seqs)
+            logp = -F.cross_entropy(logits, t, reduction="none")  # (N,)
+            scores = torch.zeros(R, device=logp.device).index_add(0, row_of, logp).view(len(idx), C)  # (B, C)
+            missed = torch.zeros(R, device=logp.device).index_add(0, row_of, (logits.argmax(-1) != t).float())
+            gold = torch.tensor([choices.index(enc.answers[i].strip()) for i in idx], device=logp.device)  # (B,)
+            picked = torch.arange(len(idx), device=logp.device)
+            right += int((scores.argmax(-1) == gold).sum())
+            correct += int((missed.view(len(idx), C)[picked, gold] == 0).sum())
+            loss_sum -= float(scores[picked, gold].sum())
+            count += sum(len(enc.ids[i]) - len(enc.prompts[i]) for i in idx)
+    totals = acc.reduce(torch.tensor([loss_sum, count, correct, right], dtype=torch.float64, device=acc.device), "sum")
+    loss_sum, count, correct, right = totals.tolist()
+    n = len(enc.ids)
+    return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / n, "val_acc_rank": right / n}
 
 
 def batches_of(enc: Encoded, batch_size: int, acc) -> list[list[int]]:

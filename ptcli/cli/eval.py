@@ -7,8 +7,19 @@ from typing import Annotated
 
 import typer
 
-from ptcli.cli.options import Calibrate, EngineOpt, InferBatch, JsonOpt, ProjectOpt, QuietOpt, handled, tag_flag
-from ptcli.enums import Backend
+from ptcli.cli.options import (
+    Calibrate,
+    EngineOpt,
+    InferBatch,
+    JsonOpt,
+    LlamaWeightsOpt,
+    ProjectOpt,
+    QuietOpt,
+    handled,
+    tag_flag,
+)
+from ptcli.config import BaseOptions
+from ptcli.enums import Backend, LlamaWeights
 from ptcli.errors import UsageError
 
 app = typer.Typer()  # cli/app.py copies this command onto its app
@@ -37,6 +48,7 @@ def eval_(
     batch_size: InferBatch = 16,
     calibrate: Calibrate = False,
     engine: EngineOpt = Backend.TORCH,
+    llama_weights: LlamaWeightsOpt = LlamaWeights.FILE,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,
     quiet: QuietOpt = False,
@@ -53,6 +65,7 @@ def eval_(
             f"`ptcli eval` needs the lmeval extra ({(e.name or 'lm_eval').split('.')[0]} is not installed)",
             hint="pip install 'ptcli[lmeval]'",
         ) from None
+    base = BaseOptions(engine=engine, llama_weights=llama_weights)  # refuses --llama-weights without llama.cpp
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise UsageError("--tasks needs at least one task name")
@@ -64,7 +77,7 @@ def eval_(
         num_fewshot=num_fewshot,
         limit=limit,
         batch_size=batch_size,
-        engine=engine,
+        base=base,
         calibrate=calibrate,
         status=lambda m: say(m, quiet),
     )

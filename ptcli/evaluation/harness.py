@@ -28,7 +28,7 @@ from lm_eval.api.registry import register_model
 
 from ptcli import dist
 from ptcli.config import BaseOptions
-from ptcli.enums import Backend, Mode
+from ptcli.enums import Backend, LlamaWeights, Mode
 from ptcli.errors import UsageError
 from ptcli.inference.engine import Item, Prediction, Prompt
 from ptcli.inference.infer import open_engine, plan
@@ -39,7 +39,8 @@ from ptcli.project import manifest as proj
 
 @register_model("ptcli")
 class PtcliLM(LM):
-    """The harness's LM over `project`'s `tag` (model_args: project, tag, batch_size, engine, calibrate)."""
+    """The harness's LM over `project`'s `tag` (model_args: project, tag, batch_size, engine, llama_weights,
+    calibrate)."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class PtcliLM(LM):
         batch_size: int | str = 16,
         engine: str = "torch",
         calibrate: bool | str = False,
+        llama_weights: str = "file",
         status: Callable[[str], None] = lambda _: None,
         **harness: Any,  # what the harness adds for every model (device, max_batch_size): ptcli places its own base
     ):
@@ -61,7 +63,8 @@ class PtcliLM(LM):
         self.calibrated = str(calibrate).lower() in ("true", "1", "yes")
         self.prompt = Prompt.of(tag, *bank.get(directory, tag))
         _, world, device = dist.join_group()
-        self.engine = open_engine(directory, BaseOptions(engine=Backend(engine)), world, device, status)
+        base = BaseOptions(engine=Backend(engine), llama_weights=LlamaWeights(llama_weights))
+        self.engine = open_engine(directory, base, world, device, status)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont.strip()) for ctx, cont in (r.args for r in requests)]
@@ -123,7 +126,7 @@ def evaluate(
     num_fewshot: int | None = None,
     limit: float | None = None,
     batch_size: int = 16,
-    engine: Backend = Backend.TORCH,
+    base: BaseOptions = BaseOptions(),
     calibrate: bool = False,
     status: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
@@ -140,7 +143,7 @@ def evaluate(
             f"--tasks: lm-eval knows no task {', '.join(map(repr, unknown))}",
             hint="give the folder of your task's YAML with --include-path, or a task of the harness's own",
         )
-    model = PtcliLM(directory.root, tag, batch_size, engine.value, calibrate, status)
+    model = PtcliLM(directory.root, tag, batch_size, base.engine.value, calibrate, base.llama_weights.value, status)
     status(f"evaluating {tag!r} on {', '.join(tasks)} with lm-evaluation-harness {lm_eval.__version__}")
     out = lm_eval.simple_evaluate(
         model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False

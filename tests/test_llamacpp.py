@@ -252,3 +252,68 @@ def test_llama_weights_without_the_llama_engine_is_refused(project: Path, tmp_pa
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt_tag": "reviews", "text": "great"}])
     err = failed(cli("infer", rows, "-p", project, "--llama-weights", "bf16"), 2)
     assert "--llama-weights bf16 applies to --engine llama.cpp only" in err
+
+
+def test_eval_scores_with_llamacpp_on_reencoded_weights(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ptcli eval --engine llama.cpp --llama-weights bf16` ranks the harness's choices as `ptcli infer --mode rank`
+    does on the same engine and weights (offline, on a task YAML over local rows)."""
+    pytest.importorskip("lm_eval")
+    from test_harness import TASK
+
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    rows = _rows("test", "reviews", 24)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    (tmp_path / "tasks").mkdir()
+    extra = 'doc_to_choice: ["positive", "negative"]'
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        TASK.format(name="ptcli_mc", data=data, kind="multiple_choice", metric="acc", extra=extra)
+    )
+    engine = ["--engine", "llama.cpp", "--llama-weights", "bf16"]
+    args = ["eval", "--tag", "reviews", "--tasks", "ptcli_mc", "--include-path", tmp_path / "tasks", "--json"]
+    result = cli(*args, *engine, "-p", project, "-q")
+    ok(result)
+    got = json.loads(result.stdout)["results"]["ptcli_mc"]["acc,none"]
+    said = cli("infer", data, "--mode", "rank", "--choices", "positive,negative", *engine, "-p", project, "-q")
+    ok(said)
+    predictions = [json.loads(line)["prediction"] for line in said.stdout.splitlines()]
+    want = sum(p == r["answer"] for p, r in zip(predictions, rows)) / len(rows)
+    assert abs(got - want) <= 1 / len(rows), (got, want)  # other batches: a near tie may fall the other way
+    err = failed(cli(*args, "--llama-weights", "bf16", "-p", project), 2)
+    assert "--llama-weights bf16 applies to --engine llama.cpp only" in err
+
+
+def test_the_cache_grows_for_a_row_that_needs_more_cells(project: Path) -> None:
+    """The context starts at 2048 cells; a ranked ensemble row over a long text needs more (each member reads it
+    once per candidate): the cache grows to hold it, and its answer is the one a large cache from the start gives."""
+    from ptcli.config import BaseOptions
+    from ptcli.enums import Backend, Mode
+    from ptcli.inference.engine import Item, Prompt
+    from ptcli.inference.infer import open_engine
+    from ptcli.inference.llama_context import N_CTX, Context
+    from ptcli.project import bank
+    from ptcli.project import manifest as proj
+
+    p = proj.load(project)
+    lcp = open_engine(p, BaseOptions(engine=Backend.LLAMACPP), 1, "cpu", lambda _: None)
+    assert lcp.llama.n_ctx == N_CTX == 2048
+    prompt = Prompt.of("reviews_suffix", *bank.get(p, "reviews_suffix"))  # two members
+    long = " ".join(r["text"] for r in _rows("test", "reviews", 24) * 3)  # cut from the left to the tag's length
+    items = [
+        Item(prompt, long, Mode.RANK, 0, tuple(prompt.record.choices)),
+        Item(prompt, "great", Mode.RANK, 0, tuple(prompt.record.choices)),
+    ]
+    seqs = lcp.rows(items)
+    assert len(seqs[0]) > 400  # two members x three sequences each (the row, a copy per candidate) > 2048 cells
+    grown = lcp.run(items, seqs)
+    assert lcp.llama.n_ctx == 4096
+    lcp.llama.close()
+    lcp.llama = Context(lcp.llama.gguf, n_ctx=8192)
+    large = lcp.run(items, seqs)
+    assert lcp.llama.n_ctx == 8192
+    assert [a.text for a in grown] == [a.text for a in large]
+    for a, b in zip(grown, large):
+        assert max(abs(x - y) for x, y in zip(a.scores, b.scores)) < 1e-3, (a.scores, b.scores)

@@ -20,6 +20,7 @@ from ptcli.errors import ModelError, UsageError
 from ptcli.project.manifest import ProjectDir
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may hold
+N_CTX = 2048  # cells a context starts with (Context.fit grows it)
 EXTRA = "pip install 'ptcli[llamacpp]' (it compiles llama.cpp: about 4 minutes on 2 cores)"
 Logits = dict[tuple[int, int], np.ndarray]  # (sequence, position) -> (V,)
 
@@ -117,9 +118,14 @@ def weights_of(gguf: Path, source: Path, kind: LlamaWeights, status: Callable[[s
 
 
 class Context:
-    """The model and its cache. `copy` shares a sequence's cells with another; `clear` empties the cache."""
+    """The model and its cache. `copy` shares a sequence's cells with another; `clear` empties the cache.
 
-    def __init__(self, gguf: Path, n_ctx: int = 8192, threads: int | None = None):
+    The cache starts at N_CTX cells and grows (`fit`) when one row needs more: llama.cpp's KV
+    cache and attention buffers are sized by it, and 8192 cells cost this base about 250 MB more
+    than 2048 (bench/speed.py's peak RSS), for rows that seldom need them.
+    """
+
+    def __init__(self, gguf: Path, n_ctx: int = 0, threads: int | None = None):
         try:
             import llama_cpp
         except ImportError as e:
@@ -129,23 +135,35 @@ class Context:
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         mparams.use_extra_bufts = False  # AMX repacking crashes where the VM offers AMX (seen here); plain CPU kernels
+        self.gguf, self.threads = gguf, threads or os.cpu_count() or 1
         self.model = L.llama_model_load_from_file(str(gguf).encode(), mparams)
         if not self.model:
             raise ModelError(f"llama.cpp cannot load {gguf}")
+        self.H = L.llama_model_n_embd(self.model)
+        self.V = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.n_ctx, self.ctx, self.mem = 0, None, None
+        self._make(n_ctx or N_CTX)
+
+    def _make(self, n_ctx: int) -> None:
+        L = self.L
         params = L.llama_context_default_params()
         params.n_ctx = params.n_batch = n_ctx
         params.n_ubatch = min(n_ctx, 512)
         params.n_seq_max = MAX_SEQ
         params.kv_unified = True  # one pool of cells: a copied prefix is shared, not duplicated
-        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise ModelError(f"llama.cpp cannot make a context of {n_ctx} positions for {gguf}")
+            raise ModelError(f"llama.cpp cannot make a context of {n_ctx} positions for {self.gguf}")
         self.mem = L.llama_get_memory(self.ctx)
         self.n_ctx = n_ctx
-        self.H = L.llama_model_n_embd(self.model)
-        self.V = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+    def fit(self, cells: int) -> None:
+        """Grow the cache (emptied) to the next power of two that holds `cells`, when it holds fewer."""
+        if cells > self.n_ctx:
+            self.L.llama_free(self.ctx)
+            self._make(1 << (cells - 1).bit_length())
 
     def close(self) -> None:
         self.L.llama_free(self.ctx)

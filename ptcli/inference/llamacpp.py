@@ -74,13 +74,16 @@ class LlamaCppEngine(Engine):
 
     def _chunks(self, items: list[Item], seqs: list[list[int]]) -> list[list[int]]:
         """Consecutive rows whose sequences (a member each, and a copy per candidate) and cells fit."""
-        chunks: list[list[int]] = [[]]
-        used_seqs = used_cells = 0
-        for i, (it, s) in enumerate(zip(items, seqs)):
+        need = []  # each row's (sequences, cells): a member each, and a copy per candidate
+        for it, s in zip(items, seqs):
             K, P = it.prompt.members.shape[:2]
             per = 1 + len(it.choices) if it.mode == Mode.RANK else 1
             after = max(map(len, it.choices), default=0) + 2 if it.mode == Mode.RANK else it.max_new
-            n_seqs, cells = K * (1 + per), K * (P + per * (len(s) + after))  # members' own, and the rows'
+            need.append((K * (1 + per), K * (P + per * (len(s) + after))))  # members' own, and the rows'
+        self.llama.fit(max((cells for _, cells in need), default=0))  # the largest row fits a chunk of its own
+        chunks: list[list[int]] = [[]]
+        used_seqs = used_cells = 0
+        for i, (n_seqs, cells) in enumerate(need):
             if chunks[-1] and (used_seqs + n_seqs > MAX_SEQ or used_cells + cells > self.llama.n_ctx):
                 chunks.append([])
                 used_seqs = used_cells = 0

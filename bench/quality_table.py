@@ -16,7 +16,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = {"peft": "prompt tuning", "peft_ptuning": "P-tuning", "peft_prefix": "prefix tuning", "peft_lora": "LoRA r8"}
-COMMITTED = ["quality_late_rte.json", "quality_deep_rte.json", "quality_deep_sst2.json", "quality_peers_rte.json"]
+COMMITTED = [  # RTE's rows, then SST-2's
+    "quality_late_rte.json",
+    "quality_deep_rte.json",
+    "quality_peers_rte.json",
+    "quality_deep_sst2.json",
+    "quality_sst2_20min_2cores.json",
+    "quality_peers_sst2.json",
+]
 
 
 def table(paths: list[Path]) -> str:
@@ -32,7 +39,8 @@ def table(paths: list[Path]) -> str:
                 if name == "majority" and (task, name) in seen:
                     continue
                 seen.add((task, name))
-                flags = " ".join(r.get("recipe", [])) or ("class ratio of val" if name == "majority" else "")
+                plain = "class ratio of val" if name == "majority" else "the defaults"
+                flags = " ".join(r.get("recipe", [])) or plain
                 curve = " ".join(f"{a:.3f}" for _, a in r.get("dev_curve", []))
                 kept = f"{r.get('steps', 0)} ({r['best_step']})" if "best_step" in r else str(r.get("steps", 0))
                 if name.startswith("peft") and "lr" in r:  # a peer: PEFT's method at its own learning rate

@@ -211,3 +211,23 @@ def test_the_docs_table_of_distill_is_the_committed_json() -> None:
         [sys.executable, str(ROOT / "bench" / "distill.py"), "--table"], capture_output=True, text=True, check=True
     )
     assert r.stdout.count("\n") >= 3 and r.stdout in (ROOT / "docs" / "distill.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not (DATA / "RTE" / "train.jsonl").is_file(), reason="needs ../shared/data beside the repo")
+def test_validation_bench_runs_and_its_validations_agree(tmp_path, monkeypatch, default_cache):
+    """bench/validation.py on a few rows: the whole base and the kept states give the same metrics."""
+    monkeypatch.setenv("PTCLI_CACHE", str(default_cache))
+    out = tmp_path / "validation.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "validation.py"), "--rows", "8", "--again", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [x["run"] for x in runs] == ["whole base", "kept: first", "kept: again"]
+    for x in runs[1:]:
+        assert x["val_acc_rank"] == runs[0]["val_acc_rank"] and x["val_acc"] == runs[0]["val_acc"]
+        assert x["val_loss"] == pytest.approx(runs[0]["val_loss"], rel=1e-4)
+    assert "| kept: again |" in r.stdout

@@ -19,6 +19,7 @@ PEERS = {"peft": "prompt tuning", "peft_ptuning": "P-tuning", "peft_prefix": "pr
 COMMITTED = [  # RTE's rows, then SST-2's
     "quality_late_rte.json",
     "quality_deep_rte.json",
+    "quality_deep_rte_lr001.json",
     "quality_peers_rte.json",
     "quality_deep_sst2.json",
     "quality_sst2_20min_2cores.json",

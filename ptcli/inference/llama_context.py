@@ -121,8 +121,8 @@ class Context:
     """The model and its cache. `copy` shares a sequence's cells with another; `clear` empties the cache.
 
     The cache starts at N_CTX cells and grows (`fit`) when one row needs more: llama.cpp's KV
-    cache and attention buffers are sized by it, and 8192 cells cost this base about 250 MB more
-    than 2048 (bench/speed.py's peak RSS), for rows that seldom need them.
+    cache and attention buffers are sized by it, and 8192 cells cost this base about 145 MB more
+    peak RSS than 2048 (docs/engines.md), for rows that seldom need them.
     """
 
     def __init__(self, gguf: Path, n_ctx: int = 0, threads: int | None = None):

@@ -39,6 +39,13 @@ class StepRows:
     gold: list[int]  # --loss choices: the gold candidate of each pick
 
 
+def candidate_rows(
+    context: list[int], candidates: list[list[int]], key: tuple
+) -> list[tuple[list[int], list[int], tuple]]:
+    """(row, labels, key) of `context` followed by each candidate, only the candidate's tokens labelled."""
+    return [(context + c, [IGNORE] * len(context) + c, (*key, n)) for n, c in enumerate(candidates)]
+
+
 def step_rows(picks: list[tuple[Task, int, int]], loss: str) -> StepRows:
     """picks: (task, row, member) of this process's share of the step's batch."""
     out = StepRows([], [], [], [], [], [])
@@ -48,8 +55,7 @@ def step_rows(picks: list[tuple[Task, int, int]], loss: str) -> StepRows:
             rows = [(t.train.ids[i], t.train.labels[i], (t.tag, i))]
         else:
             assert t.candidates is not None and t.choices is not None  # make_tasks refuses --loss choices otherwise
-            context = t.train.prompts[i]
-            rows = [(context + c, [IGNORE] * len(context) + c, (t.tag, i, n)) for n, c in enumerate(t.candidates)]
+            rows = candidate_rows(t.train.prompts[i], t.candidates, (t.tag, i))
             out.gold.append(t.choices.index(t.train.answers[i].strip()))
         for seq, labels, key in rows:
             out.seqs.append(seq)

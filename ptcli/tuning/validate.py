@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from ptcli.data.encode import Encoded
 from ptcli.lm.answers import ranked, run_rows, vote
-from ptcli.lm.batch import IGNORE, to_logits
+from ptcli.lm.batch import to_logits
 from ptcli.lm.forward import lm_loss
 from ptcli.project.record import headline
-from ptcli.tuning.loss import StepRows, labelled
+from ptcli.tuning.loss import StepRows, candidate_rows, labelled
 from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task
 
@@ -36,7 +36,7 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     max_new = max(
         len(ids) - len(text) for ids, text in zip(enc.ids, enc.prompts)
     )  # longest answer + eos, already tokenized
-    loss_from_scores = bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
+    loss_from_scores = scores_give_loss(task)
     loss_sum, count, correct, right = 0.0, 0, 0, 0
     agree = (lambda flag: agreed(acc, flag, "min")) if acc.num_processes > 1 else None
     with torch.no_grad():
@@ -85,11 +85,16 @@ def evaluate(model, tok, prompts: torch.Tensor, task: Task, batch_size: int, acc
     return metrics
 
 
+def scores_give_loss(task: Task) -> bool:
+    """Whether the candidates' scores hold the validation loss: a closed answer set holding every validation
+    answer, and the loss on the answer only."""
+    choices = task.choices or []
+    return bool(choices) and task.cfg.answer_only and all(a in choices for a in task.valid.answers)
+
+
 def keeps_states(task: Task, prompts: torch.Tensor) -> bool:
-    """Whether `evaluate_kept` gives this tag's metrics: one prompt (no ensemble), a closed answer set holding
-    every validation answer, and the loss on the answer only."""
-    enc, choices = task.valid, task.choices or []
-    return prompts.shape[0] == 1 and bool(choices) and task.cfg.answer_only and all(a in choices for a in enc.answers)
+    """Whether `evaluate_kept` gives this tag's metrics: one prompt (no ensemble) whose scores hold the loss."""
+    return prompts.shape[0] == 1 and scores_give_loss(task)
 
 
 def evaluate_kept(
@@ -110,13 +115,12 @@ def evaluate_kept(
     with torch.no_grad():
         for idx in [b for b in batches_of(enc, batch_size, acc) if b]:  # no collective forward: the base is whole
             rows = StepRows([], [], [], [], [], [])
-            for b, i in enumerate(idx):
-                context = enc.prompts[i]
-                for n, c in enumerate(candidates):
-                    rows.seqs.append(context + c)
-                    rows.labels.append([IGNORE] * len(context) + c)
+            for b, i in enumerate(idx):  # key[:2] names the row's text, as for training rows
+                for seq, labels, key in candidate_rows(enc.prompts[i], candidates, ((task.tag, "valid"), i)):
+                    rows.seqs.append(seq)
+                    rows.labels.append(labels)
+                    rows.keys.append(key)
                     rows.which.append(0)
-                    rows.keys.append(((task.tag, "valid"), i, n))  # [:2] names the row's text, as for training rows
                     rows.example.append(b)
             h, t, row_of = labelled(model, prompts, rows, 0, states, layer, depth)
             logits = to_logits(model, h).float()  # (N, V)

@@ -1,6 +1,7 @@
 """`ptcli distill` on the example tasks: a ~250-token few-shot teacher into 16 vectors, measured in one run.
 
     python bench/distill.py                 # both tags, --minutes 6 each; bench/results/distill.{json,md}
+    python bench/distill.py --minutes reviews=40,topic=8   # minutes of each tag
     python bench/distill.py --quick         # a short configuration (tests keep it working)
     python bench/distill.py --table         # print the table of the committed JSON
 
@@ -16,19 +17,22 @@ the zero-shot text as bank prompts of projects of their own length, their tokens
   agreement  the share of the student's answers equal to the teacher's (the target: >= 0.95)
   accuracy   teacher, student and zero-shot against the labels
   rows/s     answering the rows (model loaded, `ptcli infer`'s plan), batches of 16 and of 1, student
-             against teacher, each in a worker process of its own, one after another
+             against teacher, each in a worker process of its own, one after another: a warm-up batch, then
+             the median of --repeats whole passes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "data"
@@ -38,6 +42,15 @@ INSTRUCTIONS = {
     "topic": "You label news snippets by topic. Read the snippet and answer with one word: food, science or sports.",
 }
 P = 16
+DEFAULT_MINUTES = 6.0
+
+
+def minutes_of(value: str) -> dict[str, float]:
+    """`--minutes`: "6" for every tag ("*"), or "reviews=40,topic=8"."""
+    if "=" not in value:
+        return {"*": float(value)}
+    pairs = [part.split("=", 1) for part in value.split(",")]
+    return {tag: float(m) for tag, m in pairs}
 
 
 def teacher_texts(tag: str, shots: int) -> tuple[str, str, set[str]]:
@@ -91,8 +104,9 @@ def token_count(text: str) -> int:
     return len(teacher_ids(AutoTokenizer.from_pretrained(resolve("default", lambda _: None)), text))
 
 
-def worker(project: Path, path: Path, batch_size: int, max_new: int, out: Path) -> None:
-    """Answer `path`'s rows with `project`'s prompts as `ptcli infer` plans them; time the answering alone."""
+def worker(project: Path, path: Path, batch_size: int, max_new: int, repeats: int, out: Path) -> None:
+    """Answer `path`'s rows with `project`'s prompts as `ptcli infer` plans them, `repeats` times after a warm-up
+    batch; time the answering alone (median pass)."""
     import resource
 
     from ptcli.config import BaseOptions
@@ -108,11 +122,16 @@ def worker(project: Path, path: Path, batch_size: int, max_new: int, out: Path) 
     prompts = {t: Prompt.of(t, *bank.get(p, t)) for t in {r.tag for r in records}}
     items = [Item(prompts[r.tag], r.text, Mode.GENERATE, max_new, ()) for r in records]
     seqs = [s for s in eng.rows(items) if isinstance(s, list)]
-    answers: dict[int, str] = {}
-    t0 = time.perf_counter()
-    for idx in plan(eng, items, seqs, batch_size):
-        answers.update((i, a.text) for i, a in zip(idx, eng.run([items[i] for i in idx], [seqs[i] for i in idx])))
-    seconds = time.perf_counter() - t0
+    batches = list(plan(eng, items, seqs, batch_size))
+    eng.run([items[i] for i in batches[0]], [seqs[i] for i in batches[0]])  # warm-up: allocator, kernels, caches
+    passes = []
+    for _ in range(repeats):  # whole passes; the median is what one pass costs on a shared VM
+        answers: dict[int, str] = {}
+        t0 = time.perf_counter()
+        for idx in batches:
+            answers.update((i, a.text) for i, a in zip(idx, eng.run([items[i] for i in idx], [seqs[i] for i in idx])))
+        passes.append(time.perf_counter() - t0)
+    seconds = statistics.median(passes)
     predictions = [answers[i] for i in range(len(records))]
     correct = sum(pr == (r.answer or "").strip() for pr, r in zip(predictions, records))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
@@ -122,6 +141,7 @@ def worker(project: Path, path: Path, batch_size: int, max_new: int, out: Path) 
                 "rows": len(records),
                 "seconds": seconds,
                 "rows_per_s": len(records) / seconds,
+                "passes_seconds": [round(x, 3) for x in passes],
                 "accuracy": correct / len(records),
                 "peak_rss_mib": peak,
                 "predictions": predictions,
@@ -162,9 +182,9 @@ def kl_gap(project: Path, tag: str, teacher_file: Path, path: Path, max_new: int
     out.write_text(json.dumps({"positions": n, "kl_full": full / n, "kl_top64": bucketed / n}))
 
 
-def answer(project: Path, path: Path, batch_size: int, max_new: int, work: Path) -> dict:
+def answer(project: Path, path: Path, batch_size: int, max_new: int, repeats: int, work: Path) -> dict:
     out = work / f"answers-{project.name}-{batch_size}.json"
-    args = [project, path, batch_size, max_new, out]
+    args = [project, path, batch_size, max_new, repeats, out]
     subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], check=True)
     return json.loads(out.read_text())
 
@@ -182,6 +202,7 @@ def run_tag(tag: str, args: argparse.Namespace, work: Path) -> dict:
     for name, part in (("inputs", inputs), ("valid", rows["valid"]), ("test", rows["test"][: args.test_rows])):
         files[name] = work / f"{tag}-{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
+    minutes = args.minutes.get(tag, args.minutes.get("*", DEFAULT_MINUTES))
     student = work / f"{tag}-student"
     ptcli("init", student, "--num-prompt-tokens", P, "-q")
     t0 = time.perf_counter()
@@ -200,7 +221,7 @@ def run_tag(tag: str, args: argparse.Namespace, work: Path) -> dict:
         "--max-new-tokens",
         args.max_new,
         "--max-minutes",
-        args.minutes,
+        minutes,
         "--max-steps",
         100000,
         "--val-check-interval",
@@ -222,7 +243,7 @@ def run_tag(tag: str, args: argparse.Namespace, work: Path) -> dict:
         ptcli("init", projects[name], "--num-prompt-tokens", token_count(text), "-q")
         text_prompt(projects[name], tag, text)
     answers = {
-        (name, b): answer(projects[name], files["test"], b, args.max_new, work)
+        (name, b): answer(projects[name], files["test"], b, args.max_new, args.repeats, work)
         for name in ("teacher", "student", "zero_shot")
         for b in ((16, 1) if name != "zero_shot" else (16,))
     }
@@ -236,7 +257,7 @@ def run_tag(tag: str, args: argparse.Namespace, work: Path) -> dict:
         "inputs": len(inputs),
         "test_rows": len(t),
         "distill": {k: result[k] for k in ("steps", "best_step", "metrics", "initial_metrics", "seconds")}
-        | {"wall_seconds": round(distill_seconds, 1)},
+        | {"minutes": minutes, "wall_seconds": round(distill_seconds, 1)},
         "agreement": sum(a == b for a, b in zip(s, t)) / len(t),
         "test_kl": json.loads(gap.read_text()),
         "accuracy": {name: answers[name, 16]["accuracy"] for name in ("teacher", "student", "zero_shot")},
@@ -250,14 +271,15 @@ def run_tag(tag: str, args: argparse.Namespace, work: Path) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| tag | teacher tokens | student vectors | steps (kept) | val agreement | test agreement | teacher acc | "
-        "student acc | zero-shot acc | student / teacher rows/s, batch 16 | batch 1 |",
+        "| tag | teacher tokens | student vectors | minutes: steps (kept) | val agreement | test agreement | "
+        "teacher acc | student acc | zero-shot acc | student / teacher rows/s, batch 16 | batch 1 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for tag, r in results["tags"].items():
         d, a, v = r["distill"], r["accuracy"], r["rows_per_s"]
         lines.append(
-            f"| {tag} | {r['teacher_tokens']} | {r['prompt_tokens']} | {d['steps']} ({d['best_step']}) | "
+            f"| {tag} | {r['teacher_tokens']} | {r['prompt_tokens']} | "
+            f"{d.get('minutes', results['config']['minutes']):g}: {d['steps']} ({d['best_step']}) | "
             f"{d['initial_metrics']['val_acc']:.3f} -> {d['metrics']['val_acc']:.3f} | {r['agreement']:.3f} | "
             f"{a['teacher']:.3f} | {a['student']:.3f} | {a['zero_shot']:.3f} | "
             f"{v['student batch 16']:.1f} / {v['teacher batch 16']:.1f} ({r['speedup']['batch 16']:.2f}x) | "
@@ -268,15 +290,18 @@ def table(results: dict) -> str:
 
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
-        project, path, batch, max_new, out = sys.argv[2:]
-        return worker(Path(project), Path(path), int(batch), int(max_new), Path(out))
+        project, path, batch, max_new, repeats, out = sys.argv[2:]
+        return worker(Path(project), Path(path), int(batch), int(max_new), int(repeats), Path(out))
     if sys.argv[1:2] == ["--kl-gap"]:
         project, tag, teacher_file, path, max_new, out = sys.argv[2:]
         return kl_gap(Path(project), tag, Path(teacher_file), Path(path), int(max_new), Path(out))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tags", nargs="+", default=list(INSTRUCTIONS), choices=list(INSTRUCTIONS))
     ap.add_argument("--shots", type=int, default=8, help="worked examples in the teacher text")
-    ap.add_argument("--minutes", type=float, default=6.0, help="distill's --max-minutes per tag")
+    ap.add_argument(
+        "--minutes", type=minutes_of, default={}, help="distill's --max-minutes: M for every tag, or tag=M,tag=M"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the test rows (median)")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--max-new", type=int, default=4, help="distill's --max-new-tokens, and infer's")
     ap.add_argument("--temperature", type=float, default=0.0, help="distill's --temperature (0: greedy teacher)")
@@ -288,11 +313,20 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         return print(table(json.loads(args.out.read_text())))
+    if set(args.minutes) - {"*", *INSTRUCTIONS}:
+        ap.error(f"--minutes names unknown tags; the tags are {', '.join(INSTRUCTIONS)}")
     if args.quick:
-        args.tags, args.shots, args.minutes, args.test_rows, args.val_every = ["reviews"], 2, 0.3, 8, 5
+        args.tags, args.shots, args.minutes, args.test_rows, args.val_every, args.repeats = (
+            ["reviews"],
+            2,
+            {"*": 0.3},
+            8,
+            5,
+            1,
+        )
     results = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": machine.describe(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "table")} | {"template": TEMPLATE},
         "tags": {},
     }

@@ -56,6 +56,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import datadir
+import machine
 from quality_workers import load_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,9 +340,8 @@ def main() -> None:
         "recipes": recipes
     }
     results: dict = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
+        "machine": machine.describe(args.threads)
+        | {
             "machine": platform.machine(),
             "python": platform.python_version(),
             "torch": version("torch"),

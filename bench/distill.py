@@ -98,7 +98,7 @@ def token_count(text: str) -> int:
     """Tokens of `text` in the default base's tokenizer, as distill tokenizes a teacher text."""
     from transformers import AutoTokenizer
 
-    from ptcli.lm.base import resolve
+    from ptcli.lm.source import resolve
     from ptcli.tuning.teacher import teacher_ids
 
     return len(teacher_ids(AutoTokenizer.from_pretrained(resolve("default", lambda _: None)), text))

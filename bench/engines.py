@@ -90,7 +90,7 @@ def worker(engine: str, project: Path, path: Path, mode: str, batch_size: int, o
     loaded = time.perf_counter() - t0
     records = records_of(path)
     modes = tag_modes(p, sorted({r.tag for r in records}), mode, None)
-    prompts = {t: Prompt.of(t, *bank.get(p, t)) for t in modes}
+    prompts = {t: Prompt.of(t, *bank.get(p, t, numpy=name != "torch")) for t in modes}  # as `ptcli infer` loads them
     items = [Item(prompts[r.tag], r.text, Mode(mode), 32, tuple(prompts[r.tag].record.choices or ())) for r in records]
     seqs = [s for s in eng.rows(items) if isinstance(s, list)]
     answers: dict[int, str] = {}

@@ -14,6 +14,8 @@ import platform
 import statistics
 import time
 
+ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
 
 def matmul_gflops(threads: int | None = None, n: int = 1024, reps: int = 8, trials: int = 5) -> float:
     """Median GFLOP/s of `reps` (n, n) @ (n, n) float32 products over `trials`, on `threads` threads."""
@@ -37,12 +39,13 @@ def matmul_gflops(threads: int | None = None, n: int = 1024, reps: int = 8, tria
 
 def describe(threads: int | None = None) -> dict:
     """The `machine` block of a result: cores, platform, CPU model and the matmul reference."""
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor()
-    )
+    info = _cpuinfo()
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
     return {
         "cpu_count": os.cpu_count(),
         "cpu": cpu,
+        "isa": [f for f in ISA if f in flags],  # what llama.cpp's and torch's kernels pick their paths by
         "platform": platform.platform(),
         "matmul_gflops": matmul_gflops(threads),
     }

@@ -76,7 +76,8 @@ def score_splits(task: str, cfg: dict, labels: list[str], score) -> dict:
 
     score(texts) gives the (N, C) answer log-likelihoods of raw texts.
     """
-    from ptcli.lm.answers import CONTENT_FREE, calibrate
+    from ptcli.lm.answers import calibrate
+    from ptcli.lm.rules import CONTENT_FREE
 
     free = score(list(CONTENT_FREE)) if cfg["calibrate"] else None  # (N_cf, C)
     out = {}
@@ -177,7 +178,7 @@ def peft_config(kind: str, P: int, labels: list[str], hidden: int):
     rank 8 on the attention projections (what a user would pick instead of prompt tuning)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
-    from ptcli.lm.base import resolve
+    from ptcli.lm.source import resolve
 
     if kind == "peft_ptuning":
         return PromptEncoderConfig(

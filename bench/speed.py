@@ -115,6 +115,7 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
+        import torch
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
         pm = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len))
@@ -173,24 +174,26 @@ INFER_NAMES = {
 
 
 def text_prompt(source: Path, tok, text: str, P: int):
-    """(P, H): the embedding rows of `text`'s tokens, tiled to P, read from the converted base's safetensors (every
-    tool gets the same prompts, and a llama.cpp worker loads no torch model for them)."""
-    import torch
+    """(P, H) numpy: the embedding rows of `text`'s tokens, tiled to P, read from the converted base's safetensors
+    (every tool gets the same prompts, and a llama.cpp worker imports no torch for them, as `ptcli infer` does not)."""
+    import numpy as np
     from safetensors import safe_open
 
     ids = tok(text, add_special_tokens=False).input_ids
-    with safe_open(str(source / "model.safetensors"), "pt") as f:
+    with safe_open(str(source / "model.safetensors"), "np") as f:
         table = f.get_slice("model.embed_tokens.weight")
-        return torch.cat([table[i : i + 1] for i in (ids * P)[:P]])
+        return np.concatenate([table[i : i + 1] for i in (ids * P)[:P]])
 
 
 def infer_engine(tool: str, tok, source: Path):
     """ptcli's engine for `tool`: the torch path, or llama.cpp on the GGUF file (or its bf16 re-encoding)."""
     from ptcli.enums import LlamaWeights
     from ptcli.inference.engine import Engine
-    from ptcli.lm.base import default_gguf, load_base
+    from ptcli.lm.source import default_gguf
 
     if tool == "ptcli":
+        from ptcli.lm.base import load_base
+
         return Engine(*load_base("default"))
     from ptcli.inference.llama_context import weights_of
     from ptcli.inference.llamacpp import LlamaCppEngine
@@ -201,18 +204,17 @@ def infer_engine(tool: str, tok, source: Path):
 
 def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tokens: int) -> dict:
     """Greedy answers of mixed SST2 and RTE rows. Every tool batches the same way: each tag's rows sorted by
-    length, in batches of `batch` (ptcli's plan mixes tags in a batch, PEFT runs one adapter at a time)."""
-    import torch
-    from transformers import AutoTokenizer
-
+    length, in batches of `batch` (ptcli's plan mixes tags in a batch, PEFT runs one adapter at a time). A llama.cpp
+    worker imports what `ptcli infer --engine llama.cpp` does: no torch, no transformers (its peak RSS is that)."""
     from ptcli.enums import Mode
     from ptcli.inference.engine import Item, Prompt
     from ptcli.inference.infer import plan
-    from ptcli.lm.base import DEFAULT_REF, resolve
+    from ptcli.inference.tokenizer import load_tokenizer
+    from ptcli.lm.source import DEFAULT_REF, resolve
     from ptcli.project.record import PromptRecord
 
     source = Path(resolve(DEFAULT_REF, lambda _: None))
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = load_tokenizer(source)  # transformers' ids (tests/test_tokenizer.py)
     tags = {"SST2": "positive negative", "RTE": "True False"}
     rows = [r for task in tags for r in load_rows(task, "val", n_per_tag)]
     rows = [rows[i] for i in sorted(range(len(rows)), key=lambda i: (i * 7919) % len(rows))]  # mixed order
@@ -220,13 +222,18 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
     texts = tok([r["text"] for r in rows], add_special_tokens=False).input_ids
     if tool.startswith("ptcli"):  # `ptcli infer`'s path: both tags in length-sorted mixed batches, through the engine
         engine, record = infer_engine(tool, tok, source), PromptRecord(config={"max_seq_length": 512})
-        loaded = {t: Prompt(t, p.unsqueeze(0), record) for t, p in prompts.items()}
+        if tool == "ptcli":
+            import torch
+
+            prompts = {t: torch.from_numpy(p) for t, p in prompts.items()}
+        loaded = {t: Prompt(t, p[None], record) for t, p in prompts.items()}
         items = [Item(loaded[r["prompt_tag"]], r["text"], Mode.GENERATE, new_tokens) for r in rows]
         seqs = engine.rows(items, texts)
         t0 = time.perf_counter()
         for idx in plan(engine, items, seqs, batch):
             engine.run([items[i] for i in idx], [seqs[i] for i in idx])
     else:
+        import torch
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
         from ptcli.lm.base import load_base
@@ -238,7 +245,7 @@ def worker_infer(tool: str, prompt_len: int, n_per_tag: int, batch: int, new_tok
         pm.add_adapter("RTE", PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len))
         for tag in tags:
             with torch.no_grad():
-                pm.prompt_encoder[tag].embedding.weight.copy_(prompts[tag])
+                pm.prompt_encoder[tag].embedding.weight.copy_(torch.from_numpy(prompts[tag]))
         tok.padding_side = "left"
         t0 = time.perf_counter()
         with torch.inference_mode():

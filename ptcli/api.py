@@ -157,8 +157,9 @@ def init_project(
     root: Path, base: str | None, num_prompt_tokens: int, trust_remote_code: bool = False, status=lambda _: None
 ) -> proj.ProjectDir:
     """Create a project: load the base once to record its fingerprint and hidden size."""
-    from ptcli.lm.base import canonical_ref, check_base_flag, fingerprint, load_base
+    from ptcli.lm.base import fingerprint, load_base
     from ptcli.lm.probe import check_supported
+    from ptcli.lm.source import canonical_ref, check_base_flag
 
     if (root / proj.MANIFEST).exists():
         raise ProjectError(f"{root} is already a ptcli project", hint="use it as is, or pick another directory")

@@ -13,7 +13,7 @@ dir=$1 base=$2 tag=$3 instruction=$4 train=$5 valid=$6 test=$7
 n=$(python - "$base" "$instruction" <<'PY'
 import sys
 from transformers import AutoTokenizer
-from ptcli.lm.base import resolve
+from ptcli.lm.source import resolve
 ref, text = sys.argv[1], sys.argv[2]
 print(len(AutoTokenizer.from_pretrained(resolve(ref, lambda _: None)).encode(text, add_special_tokens=False)))
 PY

@@ -764,8 +764,9 @@ def test_a_record_without_a_mode_ranks_when_it_has_an_answer_set(tuned, tmp_path
 
 def test_calibrate_subtracts_the_content_free_scores(tuned, mixed, tmp_path: Path, lively_llama: Path) -> None:
     from ptcli.data.encode import answer_tokens
-    from ptcli.lm.answers import CONTENT_FREE, calibrate
+    from ptcli.lm.answers import calibrate
     from ptcli.lm.forward import choice_scores
+    from ptcli.lm.rules import CONTENT_FREE
 
     sent = [r for r in mixed if r["prompt_tag"] == "sent"]
     out = _infer(tuned.root, _jsonl(tmp_path / "sent.jsonl", sent), "--calibrate")

@@ -13,8 +13,9 @@ from reference import greedy, plain_lm_loss
 from ptcli.data.encode import ANSWER_PREFIX, answer_tokens, closed_answers
 from ptcli.data.jsonl import Record
 from ptcli.errors import ModelError
-from ptcli.lm.answers import ranked, run_rows, vote
+from ptcli.lm.answers import run_rows
 from ptcli.lm.forward import IGNORE, choice_scores, decode_or_score, lm_loss
+from ptcli.lm.rules import ranked, vote
 from ptcli.tuning.soft_prompt import init_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -32,7 +32,7 @@ from ptcli.enums import Backend, LlamaWeights, Mode
 from ptcli.errors import UsageError
 from ptcli.inference.engine import Item, Prediction, Prompt
 from ptcli.inference.infer import open_engine, plan
-from ptcli.lm.answers import room
+from ptcli.lm.rules import room
 from ptcli.project import bank
 from ptcli.project import manifest as proj
 

@@ -13,30 +13,32 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ptcli.data.template import Layout
 from ptcli.enums import Mode
 from ptcli.errors import PtcliError
-from ptcli.lm.answers import content_free_bias, means, room, run_rows, text_budget, vote
-from ptcli.lm.batch import Step
-from ptcli.lm.depth import entering
+from ptcli.lm.rules import Step, means, room, text_budget, vote
 from ptcli.project.record import PromptRecord
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, eq=False)
 class Prompt:
-    """One bank entry as loaded for answering: (K, D*P, H) members (D: the record's depth), its record."""
+    """One bank entry as loaded for answering: (K, D*P, H) members (D: the record's depth), its record.
+
+    The members are a torch tensor, or a numpy array for the llama.cpp engine (`bank.get(..., numpy=True)`)."""
 
     tag: str
-    members: torch.Tensor  # (K, D*P, H)
+    members: Any  # (K, D*P, H): torch.Tensor | np.ndarray
     record: PromptRecord
 
     @classmethod
-    def of(cls, tag: str, prompt: torch.Tensor, record: PromptRecord) -> Prompt:
+    def of(cls, tag: str, prompt: Any, record: PromptRecord) -> Prompt:
         """From what `bank.get` returns: a prompt (P, H), or an ensemble's (K, P, H)."""
-        return cls(tag, prompt if prompt.dim() == 3 else prompt.unsqueeze(0), record)  # (K, P, H)
+        return cls(tag, prompt if prompt.ndim == 3 else prompt[None], record)  # (K, P, H)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Engine:
         self.model, self.tok = model, tok
         self._layouts: dict[tuple[str, int], Layout] = {}  # (template, prompt length) -> its layout for this tokenizer
         # prompt -> choices -> (K, C); weak: a prompt the bank replaced takes its biases with it
-        self._biases: weakref.WeakKeyDictionary[Prompt, dict[tuple[str, ...], torch.Tensor]]
+        self._biases: weakref.WeakKeyDictionary[Prompt, dict[tuple[str, ...], Any]]  # torch, or numpy (llama.cpp)
         self._biases = weakref.WeakKeyDictionary()
         self._rooms: dict[tuple[str, int, tuple[str, ...]], int] = {}  # (mode, max_new, choices) -> positions
 
@@ -140,16 +142,19 @@ class Engine:
                 raise s
         return [s for s in seqs if not isinstance(s, PtcliError)]  # all of them, as lists of ids
 
-    @torch.inference_mode()
     def run(self, items: list[Item], seqs: list[list[int]]) -> list[Prediction]:
         """Answers for rows laid out by `rows`, in order: one pass per pass key."""
+        import torch
+
+        from ptcli.lm.depth import entering
+
         passes: dict[PassKey, list[int]] = {}
         for i, it in enumerate(items):
             passes.setdefault(self.pass_key(it), []).append(i)
         results: dict[int, Prediction] = {}
         for (mode, max_new, _, layer, depth), idx in passes.items():
             batch, rows = [items[i] for i in idx], [seqs[i] for i in idx]
-            with entering(self.model, layer, depth):
+            with torch.inference_mode(), entering(self.model, layer, depth):
                 answers = self._generate(batch, rows, max_new) if mode == Mode.GENERATE else self._rank(batch, rows)
             results.update(zip(idx, answers))
         return [results[i] for i in range(len(items))]
@@ -161,6 +166,8 @@ class Engine:
         return [p.members for p in distinct.values()], [index[id(it.prompt)] for it in items]
 
     def _generate(self, items: list[Item], seqs: list[list[int]], max_new: int) -> list[Prediction]:
+        from ptcli.lm.answers import run_rows
+
         prompts, owner = self._prompts(items)
         top = max((it.logprobs for it in items if it.logprobs is not None), default=None)
         out = run_rows(self.model, self.tok, prompts, seqs, owner, max_new=max_new, top=top)
@@ -183,6 +190,8 @@ class Engine:
         )
 
     def _rank(self, items: list[Item], seqs: list[list[int]]) -> list[Prediction]:
+        from ptcli.lm.answers import run_rows
+
         prompts, owner = self._prompts(items)
         union = list(dict.fromkeys(c for it in items for c in it.choices))
         out = run_rows(self.model, self.tok, prompts, seqs, owner, choices=union)
@@ -194,12 +203,15 @@ class Engine:
             answers.append(Prediction(it.choices[int(mean.argmax())], len(s), scores=tuple(mean.tolist())))
         return answers
 
-    def _bias(self, item: Item) -> torch.Tensor:
+    def _bias(self, item: Item) -> Any:
         """Contextual calibration of a prompt over an answer set, (K, C), computed once per engine."""
+        from ptcli.lm.answers import content_free_bias
+        from ptcli.lm.depth import entering
+
         mine = self._biases.setdefault(item.prompt, {})
         if item.choices not in mine:
             layout = self.layout(item.prompt)
-            with entering(self.model, item.prompt.record.prompt_layer, item.prompt.record.depth):
+            with entering(self.model, item.prompt.record.prompt_layer, item.prompt.record.depth):  # inside run
                 mine[item.choices] = content_free_bias(
                     self.model, self.tok, item.prompt.members, list(item.choices), layout
                 )

@@ -27,7 +27,6 @@ from ptcli.data.jsonl import Record, check_inference_row, read_jsonl
 from ptcli.enums import Backend, Mode
 from ptcli.errors import InputError, UsageError, unknown_tags
 from ptcli.inference.engine import Engine, Item, Prompt
-from ptcli.lm.base import load_project_base
 from ptcli.project import bank
 from ptcli.project.manifest import ProjectDir
 
@@ -77,10 +76,11 @@ def infer(
     modes = tag_modes(project, sorted({r.tag for r in records}), mode, choices)
     if calibrated and Mode.RANK not in modes.values():
         raise UsageError("--calibrate corrects ranked answers, and no tag here is ranked", hint="add --mode rank")
-    rank, world, device = dist.join_group()
+    llama = base.engine == Backend.LLAMACPP  # one process, numpy prompts: nothing here imports torch
+    rank, world, device = (0, 1, "cpu") if llama else dist.join_group()
     engine = open_engine(project, base, world, device, status)
     tok = engine.tok
-    prompts = {t: Prompt.of(t, *bank.get(project, t)) for t in modes}
+    prompts = {t: Prompt.of(t, *bank.get(project, t, numpy=llama)) for t in modes}
     items = [
         Item(
             prompts[r.tag],
@@ -111,6 +111,8 @@ def open_engine(project: ProjectDir, base: BaseOptions, world: int, device, stat
         from ptcli.inference.llamacpp import load_engine
 
         return load_engine(project, base, status, world)
+    from ptcli.lm.base import load_project_base
+
     model, tok = load_project_base(project.base, base, status)
     if base.device_map is None:
         model.to(device)

@@ -27,10 +27,10 @@ Logits = dict[tuple[int, int], np.ndarray]  # (sequence, position) -> (V,)
 
 def gguf_of(project: ProjectDir) -> Path:
     """The GGUF file of the project's base, or UsageError: llama.cpp reads nothing else."""
-    from ptcli.lm.base import DEFAULT_REF, _gguf_in, default_gguf
+    from ptcli.lm.source import DEFAULT_REF, default_gguf, gguf_in
 
     ref = project.base.ref
-    gguf = default_gguf() if ref == DEFAULT_REF else _gguf_in(Path(ref))
+    gguf = default_gguf() if ref == DEFAULT_REF else gguf_in(Path(ref))
     if gguf is None:
         raise UsageError(
             f"--engine llama.cpp runs a GGUF base; this project's base is {ref!r}, not a .gguf file",

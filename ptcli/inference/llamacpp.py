@@ -27,8 +27,7 @@ from ptcli.enums import Mode
 from ptcli.errors import PtcliError, UsageError
 from ptcli.inference.engine import Engine, Item, Prediction
 from ptcli.inference.llama_context import MAX_SEQ, Context, check_engine, check_fingerprint, weights_of
-from ptcli.lm.answers import CONTENT_FREE, means, vote
-from ptcli.lm.batch import Step
+from ptcli.lm.rules import CONTENT_FREE, Step, calibration_bias, means, vote
 from ptcli.project.manifest import ProjectDir
 
 
@@ -119,18 +118,14 @@ class LlamaCppEngine(Engine):
 
     def _bias(self, item: Item):
         """Contextual calibration of a prompt over an answer set, (K, C): scored after the content-free text."""
-        import torch
-
-        from ptcli.lm.answers import calibration_bias
-
         mine = self._biases.setdefault(item.prompt, {})
         if item.choices not in mine:
             free = [Item(item.prompt, t, Mode.RANK, 0, item.choices) for t in CONTENT_FREE]
             laid = [s for s in self.rows(free) if isinstance(s, list)]  # the content-free text fits where rows do
-            mine[item.choices] = calibration_bias(torch.stack(self.scores(free, laid)))  # (N, K, C) -> (K, C)
+            mine[item.choices] = calibration_bias(np.stack(self.scores(free, laid)))  # (N, K, C) -> (K, C)
         return mine[item.choices]
 
-    def scores(self, items: list[Item], seqs: list[list[int]]) -> list:
+    def scores(self, items: list[Item], seqs: list[list[int]]) -> list[np.ndarray]:
         """(K, C) summed log-likelihoods of the candidates of ranked rows laid out by `rows` (one chunk's worth)."""
         self.llama.clear()
         return self._scores(self._read(items, seqs), [it.choices for it in items])
@@ -145,7 +140,7 @@ class LlamaCppEngine(Engine):
                 shared.setdefault((id(it.prompt), k), (len(shared), _Seq(it.prompt.members.shape[1])))
         if shared:  # each member's P vectors once
             vecs = {
-                (id(it.prompt), k): it.prompt.members[k].numpy() for it in items for k in range(len(it.prompt.members))
+                (id(it.prompt), k): np.asarray(member) for it in items for k, member in enumerate(it.prompt.members)
             }
             batch = [(sid, j, v) for key, (sid, _) in shared.items() for j, v in enumerate(vecs[key])]
             got = self.llama.embeds(batch, {(sid, seq.pos - 1) for sid, seq in shared.values()})
@@ -165,7 +160,7 @@ class LlamaCppEngine(Engine):
                 else:
                     seq = _Seq()
                 mine.append((sid, seq))
-                work.append((sid, seq, _segments(s), member.numpy()))
+                work.append((sid, seq, _segments(s), np.asarray(member)))
             rows.append(mine)
         for n in range(max((len(w[2]) for w in work), default=0)):  # segment n of every row, rows side by side
             toks, vecs_n, ends = [], [], []
@@ -218,8 +213,6 @@ class LlamaCppEngine(Engine):
 
     def _scores(self, rows: list[list[tuple[int, _Seq]]], choices: list[tuple[str, ...]]):
         """(K, C) summed log-likelihoods of each row's candidates (as training saw them: prefix, tokens, eos)."""
-        import torch
-
         from ptcli.data.encode import answer_tokens
 
         cands = {c: answer_tokens(self.tok, list(c)) for c in set(choices)}
@@ -235,7 +228,7 @@ class LlamaCppEngine(Engine):
                     jobs.append((i, k, c, copy, seq))
                     batch += [(copy, seq.pos + j, t) for j, t in enumerate(ids[:-1])]
         got = self.llama.tokens(batch, {(copy, p) for copy, p, _ in batch})
-        out = [torch.zeros(len(mine), len(cs)) for mine, cs in zip(rows, choices)]
+        out = [np.zeros((len(mine), len(cs)), dtype=np.float32) for mine, cs in zip(rows, choices)]
         after_row: dict[tuple[int, int], np.ndarray] = {}  # (row, member) -> log-probabilities after its text (V,)
         for i, k, c, copy, seq in jobs:
             ids = cands[choices[i]][c]
@@ -276,16 +269,13 @@ def load_engine(
     project: ProjectDir, base: BaseOptions, status: Callable[[str], None] = lambda _: None, world: int = 1
 ) -> Engine:
     """The project's GGUF base in llama.cpp, with the torch path's tokenizer (so the token ids agree)."""
-    from transformers import AutoTokenizer
-
-    from ptcli.lm.base import resolve
+    from ptcli.inference.tokenizer import load_tokenizer
+    from ptcli.lm.source import resolve
 
     gguf = check_engine(project, base, world)
     source = Path(resolve(project.base.ref, status))  # the converted copy: its tokenizer and its fingerprint
     check_fingerprint(project, source, status)
     weights = weights_of(gguf, source, base.llama_weights, status)
-    tok = AutoTokenizer.from_pretrained(source)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(source)
     status(f"answering with llama.cpp on {weights}")
     return LlamaCppEngine(tok, weights)

@@ -1,51 +1,21 @@
-"""The answer rules, written once: `ptcli infer`, the server and tuning's validation all answer by these.
-
-- Text budget: a row's text is cut from the left so that the prompt, the template's literals,
-  the text and what follows it (the generation room, or the longest candidate) fit the tag's
-  --max-seq-length.
-- Greedy answers: every member of a tag's ensemble decodes; the members vote, ties going to
-  the first member.
-- Ranked answers: each candidate of the answer set is scored after the row (the summed
-  log-likelihood of its tokens as training saw them); the members' scores are averaged,
-  optionally calibrated, and the best candidate wins.
-- Contextual calibration (Zhao et al., 2021): a candidate the prompt favours whatever the text
-  loses that edge, measured after a content-free input laid out as the tag's rows.
+"""The torch base's answers to rows by the rules of rules.py: greedy tokens and ranked scores, in one pass.
 
 One pass (`run_rows`) serves rows of several prompts (tags, and each tag's members): every
 prompt of the pass is stacked into one (M, P, H) tensor and each row points at its members.
+Contextual calibration's content-free scores (`content_free_bias`) come from the same pass.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from ptcli.data.encode import answer_tokens
 from ptcli.data.template import Layout
-from ptcli.enums import Mode
-from ptcli.errors import UsageError
-from ptcli.lm.batch import Step
+from ptcli.lm import rules
 from ptcli.lm.forward import decode_or_score
-
-CONTENT_FREE = ("N/A",)  # Zhao et al. (2021)'s content-free input, in place of the text
-
-
-def room(tok, mode: str, max_new: int, choices: list[str] | tuple[str, ...]) -> int:
-    """Positions a row needs after its text: the generation length, or the longest candidate (+ eos)."""
-    return max_new if mode == Mode.GENERATE else max(map(len, answer_tokens(tok, list(choices))))
-
-
-def text_budget(tag: str, max_seq_length: int, layout: Layout, after: int) -> int:
-    """`Layout.budget`, refused with the tag's name when no text fits."""
-    budget = layout.budget(max_seq_length, after)
-    if budget < 1:
-        raise UsageError(
-            f"the answers ({after} tokens) leave no room for text in {tag!r}'s max sequence length",
-            hint="generate fewer tokens (--tokens-to-generate), or give shorter --choices",
-        )
-    return budget
+from ptcli.lm.rules import CONTENT_FREE, Step
 
 
 @dataclass
@@ -107,29 +77,10 @@ def run_rows(
     return Outputs(tokens, texts, per_row, per_step)
 
 
-def vote(texts: list[str]) -> int:
-    """The member whose greedy answer most members give; ties go to the first member."""
-    return texts.index(Counter(texts).most_common(1)[0][0])
-
-
-def means(scores: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The members' mean score of each candidate (K, C) -> (C,), after calibration (`bias`, (K, C))."""
-    return (scores if bias is None else scores - bias).mean(0)
-
-
-def ranked(scores: torch.Tensor, bias: torch.Tensor | None = None) -> int:
-    """The candidate with the best members' mean score (K, C), after calibration (`bias`, (K, C))."""
-    return int(means(scores, bias).argmax())
-
-
 def calibration_bias(content_free: torch.Tensor) -> torch.Tensor:
-    """Contextual calibration's bias: (N, ..., C) answer scores after N content-free inputs -> (..., C).
-
-    The log of the answer-set distribution the content-free inputs give, averaged over them.
-    Subtracting it from a row's log-likelihoods (`calibrate`) is Zhao et al.'s diagonal
-    W = diag(p_cf)^-1 in log space: an answer the prompt favours whatever the text loses that edge.
-    """
-    return content_free.float().softmax(-1).mean(0).log()
+    """rules.calibration_bias of torch scores: (N, ..., C) -> (..., C)."""
+    bias = rules.calibration_bias(content_free.detach().float().cpu().numpy())
+    return torch.from_numpy(bias).to(content_free.device)
 
 
 def calibrate(scores: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:

@@ -53,15 +53,6 @@ def to_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-@dataclass(frozen=True)
-class Step:
-    """One greedy step: the token, its log-probability, and the likeliest tokens there (id, log-prob), best first."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
 @dataclass
 class Read:
     """A batch of rows read behind their prompts, ready for a loss, decoding or candidate scoring."""

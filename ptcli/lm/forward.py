@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ptcli.lm.arch import shared_prefix_exact
-from ptcli.lm.batch import IGNORE, Read, Step, cache_of, left_pad, right_pad, stack, to_logits, with_cache
+from ptcli.lm.batch import IGNORE, Read, cache_of, left_pad, right_pad, stack, to_logits, with_cache
 from ptcli.lm.depth import forward_with, prompt_depth
 from ptcli.lm.placed import has_slots, placed_hidden, placed_read
+from ptcli.lm.rules import Step
 
 
 def read(model, prompts: torch.Tensor, seqs: list[list[int]], pad_id: int, which=None, extra: int = 0) -> Read:

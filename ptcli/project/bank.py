@@ -100,16 +100,22 @@ def check_compatible(project: ProjectDir, record: PromptRecord, source: str) -> 
         )
 
 
-def get(project: ProjectDir, tag: str) -> tuple[torch.Tensor, PromptRecord]:
-    """Load a prompt (P, H), or an ensemble's (K, P, H), after verifying its checksum and its base model."""
-    from safetensors.torch import load as st_load
+def get(project: ProjectDir, tag: str, numpy: bool = False) -> tuple[Any, PromptRecord]:
+    """Load a prompt (P, H), or an ensemble's (K, P, H), after verifying its checksum and its base model.
 
+    A torch tensor, or with `numpy` a float32 numpy array (the llama.cpp engine runs without torch)."""
     path = require(project, tag)
     blob = path.read_bytes()
     _, record, data = _split(path, blob)
     if not sealed.checksum_ok(record.sha256, data):
         raise CompatibilityError(f"prompt file {path} is corrupted: its checksum does not match", hint="retune the tag")
     check_compatible(project, record, f"prompt {tag!r}")
+    if numpy:
+        from safetensors.numpy import load as np_load
+
+        return np_load(blob)["prompt"], record  # float32: every prompt file is (_split checked it)
+    from safetensors.torch import load as st_load
+
     return st_load(blob)["prompt"].float(), record
 
 

@@ -42,7 +42,7 @@ DEFAULT_MAX_SEQ_LENGTH = next(f.default for f in fields(TaskConfig) if f.name ==
 
 def _base_source(project: ProjectDir) -> str:
     """What `from_pretrained` should load for this project's base: a local folder or a hub id."""
-    from ptcli.lm.base import resolve  # the default base and .gguf files live as converted folders in the cache
+    from ptcli.lm.source import resolve  # the default base and .gguf files live as converted folders in the cache
 
     return resolve(project.base.ref, status=lambda _: None)
 

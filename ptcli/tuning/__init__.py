@@ -9,5 +9,5 @@ step's loss (the answer's, or over the answer set); `states.py` a late prompt's 
 validation that keeps the best prompt; `checkpoint.py` saving and restoring a run's state.
 A flag of `tune` is a field of `config.TaskConfig`; the CLI option is derived from it in
 `cli/options.py`. It may import project, lm, data and the root modules; not inference
-(validation answers through `lm.answers`, as inference does).
+(validation answers by `lm.rules`, through `lm.answers`, as inference does).
 """

@@ -26,9 +26,10 @@ from ptcli.data.encode import Encoded
 from ptcli.data.jsonl import read_jsonl
 from ptcli.data.template import Layout
 from ptcli.errors import InputError, UsageError
-from ptcli.lm.answers import run_rows, vote
+from ptcli.lm.answers import run_rows
 from ptcli.lm.base import load_project_base
 from ptcli.lm.batch import IGNORE
+from ptcli.lm.rules import vote
 from ptcli.project.manifest import ProjectDir
 from ptcli.project.record import PromptRecord
 from ptcli.project.runs import checkpoint_path

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ptcli.data.encode import Encoded
-from ptcli.lm.answers import ranked, run_rows, vote
+from ptcli.lm.answers import run_rows
 from ptcli.lm.batch import to_logits
 from ptcli.lm.forward import lm_loss
+from ptcli.lm.rules import ranked, vote
 from ptcli.project.record import headline
 from ptcli.tuning.loss import StepRows, candidate_rows, labelled
 from ptcli.tuning.states import FrozenStates

@@ -1,0 +1,57 @@
+"""The base's tokenizer for the llama.cpp engine, read from the converted copy's tokenizer.json alone.
+
+`transformers` imports torch (about 250 MB of a process that needs neither: llama.cpp computes,
+numpy holds the prompts). The fast tokenizer transformers wraps is this same `tokenizers` object, so
+the ids are the ones the torch path reads (tests compare them). A folder whose tokenizer needs more
+than encode and decode (no tokenizer.json, or the space clean-up of WordPiece-style decoders) gets
+transformers' tokenizer instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list  # list[int] for one text, list[list[int]] for several
+
+
+class Tokenizer:
+    """What ptcli's engines call on a tokenizer: tok(texts, add_special_tokens=False).input_ids, decode, eos."""
+
+    def __init__(self, backend, eos_token_id: int):
+        self._backend = backend  # tokenizers.Tokenizer
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> Encoded:
+        if isinstance(text, str):
+            return Encoded(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return Encoded([e.ids for e in self._backend.encode_batch(list(text), add_special_tokens=add_special_tokens)])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer: `Tokenizer` over tokenizer.json where that is all it is, else transformers'."""
+    from tokenizers import Tokenizer as Backend
+
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    plain = not config.get("clean_up_tokenization_spaces")  # transformers' WordPiece-style clean-up is its own
+    if (folder / "tokenizer.json").is_file() and isinstance(eos, str) and plain:
+        backend = Backend.from_file(str(folder / "tokenizer.json"))
+        eos_id = backend.token_to_id(eos)
+        if eos_id is not None:
+            return Tokenizer(backend, eos_id)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -175,6 +175,14 @@ def test_the_docs_table_of_inference_engines_is_the_committed_json() -> None:
     assert r.stdout.count("\n") == 6 and r.stdout in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
 
 
+def test_the_readme_table_of_engines_is_the_committed_json() -> None:
+    """README's "Running prompts elsewhere" table is what bench/readme_engines.py makes of the results."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "readme_engines.py")], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.count("\n") == 7 and r.stdout in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
 def test_engines_table_in_the_docs_is_the_committed_json() -> None:
     """docs/engines.md shows bench/results/engines.json as `engines.py --table` renders it."""
     r = subprocess.run(

@@ -132,12 +132,14 @@ main()
 @pytest.mark.parametrize("flags", [["--mode", "generate"], ["--mode", "rank", "--calibrate"]])
 def test_llamacpp_infer_runs_without_torch(project: Path, default_cache: Path, flags: list[str]) -> None:
     """`ptcli infer --engine llama.cpp` imports neither torch nor transformers (their ~250 MB are the torch path's),
-    and answers as the same engine does in a process that has them."""
+    and answers as the same engine does in a process that has them. That process runs first: the base's
+    fingerprint is computed with torch once per GGUF file and kept beside its converted copy."""
     args = ["infer", project.parent / "test.jsonl", "-p", project, "-q", "--engine", "llama.cpp", *flags]
+    want = _infer(project, *args[5:])
     env = {**os.environ, "PTCLI_CACHE": str(default_cache)}
     run = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert [json.loads(line) for line in run.stdout.splitlines()] == _infer(project, *args[5:])
+    assert [json.loads(line) for line in run.stdout.splitlines()] == want
 
 
 def test_what_llamacpp_cannot_do_is_refused_by_name(project: Path, tiny_llama: Path, tmp_path: Path) -> None:
@@ -200,11 +202,13 @@ def test_serve_with_llamacpp_answers_the_openai_client(project: Path) -> None:
     """Each request alone (a batch of one), against the engine given that row alone: llama.cpp's sums depend on a
     batch's shape, so a near-tie may tip otherwise in a batch of other rows."""
     from openai import OpenAI
+    from transformers import AutoTokenizer
 
     from ptcli.config import BaseOptions
     from ptcli.enums import Backend
     from ptcli.inference.engine import Item, Prompt
     from ptcli.inference.infer import open_engine
+    from ptcli.lm.source import resolve
     from ptcli.project import bank
     from ptcli.project import manifest as proj
 
@@ -213,6 +217,11 @@ def test_serve_with_llamacpp_answers_the_openai_client(project: Path) -> None:
     engine = open_engine(p, BaseOptions(engine=Backend.LLAMACPP), 1, "cpu", lambda _: None)
     prompts = {t: Prompt.of(t, *bank.get(p, t)) for t in {r["prompt_tag"] for r in rows}}
     want = [engine([Item(prompts[r["prompt_tag"]], r["text"], max_new=4)])[0] for r in rows]
+    messages = [{"role": "user", "content": rows[0]["text"]}]  # /v1/chat/completions: the rendered conversation
+    rendered = AutoTokenizer.from_pretrained(resolve("default", lambda _: None)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    want_chat = engine([Item(prompts[rows[0]["prompt_tag"]], rendered, max_new=4)])[0].text
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -232,6 +241,8 @@ def test_serve_with_llamacpp_answers_the_openai_client(project: Path) -> None:
         for r, w in zip(rows, want):
             got = client.completions.create(model=r["prompt_tag"], prompt=r["text"], max_tokens=4, temperature=0)
             assert got.choices[0].text.strip() == w.text
+        chat = client.chat.completions.create(model=rows[0]["prompt_tag"], messages=messages, max_tokens=4)
+        assert chat.choices[0].message.content == want_chat
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -35,6 +35,11 @@ def _same(folder: Path) -> None:
     assert answer_tokens(ours, ["positive", "negative"]) == answer_tokens(theirs, ["positive", "negative"])
     text = theirs(TEXTS[0], add_special_tokens=False).input_ids
     assert Layout(ours, TEMPLATE, 4).context(text) == Layout(theirs, TEMPLATE, 4).context(text)
+    assert bool(ours.chat_template) == bool(theirs.chat_template)
+    if theirs.chat_template:  # the server renders conversations through it
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[0]}]
+        kw = {"add_generation_prompt": True, "tokenize": False}
+        assert ours.apply_chat_template(messages, **kw) == theirs.apply_chat_template(messages, **kw)
 
 
 def test_tiny_folders_tokenize_as_transformers_does(tiny_llama: Path) -> None:

@@ -20,11 +20,23 @@ class Encoded:
 
 
 class Tokenizer:
-    """What ptcli's engines call on a tokenizer: tok(texts, add_special_tokens=False).input_ids, decode, eos."""
+    """What ptcli's engines call on a tokenizer: tok(texts, add_special_tokens=False).input_ids, decode, eos.
 
-    def __init__(self, backend, eos_token_id: int):
+    A chat template (the server's /v1/chat/completions) is rendered by transformers' own tokenizer of the
+    folder, loaded on first use: jinja templates are transformers' dialect, not re-implemented here."""
+
+    def __init__(self, backend, eos_token_id: int, folder: Path, chat_template: str | None):
         self._backend = backend  # tokenizers.Tokenizer
         self.eos_token_id = eos_token_id
+        self.chat_template = chat_template
+        self._folder, self._full = folder, None
+
+    def apply_chat_template(self, *args, **kwargs):
+        if self._full is None:
+            from transformers import AutoTokenizer
+
+            self._full = AutoTokenizer.from_pretrained(self._folder)
+        return self._full.apply_chat_template(*args, **kwargs)
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> Encoded:
         if isinstance(text, str):
@@ -47,8 +59,10 @@ def load_tokenizer(folder: Path):
     if (folder / "tokenizer.json").is_file() and isinstance(eos, str) and plain:
         backend = Backend.from_file(str(folder / "tokenizer.json"))
         eos_id = backend.token_to_id(eos)
+        template = folder / "chat_template.jinja"
+        chat = template.read_text(encoding="utf-8") if template.is_file() else config.get("chat_template")
         if eos_id is not None:
-            return Tokenizer(backend, eos_id)
+            return Tokenizer(backend, eos_id, folder, chat)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)

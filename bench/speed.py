@@ -115,7 +115,6 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        import torch
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
         pm = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_len))

@@ -210,8 +210,8 @@ class Engine:
 
         mine = self._biases.setdefault(item.prompt, {})
         if item.choices not in mine:
-            layout = self.layout(item.prompt)
-            with entering(self.model, item.prompt.record.prompt_layer, item.prompt.record.depth):  # inside run
+            layout = self.layout(item.prompt)  # called from run, under its inference_mode
+            with entering(self.model, item.prompt.record.prompt_layer, item.prompt.record.depth):
                 mine[item.choices] = content_free_bias(
                     self.model, self.tok, item.prompt.members, list(item.choices), layout
                 )

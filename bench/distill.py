@@ -4,6 +4,7 @@
     python bench/distill.py --minutes reviews=40,topic=8   # minutes of each tag
     python bench/distill.py --quick         # a short configuration (tests keep it working)
     python bench/distill.py --table         # print the table of the committed JSON
+    python bench/distill.py --readme-table  # README's short table of it
 
 For each tag of examples/data (reviews, topic), on the default base:
   teacher    a chat-format instruction and --shots worked examples from train.jsonl (class-balanced), where
@@ -288,6 +289,21 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_table(results: dict) -> str:
+    """README's short form of `table`: what the distilled prompt keeps, and what it saves."""
+    lines = [
+        "| tag | teacher text → prompt | agreement | accuracy, teacher / student | speed vs teacher, batch 1 / 16 |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for tag, r in results["tags"].items():
+        a, x = r["accuracy"], r["speedup"]
+        lines.append(
+            f"| {tag} | {r['teacher_tokens']} tokens → {r['prompt_tokens']} vectors | {r['agreement']:.3f} | "
+            f"{a['teacher']:.3f} / {a['student']:.3f} | {x['batch 1']:.2f}x / {x['batch 16']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
         project, path, batch, max_new, repeats, out = sys.argv[2:]
@@ -310,9 +326,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one tag, 2 shots, 0.3 minutes, 8 test rows")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill.json")
     ap.add_argument("--table", action="store_true", help="print the committed JSON's table and stop")
+    ap.add_argument("--readme-table", action="store_true", help="print README's table of the committed JSON and stop")
     args = ap.parse_args()
     if args.table:
         return print(table(json.loads(args.out.read_text())))
+    if args.readme_table:
+        return print(readme_table(json.loads(args.out.read_text())))
     if set(args.minutes) - {"*", *INSTRUCTIONS}:
         ap.error(f"--minutes names unknown tags; the tags are {', '.join(INSTRUCTIONS)}")
     if args.quick:
@@ -327,7 +346,8 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine.describe(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "table")} | {"template": TEMPLATE},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "table", "readme_table")}
+        | {"template": TEMPLATE},
         "tags": {},
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,8 @@
     python bench/readme_engines.py     # print the table
 
 Speed and memory: `bench/speed.py --sections infer` (mixed-tag rows, `speed.json`); agreement with the
-torch path: `bench/engines.py` (`engines.json`, every file and mode); serving: `bench/serve.py --sections
-engines` (`serve.json`, requests/s at each client count against torch's).
+torch path: `bench/engines.py` (`engines.json`, every file and mode); serving: `bench/speed.py --sections
+serve` (`speed.json`, requests/s at each client count against torch's).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ def _span(values: list[float], fmt: str) -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
-def measured(tool: str, speed: dict, engines: dict, serve: dict) -> str:
+def measured(tool: str, speed: dict, engines: dict) -> str:
     """The "as measured here" cell of one llama.cpp row."""
     name = ENGINES[tool]
     ratio = speed[f"infer_p100_{tool}_examples_per_s"] / speed["infer_p100_ptcli_examples_per_s"]
     rss = speed[f"infer_p100_{tool}_peak_rss_mb"] / speed["infer_p100_ptcli_peak_rss_mb"]
     agree = [100 * run["agreement"][name] for run in engines["runs"].values()]
-    runs = serve["engines"]["runs"]
+    runs = speed["serve_engines"]["runs"]
     torch = {r["concurrency"]: r["req_per_s"] for r in runs if r["engine"] == "torch"}
     served = [r["req_per_s"] / torch[r["concurrency"]] for r in runs if r["engine"] == name]
     return (
@@ -37,14 +37,14 @@ def measured(tool: str, speed: dict, engines: dict, serve: dict) -> str:
 
 
 def table() -> str:
-    speed, engines, serve = (json.loads((RESULTS / f"{n}.json").read_text()) for n in ("speed", "engines", "serve"))
+    speed, engines = (json.loads((RESULTS / f"{n}.json").read_text()) for n in ("speed", "engines"))
     rows = [
         ("tune; late and deep prompts; any base", "ptcli's engine (default, `--engine torch`)",
          f"mixed tags: {speed['infer_p100_ptcli_examples_per_s']:.1f} rows/s"),
         ("a GGUF base on a CPU", "`ptcli infer/serve --engine llama.cpp --llama-weights bf16`",
-         measured("ptcli-llama.cpp-bf16", speed, engines, serve)),
+         measured("ptcli-llama.cpp-bf16", speed, engines)),
         ("the least memory", "`--engine llama.cpp` (the file's Q4_1)",
-         measured("ptcli-llama.cpp", speed, engines, serve)),
+         measured("ptcli-llama.cpp", speed, engines)),
         ("serve at scale with TensorRT-LLM", "`ptcli export --format trtllm` (prompt table + task ids)",
          "not run here (no GPU)"),
         ("serve with vLLM (`--enable-prompt-embeds`)", "`ptcli embed` (rows' input embeddings)", "not run here"),

@@ -16,14 +16,12 @@ while the request was in flight (before, after the first overwrite, after the se
 dropped tag must answer until its removal and 404 after it; the server's VmRSS is sampled.
 Reports requests/s, p50/p95 latency, 5xx, mismatches, 404s after removal, RSS start/end.
 
-Section engines: the batching server with `--engine torch`, `--engine llama.cpp` and `--engine llama.cpp
---llama-weights bf16`, 1, 8 and 32 clients each, and each server's peak RSS (VmHWM).
+The batching server per engine (`--engine torch`, `llama.cpp`, `llama.cpp --llama-weights bf16`) is measured
+by `bench/speed.py --sections serve` with this file's project, server and clients (`engines`).
 
     python bench/serve.py                         # full run (~4 min on 2 cores), writes bench/results/serve.json
     python bench/serve.py --sections under-change # adds the under-change row to bench/results/serve.json
-    python bench/serve.py --sections engines      # torch and llama.cpp servers, added to bench/results/serve.json
     python bench/serve.py --table                 # that row as docs/benchmarks.md shows it
-    python bench/serve.py --engines-table         # the engines rows as docs/engines.md shows them
     python bench/serve.py --quick --base DIR      # a short run on another base (the tests use a tiny model)
 """
 
@@ -346,7 +344,7 @@ def batching(root: Path, texts: list[tuple[str, str]], seconds: float, max_token
 
 
 def engines(root: Path, texts: list[tuple[str, str]], seconds: float, max_tokens: int) -> list[dict]:
-    """Section engines: a batching server per engine (torch, llama.cpp on the GGUF file and on its bf16
+    """bench/speed.py's section serve: a batching server per engine (torch, llama.cpp on the GGUF file and on its bf16
     re-encoding), 1, 8 and 32 clients, its peak RSS."""
     one = root.parent / "one-row.jsonl"
     one.write_text(json.dumps({"prompt_tag": texts[0][0], "text": texts[0][1]}) + "\n")
@@ -410,22 +408,17 @@ def main() -> None:
     ap.add_argument(
         "--sections",
         default="batching",
-        help="comma-separated: batching (the table), under-change (a row added to --out's other results), "
-        "engines (torch and llama.cpp servers, added likewise)",
+        help="comma-separated: batching (the table), under-change (a row added to --out's other results)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     ap.add_argument("--table", action="store_true", help="print the under-change table of --out and exit")
-    ap.add_argument("--engines-table", action="store_true", help="print the engines table of --out and exit")
     args = ap.parse_args()
-    if args.engines_table:
-        print(engines_table(json.loads(args.out.read_text())["engines"]["runs"]), end="")
-        return
     if args.table:
         print(under_change_table(json.loads(args.out.read_text())["under_change"]), end="")
         return
     sections = set(args.sections.split(","))
-    if sections - {"batching", "under-change", "engines"}:
-        raise SystemExit(f"--sections takes batching, under-change and engines, got {args.sections!r}")
+    if sections - {"batching", "under-change"}:
+        raise SystemExit(f"--sections takes batching and under-change, got {args.sections!r}")
     seconds, max_tokens = (2.0, 4) if args.quick else (args.seconds, args.max_tokens)
     change_seconds = 10.0 if args.quick else args.change_seconds
     header = {
@@ -450,12 +443,6 @@ def main() -> None:
             row = under_change(root, texts[:48], 32, change_seconds, max_tokens)  # 16 texts a tag
             results["under_change"] = {**header, "settings": SETTINGS["on"], **row}
             print(under_change_table(row), end="")
-        if "engines" in sections:
-            results["engines"] = {
-                **header,
-                "seconds_per_measurement": seconds,
-                "runs": engines(root, texts, seconds, max_tokens),
-            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

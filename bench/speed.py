@@ -7,6 +7,11 @@ hits both alike. Reports medians.
 
     python bench/speed.py                 # full run, writes bench/results/speed.json
     python bench/speed.py --quick         # a short configuration (CI keeps it working)
+    python bench/speed.py --sections infer serve   # only these rows, merged into speed.json's others
+
+Section serve: `ptcli serve` with `--engine torch`, `--engine llama.cpp` and `--engine llama.cpp
+--llama-weights bf16` (bench/serve.py's batching server and closed-loop clients, three tags mixed),
+1, 8 and 32 clients each, and each server's peak RSS. PEFT has no server: it has no serve row.
 
 Throughput counts the tokens each example really has (soft prompt + text + answer, no
 padding), the same way for both tools. Hardware use counts the work each tool actually does:
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import datadir
+import serve as serve_bench  # bench/serve.py: its project, server and clients
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = datadir.DEFAULT  # --data-dir; workers get it on their command line
@@ -327,15 +333,19 @@ def main() -> None:
         "--sections",
         nargs="+",
         default=["all"],
-        choices=["all", "late", "infer"],
-        help="late, infer: only the late-prompt or the inference rows, merged into --out's other results",
+        choices=["all", "late", "infer", "serve"],
+        help="late, infer, serve: only the late-prompt, inference or serving rows, merged into --out's other results "
+        "(each section's machine and date go under 'sections')",
     )
     ap.add_argument("--infer-table", action="store_true", help="print --out's inference rows as docs show them")
+    ap.add_argument("--serve-table", action="store_true", help="print --out's serving rows as docs show them")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     datadir.add_flag(ap)
     args = ap.parse_args()
     if args.infer_table:
         return print(infer_table(json.loads(args.out.read_text())), end="")
+    if args.serve_table:
+        return print(serve_bench.engines_table(json.loads(args.out.read_text())["serve_engines"]["runs"]), end="")
     global DATA
     needs = (
         [] if args.worker else ["SST2/train.jsonl", "SST2/val.jsonl", "RTE/train.jsonl", "RTE/val.jsonl"]
@@ -393,13 +403,16 @@ def main() -> None:
         return tps
 
     if "all" not in args.sections:
-        if args.out.exists():
-            results = {**json.loads(args.out.read_text()), **{k: results[k] for k in ("machine", "date", "batch")}}
+        here = {k: results[k] for k in ("machine", "date", "batch", "matmul_gflops")}
+        results = json.loads(args.out.read_text()) if args.out.exists() else results
+        results["sections"] = results.get("sections", {}) | {s: here for s in args.sections}
         if "late" in args.sections:
             late_rows(train, results)
         if "infer" in args.sections:
             infer_rows(args.quick, reps, args.batch, results, rows)
-        rows_done(rows, results, args.out)
+        if "serve" in args.sections:
+            serve_rows(args.quick, results)
+        rows_done(rows, results, args.out, peak / 1e9)
         return
     late_rows(train, results)
     for P in lengths:
@@ -410,11 +423,12 @@ def main() -> None:
         results[f"suffix_vs_prefix_ratio_{task}"] = tps["ptcli-suffix"] / tps["ptcli"]
         results[f"suffix_vs_peft_ratio_{task}"] = tps["ptcli-suffix"] / tps["peft"]
     infer_rows(args.quick, reps, args.batch, results, rows)
+    serve_rows(args.quick, results)
     P0 = lengths[-1]
     results["train_peak_fraction"] = results[f"train_p{P0}_ptcli"]["flops_fraction"]
     results["rss_ratio"] = results[f"train_p{P0}_ptcli"]["peak_rss_mb"] / results[f"train_p{P0}_peft"]["peak_rss_mb"]
     results["list_tags_seconds"] = list_tags_seconds()
-    rows_done(rows, results, args.out)
+    rows_done(rows, results, args.out, peak / 1e9)
 
 
 def infer_rows(quick: bool, reps: int, batch: int, results: dict, rows: list) -> None:
@@ -460,6 +474,30 @@ def infer_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def serve_rows(quick: bool, results: dict) -> None:
+    """A batching `ptcli serve` per engine (torch, llama.cpp on the GGUF file and its bf16 re-encoding): req/s,
+    latency and the server's peak RSS at 1, 8 and 32 clients, three tags in turn."""
+    import importlib.util
+
+    if not importlib.util.find_spec("llama_cpp"):
+        print("llama-cpp-python is not installed (pip install 'ptcli[llamacpp]'): no serve rows", file=sys.stderr)
+        return
+    seconds, max_tokens = (2.0, 4) if quick else (20.0, 16)
+    test = [json.loads(line) for line in (serve_bench.EXAMPLES / "test.jsonl").read_text().splitlines()]
+    tags = list(serve_bench.TAGS)
+    texts = [(tags[i % len(tags)], r["text"]) for i, r in enumerate(test)]  # mixed tags, in turn
+    with tempfile.TemporaryDirectory() as tmp:
+        root = serve_bench.make_project(Path(tmp), None)
+        runs = serve_bench.engines(root, texts, seconds, max_tokens)
+    results["serve_engines"] = {
+        "tags": tags,
+        "max_tokens": max_tokens,
+        "seconds_per_measurement": seconds,
+        "settings": serve_bench.SETTINGS["on"],
+        "runs": runs,
+    }
+
+
 def late_rows(train, results: dict) -> None:
     """RTE steps with the prompt entering before block 15 or 20 (states below it kept) against the suffix layout."""
     tools = ("ptcli-suffix", "ptcli-late15", "ptcli-late20")
@@ -472,12 +510,12 @@ def late_rows(train, results: dict) -> None:
         )
 
 
-def rows_done(rows: list, results: dict, out: Path) -> None:
+def rows_done(rows: list, results: dict, out: Path, gflops: float) -> None:
     print(f"{'measurement':<20}{'tool':<14}{'throughput':>16}{'step':>13}{'peak RSS':>11}{'FLOP/s':>16}")
     for r in rows:
         print(f"{r[0]:<20}{r[1]:<14}{r[2]:>16}{r[3]:>13}{r[4]:>11}{r[5]:>16}")
     print(
-        f"\nmatmul peak {results['matmul_gflops']:.1f} GFLOP/s; "
+        f"\nmatmul peak {gflops:.1f} GFLOP/s; "
         f"list-tags on 50 prompts {results.get('list_tags_seconds', float('nan')):.3f} s"
     )
     for key in [k for k in results if "ratio" in k or k == "train_peak_fraction"]:

@@ -41,6 +41,28 @@ def test_speed_bench_quick_configuration_runs(tmp_path, monkeypatch, default_cac
     ):
         assert results[key] > 0, key
     assert "train_ratio_p20" in r.stdout  # the table is printed
+    served = {(run["engine"], run["concurrency"]): run for run in results["serve_engines"]["runs"]}
+    assert set(served) == {(e, c) for e in ("torch", "llama.cpp", "llama.cpp-bf16") for c in (1, 8, 32)}
+    assert all(run["req_per_s"] > 0 and run["peak_rss_mb"] > 0 for run in served.values())
+
+
+@pytest.mark.skipif(not (DATA / "SST2" / "train.jsonl").is_file(), reason="needs ../shared/data beside the repo")
+def test_a_section_run_keeps_the_other_rows_and_records_its_own_machine(tmp_path, monkeypatch, default_cache):
+    monkeypatch.setenv("PTCLI_CACHE", str(default_cache))
+    out = tmp_path / "speed.json"
+    earlier = {"machine": "an earlier machine", "date": "2026-01-01", "batch": 16, "train_ratio_p20": 1.5}
+    out.write_text(json.dumps(earlier))
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "speed.py"), "--quick", "--sections", "infer", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {k: results[k] for k in earlier} == earlier
+    assert set(results["sections"]) == {"infer"} and results["sections"]["infer"]["matmul_gflops"] > 0
+    assert results["infer_ratio_p20"] > 0
 
 
 def _serve_bench(base, out, *flags: str) -> subprocess.CompletedProcess:
@@ -191,7 +213,7 @@ def test_engines_table_in_the_docs_is_the_committed_json() -> None:
     doc = (ROOT / "docs" / "engines.md").read_text(encoding="utf-8")
     assert r.stdout.count("\n") >= 4 and all(f"  {line}" in doc for line in r.stdout.splitlines())
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--engines-table"],
+        [sys.executable, str(ROOT / "bench" / "speed.py"), "--serve-table"],
         capture_output=True,
         text=True,
         check=True,
@@ -219,6 +241,13 @@ def test_the_docs_table_of_distill_is_the_committed_json() -> None:
         [sys.executable, str(ROOT / "bench" / "distill.py"), "--table"], capture_output=True, text=True, check=True
     )
     assert r.stdout.count("\n") >= 3 and r.stdout in (ROOT / "docs" / "distill.md").read_text(encoding="utf-8")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "distill.py"), "--readme-table"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout.count("\n") >= 3 and r.stdout in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(not (DATA / "RTE" / "train.jsonl").is_file(), reason="needs ../shared/data beside the repo")

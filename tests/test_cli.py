@@ -461,7 +461,7 @@ def test_tuning_another_tag_leaves_the_first_frozen(tuned, lively_llama: Path) -
 def test_retune_needs_overwrite(tuned, data, tmp_path: Path) -> None:
     before = (tuned.root / "bank" / "sent.safetensors").read_bytes()
     err = failed(cli("tune", "--tag", "sent", "-p", tuned.root), 1)
-    assert "tag 'sent' is already tuned" in err and "--overwrite" in err and "--resume" in err
+    assert "tag 'sent' already has a prompt in the bank" in err and "--overwrite" in err and "--resume" in err
     assert (tuned.root / "bank" / "sent.safetensors").read_bytes() == before
 
     root = _copy(tuned.root, tmp_path)

@@ -220,6 +220,8 @@ def test_distill_starts_as_the_teacher_and_writes_an_ordinary_prompt(setup_dir: 
         )
     )
     assert "already distilled" in again.stderr
+    args = ["--from-file", root / "teacher.txt", "--inputs", root / "inputs.jsonl", *ARGS, "-p", root / "p"]
+    assert "tag 'sent' already has a prompt in the bank" in failed(cli("distill", "--tag", "sent", *args), 1)
 
 
 def test_distill_learns_a_shorter_prompt(setup_dir: Path, tmp_path: Path, lively_llama: Path) -> None:

@@ -172,7 +172,7 @@ def _after_failure(result, root: Path, before: dict[str, bytes], data: dict[str,
     if "--resume" in err:
         ok(cli(*_tune("b", data["b"], "--resume"), "-p", root))
     elif saved:  # past the commit: the prompt is whole, and the next tune says so
-        assert "already tuned" in failed(cli(*_tune("b", data["b"]), "-p", root), 1)
+        assert "already has a prompt" in failed(cli(*_tune("b", data["b"]), "-p", root), 1)
     else:
         ok(cli(*_tune("b", data["b"]), "-p", root))
     got = load_file(root / "bank" / "b.safetensors")

@@ -120,13 +120,18 @@ def test_ranked_scores_match_to_a_fraction_of_a_nat(project: Path, weights: str)
         assert diff.max() < most and diff.mean() < mean, (tag, diff.max(), diff.mean())
 
 
-NO_TORCH = """
-import sys
-sys.modules["torch"] = sys.modules["transformers"] = None  # any import of them fails
-from ptcli.cli.app import main
-sys.argv = ["ptcli", *sys.argv[1:]]
-main()
-"""
+def _without(*modules: str) -> str:
+    """A `python -c` script that runs ptcli's CLI where any import of `modules` fails."""
+    return f"import sys\nfor m in {modules!r}: sys.modules[m] = None\nfrom ptcli.cli.app import main\n" + (
+        "sys.argv = ['ptcli', *sys.argv[1:]]\nmain()\n"
+    )
+
+
+NO_TORCH = _without("torch", "transformers")
+# serve renders chat templates with transformers' jinja renderer (transformers.utils), nothing heavier of it
+NO_TORCH_SERVE = _without(
+    "torch", "transformers.models", "transformers.modeling_utils", "transformers.tokenization_utils_base"
+)
 
 
 @pytest.mark.parametrize("flags", [["--mode", "generate"], ["--mode", "rank", "--calibrate"]])
@@ -200,7 +205,8 @@ def test_logprobs_match_the_torch_paths_to_a_fraction_of_a_nat(project: Path) ->
 
 def test_serve_with_llamacpp_answers_the_openai_client(project: Path) -> None:
     """Each request alone (a batch of one), against the engine given that row alone: llama.cpp's sums depend on a
-    batch's shape, so a near-tie may tip otherwise in a batch of other rows."""
+    batch's shape, so a near-tie may tip otherwise in a batch of other rows. The server imports no torch, nor
+    transformers' models and tokenizers (its chat template renders through transformers' jinja renderer)."""
     from openai import OpenAI
     from transformers import AutoTokenizer
 
@@ -225,7 +231,18 @@ def test_serve_with_llamacpp_answers_the_openai_client(project: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "ptcli", "serve", "-p", str(project), "--port", str(port), "--engine", "llama.cpp"]
+    cmd = [
+        sys.executable,
+        "-c",
+        NO_TORCH_SERVE,
+        "serve",
+        "-p",
+        str(project),
+        "--port",
+        str(port),
+        "--engine",
+        "llama.cpp",
+    ]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)

@@ -20,6 +20,16 @@ TEXTS = [
     "<|im_end|> a special token typed as text",
     "",
 ]
+CONVERSATIONS = [
+    [{"role": "user", "content": TEXTS[2]}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[0]}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "why?"}],
+]
+CHAT = (  # a template that reads special tokens and raises on a bad role, as templates on the Hub do
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('bad role') }}{% endif %}[{{ m['role'] }}] {{ m['content'] | trim }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 TEMPLATE = "{prompt}<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n{answer}"
 
 
@@ -37,9 +47,20 @@ def _same(folder: Path) -> None:
     assert Layout(ours, TEMPLATE, 4).context(text) == Layout(theirs, TEMPLATE, 4).context(text)
     assert bool(ours.chat_template) == bool(theirs.chat_template)
     if theirs.chat_template:  # the server renders conversations through it
-        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[0]}]
-        kw = {"add_generation_prompt": True, "tokenize": False}
-        assert ours.apply_chat_template(messages, **kw) == theirs.apply_chat_template(messages, **kw)
+        for messages in CONVERSATIONS:
+            for kw in ({"add_generation_prompt": True}, {}):
+                assert ours.apply_chat_template(messages, tokenize=False, **kw) == theirs.apply_chat_template(
+                    messages, tokenize=False, **kw
+                )
+
+
+def _tokenizer_with(source: Path, folder: Path, **config) -> None:
+    """`source`'s tokenizer files in `folder`, `config` merged into its tokenizer_config.json."""
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    merged = json.loads((folder / "tokenizer_config.json").read_text()) | config
+    (folder / "tokenizer_config.json").write_text(json.dumps(merged))
 
 
 def test_tiny_folders_tokenize_as_transformers_does(tiny_llama: Path) -> None:
@@ -55,13 +76,19 @@ def test_the_default_base_tokenizes_as_transformers_does(default_cache: Path, mo
     assert default_gguf().is_file()
 
 
+def test_a_chat_template_renders_as_transformers_renders_it(tiny_llama: Path, tmp_path: Path) -> None:
+    """Through transformers' jinja renderer, with the special tokens its tokenizer passes."""
+    _tokenizer_with(tiny_llama, tmp_path, chat_template=CHAT)
+    _same(tmp_path)
+    with pytest.raises(Exception, match="bad role"):
+        load_tokenizer(tmp_path).apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(ValueError, match="as text only"):
+        load_tokenizer(tmp_path).apply_chat_template(CONVERSATIONS[0], tokenize=True)
+
+
 def test_a_folder_that_needs_transformers_gets_its_tokenizer(tiny_llama: Path, tmp_path: Path) -> None:
     """WordPiece-style clean-up of spaces is transformers' own: such a folder is not read by `Tokenizer`."""
-    for f in tiny_llama.iterdir():
-        if f.name.startswith("tokenizer"):
-            (tmp_path / f.name).write_bytes(f.read_bytes())
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"clean_up_tokenization_spaces": True}))
+    _tokenizer_with(tiny_llama, tmp_path, clean_up_tokenization_spaces=True)
     tok = load_tokenizer(tmp_path)
     assert not isinstance(tok, Tokenizer)
     assert tok(TEXTS[0], add_special_tokens=False).input_ids == load_tokenizer(tiny_llama)(TEXTS[0]).input_ids

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -22,21 +25,30 @@ class Encoded:
 class Tokenizer:
     """What ptcli's engines call on a tokenizer: tok(texts, add_special_tokens=False).input_ids, decode, eos.
 
-    A chat template (the server's /v1/chat/completions) is rendered by transformers' own tokenizer of the
-    folder, loaded on first use: jinja templates are transformers' dialect, not re-implemented here."""
+    A chat template (the server's /v1/chat/completions) is rendered by transformers' own jinja renderer,
+    `transformers.utils.chat_template_utils`, which imports neither torch nor the tokenizer classes (about
+    40 MB): jinja templates are transformers' dialect, not re-implemented here. The template sees the special
+    tokens as transformers' tokenizer passes them (`special_tokens_map`)."""
 
-    def __init__(self, backend, eos_token_id: int, folder: Path, chat_template: str | None):
+    def __init__(self, backend, eos_token_id: int, chat_template: str | None, special: dict[str, Any]):
         self._backend = backend  # tokenizers.Tokenizer
         self.eos_token_id = eos_token_id
         self.chat_template = chat_template
-        self._folder, self._full = folder, None
+        self._special = special
 
-    def apply_chat_template(self, *args, **kwargs):
-        if self._full is None:
-            from transformers import AutoTokenizer
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False):
+        """The conversation rendered as text (the server's call, `tokenize=False`)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
 
-            self._full = AutoTokenizer.from_pretrained(self._folder)
-        return self._full.apply_chat_template(*args, **kwargs)
+        if tokenize:
+            raise ValueError("the llama.cpp engine's tokenizer renders chat templates as text only (tokenize=False)")
+        out: Any = render_jinja_template(  # (the rendered conversations, generation indices); annotated `str`
+            conversations=[messages],
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **self._special,
+        )
+        return out[0][0]
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> Encoded:
         if isinstance(text, str):
@@ -62,10 +74,21 @@ def load_tokenizer(folder: Path):
         template = folder / "chat_template.jinja"
         chat = template.read_text(encoding="utf-8") if template.is_file() else config.get("chat_template")
         if eos_id is not None:
-            return Tokenizer(backend, eos_id, folder, chat)
+            return Tokenizer(backend, eos_id, chat, special_tokens(config))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def special_tokens(config: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer_config.json's special tokens as transformers' `special_tokens_map` gives them: content strings."""
+
+    def content(token):
+        return token.get("content") if isinstance(token, dict) else token
+
+    found: dict[str, Any] = {k: content(config[k]) for k in SPECIAL if config.get(k) is not None}
+    extra = [content(t) for t in config.get("additional_special_tokens") or []]
+    return found | ({"additional_special_tokens": extra} if extra else {})

@@ -22,8 +22,10 @@ Version = tuple[int, int, int]  # inode, mtime in ns, size
 
 
 class LiveBank:
-    def __init__(self, project: ProjectDir, status: Callable[[str], None] = lambda _: None):
-        self.project, self.status = project, status
+    """`numpy`: prompts as numpy arrays (the llama.cpp engine's; loading them imports no torch)."""
+
+    def __init__(self, project: ProjectDir, status: Callable[[str], None] = lambda _: None, numpy: bool = False):
+        self.project, self.status, self.numpy = project, status, numpy
         self._served: dict[str, tuple[Version, Prompt]] = {}
         self._refused: dict[str, tuple[Version, str]] = {}
 
@@ -58,7 +60,7 @@ class LiveBank:
 
     def _load(self, tag: str, version: Version) -> None:
         try:
-            members, record = bank.get(self.project, tag)
+            members, record = bank.get(self.project, tag, numpy=self.numpy)
         except (ProjectError, FileNotFoundError):  # gone since the listing; the next refresh drops it
             return
         except (CompatibilityError, OSError) as e:

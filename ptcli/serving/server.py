@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ptcli.config import BaseOptions
+from ptcli.enums import Backend
 from ptcli.errors import PtcliError, ServeError, UsageError
 from ptcli.project.manifest import ProjectDir
 from ptcli.serving import chat, openai_api
@@ -241,7 +242,7 @@ def serve(project: ProjectDir, cfg: ServeConfig, status: Callable[[str], None] =
 
     sock = listen(cfg.host, cfg.port)
     engine = open_engine(project, cfg.base, 1, "cpu", status)
-    bank = LiveBank(project, status)
+    bank = LiveBank(project, status, numpy=cfg.base.engine == Backend.LLAMACPP)
     bank.refresh()
     batcher = Batcher(engine, cfg.max_batch_size, cfg.max_wait_ms / 1000, cfg.max_queue, status)
     meters = Metrics(batcher.queued)

@@ -56,7 +56,7 @@ def check_start(
     for tag in cfgs:
         if bank.path_of(project, tag).exists() and not (resuming or overwrite or auto):
             raise ProjectError(
-                f"tag {tag!r} is already tuned",
+                f"tag {tag!r} already has a prompt in the bank",
                 hint="pass --overwrite to retune it, or --resume to continue a killed run",
             )
     return resuming

@@ -99,6 +99,11 @@ class TaskConfig:
         "answer",
         choices=Loss,
     )
+    ema: float = _setting(
+        "Validate and keep an exponential moving average of the prompt with this decay (e.g. 0.99) instead of the "
+        "last step's prompt: it smooths the steps' noise out of the kept prompt. 0 keeps the last step's.",
+        0.0,
+    )
     max_minutes: float | None = _setting(
         "Stop training after this much wall time; the decay then runs over the time budget.", None, shown="no limit"
     )
@@ -134,6 +139,8 @@ class TaskConfig:
         for name in ("max_minutes", "reparam_lr", "lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 problems.append(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.ema < 1:
+            problems.append(f"{flag_of('ema')} must be 0 or more and below 1, got {self.ema}")
         if not 0 <= self.min_lr <= self.lr:
             problems.append(f"{flag_of('min_lr')} must be between 0 and {flag_of('lr')} ({self.lr}), got {self.min_lr}")
         unknown = [n for n in self.trackers() if n not in {t.value for t in Tracker}]
@@ -179,6 +186,7 @@ RUN_SETTINGS = (
     "prompt_layer",
     "deep",
     "loss",
+    "ema",
     "log_with",
     "log_dir",
 )

@@ -42,10 +42,12 @@ class State:
     seconds: float = 0.0
     inputs: dict[str, Any] = field(default_factory=dict)  # see inputs_of
     best_prompt: torch.Tensor | None = field(default=None, repr=False)  # (S, P, H), every slot of the run
+    ema_prompt: torch.Tensor | None = field(default=None, repr=False)  # (S, P, H): --ema's average, None without
 
     def to_json(self) -> dict[str, Any]:
-        """The record a checkpoint stores (the best prompt goes in as a tensor)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("best_prompt", "history")}
+        """The record a checkpoint stores (the best and average prompts go in as tensors)."""
+        kept_apart = ("best_prompt", "ema_prompt", "history")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in kept_apart}
         return {**out, "history": [h.to_json() for h in self.history]}
 
 
@@ -66,6 +68,8 @@ def save(target: Path, prompt: torch.nn.Module, opt: torch.optim.Optimizer, stat
     """Every trainable tensor of the prompt module (the prompts, and an encoder's weights) with its AdamW moments."""
     assert state.best_prompt is not None  # a run holds its best prompts from the step-0 validation on
     tensors = {"best_prompt": state.best_prompt.cpu().contiguous()}
+    if state.ema_prompt is not None:
+        tensors["ema_prompt"] = state.ema_prompt.cpu().contiguous()
     steps = {}
     for name, param in prompt.named_parameters():
         tensors[f"param.{name}"] = param.detach().cpu().contiguous()
@@ -98,7 +102,8 @@ def load(
     record.pop("sha256", None)
     tensors = st_load(source.read_bytes())
     given = {tag: computed_settings(cfg) for tag, cfg in cfgs.items()}  # a resumed run may log elsewhere
-    changed = sorted({k for t, c in given.items() for k in c if record["config"].get(t, {}).get(k) != c[k]})
+    default = {f.name: f.default for f in fields(TaskConfig)}  # what a setting newer than the checkpoint meant then
+    changed = sorted({k for t, c in given.items() for k in c if record["config"].get(t, {}).get(k, default[k]) != c[k]})
     if "inputs" in record:  # older checkpoints recorded the settings only
         changed += [k for k, v in (inputs or {}).items() if record["inputs"].get(k) != v]
     if changed:
@@ -130,4 +135,6 @@ def load(
                     "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(param.device),
                 }
     record["history"] = [runs.row_from_json(h) for h in record.get("history", [])]
-    return State(**record, best_prompt=tensors["best_prompt"].to(params["weight"].device))
+    device = params["weight"].device
+    ema = tensors["ema_prompt"].to(device) if "ema_prompt" in tensors else None
+    return State(**record, best_prompt=tensors["best_prompt"].to(device), ema_prompt=ema)

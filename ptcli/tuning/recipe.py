@@ -111,6 +111,8 @@ class Recipe:
         """Step 0: each tag's initial prompts are its best so far, and its `initial_metrics`."""
         with torch.no_grad():
             self.state.best_prompt = self.prompt().detach().clone()  # (S, P, H)
+        if self.run.ema:
+            self.state.ema_prompt = self.state.best_prompt.clone()
         for t in self.tasks:
             metrics = self.objective.evaluate(self, self.state.best_prompt[t.slots], t)
             self.state.initial[t.tag] = self.state.best[t.tag] = metrics
@@ -118,9 +120,9 @@ class Recipe:
             self.reporter.evaluated(0, metrics, t.tag)
 
     def validate(self) -> None:
-        """Score every tag's current prompts, keep each tag's better ones, and checkpoint."""
+        """Score every tag's current prompts (--ema: their average), keep each tag's better ones, and checkpoint."""
         with torch.no_grad():
-            current = self.prompt().detach()  # (S, P, H)
+            current = self.prompt().detach() if self.state.ema_prompt is None else self.state.ema_prompt  # (S, P, H)
         for t in self.tasks:
             metrics = self.objective.evaluate(self, current[t.slots], t)
             self.reporter.evaluated(self.state.step, metrics, t.tag)
@@ -161,10 +163,20 @@ class Recipe:
                 param.grad = acc.reduce(param.grad, "sum")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.state.ema_prompt is not None:
+            self._average(step)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
         self.reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         self.state.step = step + 1
         self.state.history.append(StepRow(self.state.step, loss, lr))
+
+    def _average(self, step: int) -> None:
+        """--ema: move the average toward the prompt just stepped. The decay warms up ((2+t)/(11+t), as in
+        timm's and Keras' EMA) so the init does not weigh on the average for hundreds of steps."""
+        decay = min(self.run.ema, (2 + step) / (11 + step))
+        assert self.state.ema_prompt is not None
+        with torch.no_grad():
+            self.state.ema_prompt.lerp_(self.prompt().detach(), 1 - decay)  # (S, P, H)
 
     def close(self) -> None:
         """What the run held only for itself goes: a late prompt's spilled states."""

@@ -20,6 +20,8 @@ COMMITTED = [  # RTE's rows, then SST-2's
     "quality_late_rte.json",
     "quality_deep_rte.json",
     "quality_deep_rte_lr001.json",
+    "quality_deep_control_rte.json",
+    "quality_deep_ema_rte.json",
     "quality_peers_rte.json",
     "quality_deep_sst2.json",
     "quality_sst2_20min_2cores.json",

@@ -404,6 +404,7 @@ def test_add_task_then_tune_uses_recorded_settings(base_project, data, tmp_path:
         "prompt_layer": 0,
         "deep": False,
         "loss": "answer",
+        "ema": 0.0,
         "log_with": None,
         "log_dir": None,
     }

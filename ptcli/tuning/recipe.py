@@ -163,20 +163,14 @@ class Recipe:
                 param.grad = acc.reduce(param.grad, "sum")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.state.ema_prompt is not None:
-            self._average(step)
+        if self.state.ema_prompt is not None:  # --ema: the average moves toward the prompt just stepped
+            decay = min(run.ema, (2 + step) / (11 + step))  # warmed up as TensorFlow's EMA with num_updates
+            with torch.no_grad():
+                self.state.ema_prompt.lerp_(self.prompt().detach(), 1 - decay)  # (S, P, H)
         loss = float(acc.reduce(loss_sum.detach(), "sum")) / n_global
         self.reporter.step(step + 1, loss, lr, positions * acc.num_processes)
         self.state.step = step + 1
         self.state.history.append(StepRow(self.state.step, loss, lr))
-
-    def _average(self, step: int) -> None:
-        """--ema: move the average toward the prompt just stepped. The decay warms up ((2+t)/(11+t), as in
-        timm's and Keras' EMA) so the init does not weigh on the average for hundreds of steps."""
-        decay = min(self.run.ema, (2 + step) / (11 + step))
-        assert self.state.ema_prompt is not None
-        with torch.no_grad():
-            self.state.ema_prompt.lerp_(self.prompt().detach(), 1 - decay)  # (S, P, H)
 
     def close(self) -> None:
         """What the run held only for itself goes: a late prompt's spilled states."""

@@ -65,7 +65,8 @@ def peak_rss_mb() -> float:
 
 def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str = "SST2") -> dict:
     """tool: ptcli (the prompt first), ptcli-suffix (--template suffix: the text runs without gradient),
-    ptcli-lateK (suffix, --prompt-layer K, the states below K and the texts kept: steady-state steps) or peft."""
+    ptcli-lateK (suffix, --prompt-layer K, the states below K and the texts kept: steady-state steps; the first
+    pass's steps apart), ptcli-lateK-deep-choices (the same with --deep --loss choices) or peft."""
     import torch
 
     from ptcli.data.encode import encode
@@ -85,30 +86,50 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     init = init_prompt(model, tok, prompt_len, "text", " ".join(sorted({r["answer"] for r in rows})), 0).to(DEVICE)
     times, tokens, positions = [], [], []
     blocks = model.config.num_hidden_layers
-    late = int(tool.removeprefix("ptcli-late")) if tool.startswith("ptcli-late") else 0
+    late = int(tool.removeprefix("ptcli-late").split("-")[0]) if tool.startswith("ptcli-late") else 0
+    cold: list[float] = []
     if late:
+        from ptcli.data.encode import answer_tokens
+        from ptcli.lm.depth import entering
         from ptcli.lm.frozen import lifted
-        from ptcli.tuning.loss import StepRows, batch_loss
+        from ptcli.tuning.loss import StepRows, batch_loss, candidate_rows
         from ptcli.tuning.states import FrozenStates
 
-        prompt = SoftPrompt(lifted(model, late, init))
+        deep = tool.endswith("-deep-choices")  # --deep --loss choices: each row once per candidate, vectors per block
+        depth = blocks - late if deep else 1
+        loss = "choices" if deep else "answer"
+        choices = sorted({r["answer"] for r in rows})
+        candidates = answer_tokens(tok, choices)
+        prompt = SoftPrompt(lifted(model, late, init, depth))
         opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
         states = FrozenStates(model, late, 1 << 36)
 
         def rows_of(idx):
-            ids, labels = [enc.ids[i] for i in idx], [enc.labels[i] for i in idx]
-            return StepRows(ids, labels, [0] * len(idx), [(i,) for i in idx], list(range(len(idx))), [])
-
-        with torch.no_grad():  # the states below the prompt and the texts, kept once (untimed): later epochs reuse them
-            for idx in batches:
-                batch_loss(model, prompt(), rows_of(idx), "answer", tok.pad_token_id, states, late)
+            if not deep:
+                ids, labels = [enc.ids[i] for i in idx], [enc.labels[i] for i in idx]
+                return StepRows(ids, labels, [0] * len(idx), [(i,) for i in idx], list(range(len(idx))), [])
+            out = StepRows([], [], [], [], [], [choices.index(records[i].answer) for i in idx])
+            for b, i in enumerate(idx):
+                for seq, labels, key in candidate_rows(enc.prompts[i], candidates, (i,)):
+                    out.seqs.append(seq)
+                    out.labels.append(labels)
+                    out.keys.append(key)
+                    out.which.append(0)
+                    out.example.append(b)
+            return out
 
         def step(idx):
-            rows = rows_of(idx)
-            loss_sum, n = batch_loss(model, prompt(), rows, "answer", tok.pad_token_id, states, late)
+            with entering(model, late, depth):
+                loss_sum, n = batch_loss(model, prompt(), rows_of(idx), loss, tok.pad_token_id, states, late, depth)
             (loss_sum / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+        for idx in batches:  # the first pass: each row's states below the prompt, and its text, are computed and kept
+            t0 = time.perf_counter()
+            step(idx)
+            cold.append(time.perf_counter() - t0)
+        cold = cold[1:]  # the first step warms up allocators and kernels
     elif tool.startswith("ptcli"):
         prompt = SoftPrompt(init)
         opt = torch.optim.AdamW(prompt.parameters(), lr=3e-2, weight_decay=0.0)
@@ -162,6 +183,7 @@ def worker_train(tool: str, prompt_len: int, steps: int, batch: int, task: str =
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     return {
         "step_s": times,
+        "cold_step_s": cold,  # late prompts: the first pass's steps, whose rows run below the prompt for the first time
         "tokens": tokens,
         "positions": positions,
         "peak_rss_mb": peak_rss_mb(),
@@ -378,6 +400,7 @@ def main() -> None:
                 runs[tool].append(run_worker("train", tool, str(P), str(steps), str(args.batch), task))
         tps = {}
         for tool, rs in runs.items():
+            cold = [s for r in rs for s in r["cold_step_s"]]
             step_s = statistics.median(s for r in rs for s in r["step_s"])
             tok_per_s = statistics.median(t / s for r in rs for t, s in zip(r["tokens"], r["step_s"]))
             rss = max(r["peak_rss_mb"] for r in rs)
@@ -387,6 +410,7 @@ def main() -> None:
             results[f"{key}_{tool}"] = {
                 "tokens_per_s": tok_per_s,
                 "step_s": step_s,
+                **({"first_pass_step_s": statistics.median(cold)} if cold else {}),
                 "peak_rss_mb": rss,
                 "flops_fraction": flops / peak,
             }
@@ -500,7 +524,7 @@ def serve_rows(quick: bool, results: dict) -> None:
 
 def late_rows(train, results: dict) -> None:
     """RTE steps with the prompt entering before block 15 or 20 (states below it kept) against the suffix layout."""
-    tools = ("ptcli-suffix", "ptcli-late15", "ptcli-late20")
+    tools = ("ptcli-suffix", "ptcli-late15", "ptcli-late20", "ptcli-late15-deep-choices")
     train("RTE P=20 late", "late_RTE", tools, 20, "RTE")
     for tool in tools:
         results[f"late_RTE_{tool}"]["steps_per_min"] = 60 / results[f"late_RTE_{tool}"]["step_s"]

@@ -32,10 +32,11 @@ from test_train import Reporter, small_run
 from ptcli.config import TaskConfig
 from ptcli.data.template import Layout
 from ptcli.enums import Loss
+from ptcli.lm.above import hidden_above
 from ptcli.lm.batch import to_logits
 from ptcli.lm.depth import entering
 from ptcli.lm.forward import IGNORE, choice_scores, token_logprobs
-from ptcli.lm.frozen import hidden_above, states_below
+from ptcli.lm.frozen import states_below
 from ptcli.project import bank
 from ptcli.project import manifest as proj
 from ptcli.tuning.loss import StepRows, batch_loss
@@ -48,7 +49,7 @@ ROWS = [(t, "positive" if i % 2 == 0 else "negative") for i, t in enumerate(TEXT
 
 
 def logprobs_above(model, *args, **kwargs):
-    """frozen.hidden_above's labelled tokens' log-probabilities (N,) and rows (N,), as training scores them."""
+    """above.hidden_above's labelled tokens' log-probabilities (N,) and rows (N,), as training scores them."""
     h, t, row_of = hidden_above(model, *args, **kwargs)
     return -F.cross_entropy(to_logits(model, h).float(), t, reduction="none"), row_of
 

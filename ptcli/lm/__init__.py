@@ -8,7 +8,7 @@ shared-prompt fast paths (training loss, greedy decoding, ranked candidates) and
 `placed.py` the same for templates that put prompt vectors among the tokens; `depth.py` where a
 prompt enters the stream (block 0, or block K for a late prompt; once, or at every block from
 there for a deep one), which every path feeds its prompt vectors through; `frozen.py` runs rows up to a
-block (the states below a late prompt) and from it (a late prompt's training step). `rules.py`
+block (the states below a late prompt) and `above.py` from it (a late prompt's training step). `rules.py`
 holds the answer rules, once for everyone and without torch (text budget, ensemble vote, ranked
 mean, calibration), and `answers.py` runs the torch base to answer by them. `probe.py` is
 `ptcli init`'s check that the fast paths equal a plain forward. It may import data and the root modules, never project.

@@ -4,7 +4,7 @@ every block from there up (a deep prompt).
 A prompt that enters at block K > 0 (Late Prompt Tuning, Liu et al. 2022) holds its slots'
 hidden states at the input of block K. Below K its slots carry zero vectors, so nothing
 below K depends on the prompt: the states entering block K are the same every epoch
-(frozen.py computes them once and runs the blocks above). A deep prompt (P-tuning v2, Liu
+(frozen.py computes them once, above.py runs the blocks above). A deep prompt (P-tuning v2, Liu
 et al. 2022, as hidden states) gives each block from K up its own P vectors: at each of
 those blocks' inputs the slots' states are set to that block's vectors. A prompt of depth D
 is one (D*P, H) tensor: rows d*P .. d*P+P-1 are block K+d's.

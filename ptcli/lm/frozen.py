@@ -1,9 +1,10 @@
-"""Running rows from, or up to, a block: the frozen states below a late prompt, computed once, and the blocks above.
+"""Running rows up to a block: the frozen states below a late prompt, computed once.
 
 Nothing below a late prompt's block K depends on it (depth.py), so tuning computes each
-row's states entering block K once (`states_below`) and each step runs only the blocks from
-K up (`hidden_above`). Blocks are skipped by standing in for them (`_Skip`), not by slicing
-the stack, because some models pick each block's mask by its index.
+row's states entering block K once (`states_below`; in the suffix layout each text once
+through the whole base and each row's own part below K, `texts_and_posts`), and each step
+runs only the blocks from K up (above.py). Blocks are skipped by standing in for them
+(`_Skip`), not by slicing the stack, because some models pick each block's mask by its index.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptcli.lm.batch import IGNORE, left_pad, right_pad, stack, with_cache
-from ptcli.lm.depth import blocks_of, deeper, replacing, vectors_at
-from ptcli.lm.placed import first_slots
+from ptcli.lm.batch import left_pad, right_pad, with_cache
+from ptcli.lm.depth import blocks_of, replacing
 
 
 class _Skip(nn.Module):
@@ -49,7 +49,7 @@ def _return_form(model) -> int:
 
 
 @contextmanager
-def _skipping(model, which: range):
+def skipping(model, which: range):
     blocks = blocks_of(model)
     real = [blocks[i] for i in which]
     form = _return_form(model)
@@ -62,7 +62,7 @@ def _skipping(model, which: range):
             blocks[i] = block
 
 
-def _rows(model, seqs: list[list[int]]):
+def rows_of(model, seqs: list[list[int]]):
     device = model.get_input_embeddings().weight.device
     ids = right_pad(seqs, 0).to(device)  # (B, T); prompt vector j is -(j+1)
     mask = right_pad([[1] * len(s) for s in seqs], 0).to(device)  # (B, T)
@@ -76,7 +76,7 @@ def states_below(model, layer: int, seqs: list[list[int]]) -> list[torch.Tensor]
 
     Rows hold their prompt slots as negative ids, in place ([prompt][text][answer] for the prefix layout).
     """
-    ids, mask, pos = _rows(model, seqs)
+    ids, mask, pos = rows_of(model, seqs)
     embeds = model.get_input_embeddings()(ids.clamp(min=0)).masked_fill((ids < 0).unsqueeze(-1), 0.0)  # (B, T, H)
     states = _entering_blocks(model, range(layer, layer + 1), embeds, mask, pos)[0]  # (B, T, H)
     return [states[i, : len(s)].clone() for i, s in enumerate(seqs)]
@@ -107,8 +107,10 @@ def lifted(model, layer: int, vectors: torch.Tensor, depth: int = 1) -> torch.Te
     return torch.cat([h[0, 1:] for h in out]).to(vectors)  # (depth*P, H)
 
 
-def _entering_blocks(model, which: range, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
-    """Hidden states (B, T, H) entering each block of `which`; the blocks after the last do not run."""
+def _entering_blocks(model, which: range, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache=None):
+    """Hidden states (B, T, H) entering each block of `which`; the blocks after the last do not run.
+
+    cache: keys and values the rows continue from (mask then covers cache and rows)."""
     got: dict[int, torch.Tensor] = {}
     blocks = blocks_of(model)
 
@@ -120,8 +122,14 @@ def _entering_blocks(model, which: range, embeds: torch.Tensor, mask: torch.Tens
 
     handles = [blocks[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in which]
     try:
-        with _skipping(model, range(which[-1] + 1, len(blocks))):
-            model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+        with skipping(model, range(which[-1] + 1, len(blocks))):
+            model.base_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=cache is not None,
+                **with_cache(model, cache),
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -136,53 +144,79 @@ def first_rows(example: list[int]) -> dict[int, int]:
 TextKV = list[tuple[torch.Tensor, torch.Tensor]]  # one text's keys and values (heads, T1, d), a block from K up
 
 
-def hidden_above(
-    model,
-    layer: int,
-    prompts: torch.Tensor,
-    states: list[torch.Tensor],
-    seqs: list[list[int]],
-    labels: list[list[int]],
-    which=None,
-    example: list[int] | None = None,
-    depth: int = 1,
-    texts: list[TextKV] | None = None,
-):
-    """The final hidden state that predicts each labelled token, the token, and its row: (N, H), (N,), (N,),
-    running only the blocks from `layer` up (forward.labelled_hidden's numbers for a late prompt).
+@torch.no_grad()
+def texts_and_posts(
+    model, layer: int, texts: list[list[int]], example: list[int], posts: list[list[int]]
+) -> tuple[list[TextKV], list[torch.Tensor]]:
+    """Each text (token ids) through the whole base once: its keys and values from block `layer` up (`text_kv`'s);
+    and each post (a row from its first prompt slot on, slots as zeros) continued from its example's text below
+    `layer`: its states entering that block, (T2_i, H) a row (the post part of `states_below`'s).
 
-    states[i] (T_i, H) are row i's states entering block `layer` (`states_below`); its prompt
-    slots take the vectors of prompts[which[i]] ((K, depth*P, H)). The same numbers as
-    forward.token_logprobs on these rows inside `entering(model, layer, depth)`.
-
-    Rows whose first slot comes after some text (the suffix layout) split there, as placed.py
-    splits them: no prompt reaches the text, so it runs without gradient, once per `example`
-    (rows of one example, the candidates of --loss choices, share their text), and the rest
-    continues from its keys and values. `texts`, when given, are those keys and values, one
-    entry per example (`text_kv`), and states[i] is then row i from its first slot on. Rows
-    whose prompt comes first run whole.
+    The candidates of one text share its pass: the text runs once, not once per candidate.
     """
-    prompts, which = stack(prompts, len(seqs), which)
+    from transformers import DynamicCache
+
     device = model.get_input_embeddings().weight.device
-    rows = prompts.to(device)[which.to(device)]  # (B, P, H)
-    cut = first_slots(seqs)
-    if min(cut) == 0:
-        out = _above(model, layer, depth, rows, states, seqs, None, None)
-        lab = right_pad(labels, IGNORE).to(device)  # (B, T)
-    else:
-        example = example or list(range(len(seqs)))
-        if texts is None:
-            first = first_rows(example)
-            texts = text_kv(model, layer, [states[first[e]][: cut[first[e]]] for e in range(len(first))])
-            states = [s[c:] for s, c in zip(states, cut)]
-        cache, pre_mask = _cache_of(model, layer, texts)
-        cache.batch_select_indices(torch.tensor(example, device=device))  # (E, ...) -> (B, ...)
-        post_ids = [s[c:] for s, c in zip(seqs, cut)]
-        out = _above(model, layer, depth, rows, states, post_ids, cache, pre_mask[example])
-        lab = right_pad([lab[c:] for lab, c in zip(labels, cut)], IGNORE).to(device)  # (B, T2)
-    sel = lab[:, 1:] != IGNORE  # position t predicts token t+1
-    row_of = torch.arange(len(seqs), device=device).unsqueeze(1).expand_as(sel)[sel]  # (N,)
-    return out[:, :-1][sel], lab[:, 1:][sel], row_of  # (N, H), (N,), (N,)
+    mask = left_pad([[1] * len(t) for t in texts], 0).to(device)  # (E, T1)
+    cache = DynamicCache()
+    model.base_model(
+        input_ids=left_pad(texts, 0).to(device),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        **with_cache(model, cache),
+    )
+    kvs = _kv_from(cache, layer, [len(t) for t in texts], mask.shape[1])
+    if not posts:
+        return kvs, []
+    groups = sorted(set(example))  # the texts that have posts to run
+    at = {e: g for g, e in enumerate(groups)}
+    cache.batch_select_indices(torch.tensor(groups, device=device))  # (E, ...) -> (G, ...)
+    mask = mask[groups]
+    s = shared_length(posts, example)  # the candidates of a text share its prompt slots and what follows them
+    shared = None
+    if s:
+        first = first_rows(example)
+        shared, mask = _continued(model, layer, cache, mask, [posts[first[e]][:s] for e in groups])  # (G, s, H)
+    which = [at[e] for e in example]
+    cache.batch_select_indices(torch.tensor(which, device=device))  # (G, ...) -> (R, ...)
+    own, _ = _continued(model, layer, cache, mask[which], [p[s:] for p in posts])  # (R, T2-s, H)
+    if shared is not None:
+        own = torch.cat([shared[which], own], dim=1)  # (R, T2, H)
+    return kvs, [own[i, : len(p)].clone() for i, p in enumerate(posts)]
+
+
+def _continued(model, layer: int, cache, mask: torch.Tensor, posts: list[list[int]]):
+    """Posts (prompt slots as zeros) continued from `cache` (whose mask is `mask`) below `layer`: their states
+    entering it (B, T2, H), right-padded, and the mask that now covers them too."""
+    ids, real, _ = rows_of(model, posts)  # (B, T2)
+    embeds = model.get_input_embeddings()(ids.clamp(min=0)).masked_fill((ids < 0).unsqueeze(-1), 0.0)  # (B, T2, H)
+    full = torch.cat([mask, real], dim=1)  # (B, T1+T2)
+    pos = (full.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] :]  # (B, T2)
+    return _entering_blocks(model, range(layer, layer + 1), embeds, full, pos, cache)[0], full
+
+
+def shared_length(posts: list[list[int]], example: list[int]) -> int:
+    """How many leading positions every row's post shares with the other rows of its example (the prompt and what
+    follows it up to the candidates, under --loss choices), leaving each row one of its own; 0 when no example has
+    two rows."""
+    first = first_rows(example)
+    if len(first) == len(example):
+        return 0
+    n = min(len(p) for p in posts) - 1
+    for r, e in enumerate(example):
+        head = posts[first[e]]
+        n = min(n, next((i for i, (a, b) in enumerate(zip(head, posts[r])) if a != b), n))
+    return max(n, 0)
+
+
+def _kv_from(cache, layer: int, lengths: list[int], T1: int) -> list[TextKV]:
+    """Each left-padded text's keys and values at the blocks from `layer` up, unpadded."""
+    layers: Any = cache.layers[layer:]  # attention layers only: init refuses recurrent bases
+    return [
+        [(c.keys[e, :, T1 - n :].clone(), c.values[e, :, T1 - n :].clone()) for c in layers]
+        for e, n in enumerate(lengths)
+    ]
 
 
 @torch.no_grad()
@@ -198,7 +232,7 @@ def text_kv(model, layer: int, texts: list[torch.Tensor]) -> list[TextKV]:
         hidden[e, mask.shape[1] - len(t) :] = t  # (E, T1, H)
     cache = DynamicCache()
     blocks = blocks_of(model)
-    with replacing(blocks[layer], mask.bool(), hidden), _skipping(model, range(layer)):
+    with replacing(blocks[layer], mask.bool(), hidden), skipping(model, range(layer)):
         model.base_model(
             input_ids=torch.zeros_like(mask),
             attention_mask=mask,
@@ -206,65 +240,4 @@ def text_kv(model, layer: int, texts: list[torch.Tensor]) -> list[TextKV]:
             use_cache=True,
             **with_cache(model, cache),
         )
-    layers: Any = cache.layers[layer:]  # attention layers only: init refuses recurrent bases
-    T1 = mask.shape[1]
-    return [
-        [(c.keys[e, :, T1 - len(t) :].clone(), c.values[e, :, T1 - len(t) :].clone()) for c in layers]
-        for e, t in enumerate(texts)
-    ]
-
-
-def _cache_of(model, layer: int, texts: list[TextKV]):
-    """A cache holding the texts' keys and values, left-padded, at the blocks from `layer` up; and its mask (E, T1).
-
-    The blocks below `layer` do not run; their slots get zeros of the right shape, which no
-    query reads, so the cache's length (what the next pass's mask is built from) is right.
-    """
-    from transformers import DynamicCache
-
-    lengths = [kv[0][0].shape[1] for kv in texts]
-    mask = left_pad([[1] * n for n in lengths], 0).to(texts[0][0][0].device)  # (E, T1)
-    T1 = mask.shape[1]
-
-    def padded(d: int, which: int) -> torch.Tensor:  # (E, heads, T1, d_head)
-        first = texts[0][d][which]
-        out = first.new_zeros(len(texts), first.shape[0], T1, first.shape[-1])
-        for e, kv in enumerate(texts):
-            out[e, :, T1 - lengths[e] :] = kv[d][which]
-        return out
-
-    cache = DynamicCache()
-    above = [(padded(d, 0), padded(d, 1)) for d in range(len(texts[0]))]
-    for i in range(layer):
-        cache.update(torch.zeros_like(above[0][0]), torch.zeros_like(above[0][1]), i)
-    for d, (keys, values) in enumerate(above):
-        cache.update(keys, values, layer + d)
-    return cache, mask
-
-
-def _above(model, layer: int, depth: int, rows, states, seqs, cache, pre_mask):
-    """The last hidden states (B, T, H) of rows (their states entering `layer`, right-padded, prompt slots filled)
-    through the blocks from `layer` up, continuing from `cache` (whose mask is pre_mask) when given."""
-    ids, real, _ = _rows(model, seqs)
-    B, T = ids.shape
-    hidden = torch.zeros(B, T, states[0].shape[-1], dtype=states[0].dtype, device=ids.device)  # (B, T, H)
-    for i, s in enumerate(states):
-        hidden[i, : s.shape[0]] = s.to(ids.device)
-    slot = torch.where(ids < 0, -ids - 1, -1)  # (B, T): which prompt vector sits here (-1: a token)
-    hidden = torch.where((ids < 0).unsqueeze(-1), vectors_at(rows, slot, 0, depth).to(hidden.dtype), hidden)
-    mask = real if pre_mask is None else torch.cat([pre_mask, real], dim=1)  # (B, [T1 +] T)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] - T :]  # (B, T)
-    block = blocks_of(model)[layer]
-    with (
-        replacing(block, torch.ones_like(real, dtype=torch.bool), hidden),
-        deeper(model, layer, depth, rows, slot),
-        _skipping(model, range(layer)),
-    ):
-        out = model.base_model(
-            input_ids=ids.clamp(min=0),
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=cache is not None,
-            **with_cache(model, cache),
-        )
-    return out.last_hidden_state
+    return _kv_from(cache, layer, [len(t) for t in texts], mask.shape[1])

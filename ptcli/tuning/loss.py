@@ -8,7 +8,7 @@
 
 A prompt that enters at block 0 runs its rows through the whole base (forward.labelled_hidden).
 One that enters at block K > 0 runs them from their states entering block K, computed once
-a row and kept (states.py), through the blocks above K only (frozen.hidden_above).
+a row and kept (states.py), through the blocks above K only (above.hidden_above).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ptcli.enums import Loss
+from ptcli.lm.above import hidden_above
 from ptcli.lm.batch import IGNORE, to_logits
 from ptcli.lm.forward import labelled_hidden
-from ptcli.lm.frozen import first_rows, hidden_above
+from ptcli.lm.frozen import first_rows
 from ptcli.lm.placed import first_slots, has_slots
 from ptcli.tuning.states import FrozenStates
 from ptcli.tuning.task import Task

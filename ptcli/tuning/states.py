@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ptcli.lm.frozen import TextKV, first_rows, states_below, text_kv
+from ptcli.lm.frozen import TextKV, first_rows, states_below, texts_and_posts
 
 
 class FrozenStates:
@@ -28,7 +28,7 @@ class FrozenStates:
         self.spilled: dict[tuple, tuple[int, tuple[int, ...], torch.dtype]] = {}  # row key -> offset, shape, dtype
         self.bytes = 0  # kept in memory
         self.spill_bytes = 0  # written to the spill file
-        self.computed = 0  # rows run below K, kept or not
+        self.computed = 0  # rows run below K, kept or not (a text run again for its keys and values: one)
         self.refused: str | None = None  # why the spill file stopped taking rows (a full disk)
         if spill is not None:
             with contextlib.suppress(OSError):  # a killed run's; a file that cannot go is not this run's problem
@@ -51,26 +51,31 @@ class FrozenStates:
 
         Both are kept, the text by (tag, row) for all its candidates: a kept text never runs again,
         and a step runs only the prompt and the answer. Texts past the bound are run each time.
+        A text that runs, runs once through the whole base for all its candidates
+        (frozen.texts_and_posts), not once per candidate below K.
         """
         first = first_rows(example)
         text_key = {e: keys[r][:2] for e, r in first.items()}
-        unkept = [e for e in range(len(first)) if text_key[e] not in self.texts]
         missing = [j for j, k in enumerate(keys) if k not in self.kept and k not in self.spilled]
-        need = sorted(set(missing) | {first[e] for e in unkept})
-        whole = dict(zip(need, states_below(self.model, self.layer, [seqs[j] for j in need]) if need else []))
-        self.computed += len(need)
-        for j in missing:
-            self._keep(keys[j], whole[j][cut[j] :])
-        fresh: dict[int, TextKV] = {}
-        if unkept:
-            kvs = text_kv(self.model, self.layer, [whole[first[e]][: cut[first[e]]] for e in unkept])
-            fresh = dict(zip(unkept, kvs))
-        for e, kv in fresh.items():
+        run = sorted({e for e in first if text_key[e] not in self.texts} | {example[j] for j in missing})
+        kvs: dict[int, TextKV] = {}
+        fresh: dict[int, torch.Tensor] = {}
+        if run:
+            at = {e: n for n, e in enumerate(run)}
+            texts = [seqs[first[e]][: cut[first[e]]] for e in run]
+            got_kv, got = texts_and_posts(
+                self.model, self.layer, texts, [at[example[j]] for j in missing], [seqs[j][cut[j] :] for j in missing]
+            )
+            kvs, fresh = dict(zip(run, got_kv)), dict(zip(missing, got))
+        self.computed += len(missing) + len(set(run) - {example[j] for j in missing})  # a text run again: one row
+        for j, states in fresh.items():
+            self._keep(keys[j], states)
+        for e, kv in kvs.items():
             size = sum(t.numel() * t.element_size() for pair in kv for t in pair)
-            if self.bytes + size <= self.bound:  # keys and values past the bound do not spill: the text runs again
+            if text_key[e] not in self.texts and self.bytes + size <= self.bound:  # past the bound: the text runs again
                 self.texts[text_key[e]], self.bytes = kv, self.bytes + size
-        posts = [whole[j][cut[j] :] if j in whole else self._read(k) for j, k in enumerate(keys)]
-        return posts, [fresh[e] if e in fresh else self.texts[text_key[e]] for e in range(len(first))]
+        posts = [fresh[j] if j in fresh else self._read(k) for j, k in enumerate(keys)]
+        return posts, [kvs[e] if e in kvs else self.texts[text_key[e]] for e in range(len(first))]
 
     def _keep(self, key: tuple, states: torch.Tensor) -> None:
         size = states.numel() * states.element_size()
